@@ -1,0 +1,7 @@
+"""reslab: residual networks on PyTorch, faithful to the papers and fast on a CPU."""
+
+from reslab.errors import ReslabError
+from reslab.models import create_model, list_models
+
+__version__ = "0.1.0"
+__all__ = ["ReslabError", "create_model", "list_models", "__version__"]

@@ -1,0 +1,42 @@
+"""The command line: the one place that reads arguments.
+
+Each command lives in its own module with ``register(subparsers)``, which adds a parser whose
+``func`` default takes the parsed arguments and returns an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reslab import __version__
+from reslab.cli import models, summary
+from reslab.errors import ReslabError
+
+COMMANDS = (models, summary)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reslab",
+        description="Residual networks on PyTorch: models as in the papers, training, "
+        "detection, studies, benchmarks and export.",
+    )
+    parser.add_argument("--version", action="version", version=f"reslab {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ReslabError as error:
+        print(f"reslab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reslab: interrupted", file=sys.stderr)
+        return 130
