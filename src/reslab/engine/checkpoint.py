@@ -1,0 +1,116 @@
+"""Self-describing checkpoints, written atomically and loaded without running pickled code.
+
+A checkpoint is a plain dict (see :func:`make_payload`): the model's registry name and
+constructor arguments, its weights, and whatever the writer adds (optimizer, schedule, epoch,
+step, RNG states, run config, class names). ``torch.load(weights_only=True)`` reads it, so a file
+that would need arbitrary code to load is refused rather than executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reslab.errors import ReslabError
+from reslab.models import create_model
+
+FORMAT = "reslab-checkpoint"
+VERSION = 1
+
+
+def make_payload(model: nn.Module, task: str = "classification", **extra) -> dict:
+    """The base of every checkpoint: format tag, model spec and weights, plus ``extra``."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError("the model has no .spec; build it with reslab's create_model")
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "task": task,
+        "model": {"name": spec["name"], "kwargs": dict(spec["kwargs"])},
+        "state_dict": model.state_dict(),
+        **extra,
+    }
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename.
+
+    A crash at any instant leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint; every way a file can be wrong is a one-line ``ReslabError``."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("last.pt", "best.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise ReslabError(f"{path} is a folder with no last.pt or best.pt in it")
+    if not path.is_file():
+        raise ReslabError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ReslabError(
+            f"refused to load {path}: it needs arbitrary Python code to unpickle ({first}). "
+            "reslab loads only plain tensors and values; re-save the weights with "
+            "torch.save(model.state_dict(), ...) from code you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise ReslabError(
+            f"{path} is truncated or not a PyTorch checkpoint ({type(error).__name__})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ReslabError(
+            f"{path} is not a reslab checkpoint (no '{FORMAT}' tag); a bare state dict can be "
+            "loaded into a model built with reslab.create_model"
+        )
+    return payload
+
+
+def model_from_checkpoint(payload: dict) -> nn.Module:
+    """Rebuild the model from a checkpoint's spec and load its weights strictly."""
+    spec = payload["model"]
+    model = create_model(spec["name"], **spec["kwargs"])
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ReslabError(
+            f"the checkpoint's weights do not fit {spec['name']} {spec['kwargs']}: "
+            + " ".join(lines[1:3])[:300]
+        ) from None
+    return model
