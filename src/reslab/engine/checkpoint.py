@@ -82,10 +82,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ReslabError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    except pickle.UnpicklingError:
         raise ReslabError(
-            f"refused to load {path}: it needs arbitrary Python code to unpickle ({first}). "
+            f"refused to load {path}: it holds Python objects that need arbitrary code to "
+            "unpickle. "
             "reslab loads only plain tensors and values; re-save the weights with "
             "torch.save(model.state_dict(), ...) from code you trust"
         ) from None
