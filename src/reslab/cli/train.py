@@ -1,0 +1,83 @@
+"""`reslab train`: a preset, then the flags given, into one TrainConfig; see reslab.engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from reslab.engine.config import OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, build_config
+from reslab.engine.train import fit, resume_config
+
+
+def _bool(parser, name: str, help: str) -> None:
+    parser.add_argument(
+        name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help
+    )
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a ResNet on Fashion-MNIST or an image folder",
+        description="Train a model and write runs/<date>-<model>/ (config.json, metrics.jsonl, "
+        "last.pt, best.pt, curves.png, confusion.png). Flags not given take the preset's "
+        "values; the full config is printed at the start.",
+    )
+    # every flag defaults to "not given" so that only what the user typed overrides the preset
+    add = lambda *a, **k: parser.add_argument(*a, default=argparse.SUPPRESS, **k)  # noqa: E731
+    parser.add_argument(
+        "--preset",
+        default="default",
+        choices=sorted(PRESETS),
+        help="seed: the tutorial recipe; default: tuned for a small CPU; best: highest accuracy "
+        "within an hour (default: default)",
+    )
+    add("--model", help="any name from `reslab models`")
+    add("--stem", choices=("imagenet", "cifar", "small"), help="override the model's stem")
+    add("--width", type=float, help="channel width multiplier")
+    add("--data", metavar="FOLDER", help="an ImageFolder tree instead of Fashion-MNIST")
+    add("--data-dir", help="where Fashion-MNIST files are, or are downloaded to")
+    _bool(parser, "--verify", "check Fashion-MNIST files against the release's SHA-256")
+    add("--val-fraction", type=float, help="validation share when FOLDER has no val/")
+    add("--image-size", type=int, help="side the model sees (Fashion-MNIST: 28)")
+    add("--workers", type=int, help="DataLoader workers decoding image-folder files")
+    add("--epochs", type=int)
+    add("--batch-size", type=int)
+    add("--lr", type=float, help="peak learning rate")
+    add("--optimizer", choices=OPTIMIZERS)
+    add("--schedule", choices=SCHEDULES)
+    add("--weight-decay", type=float)
+    add("--label-smoothing", type=float)
+    _bool(parser, "--augment", "random crop with padding, flip and random erasing on batches")
+    add("--erasing", type=float, help="random-erasing probability per image")
+    add("--ema", type=float, help="weight-averaging decay per step, 0 = off")
+    _bool(parser, "--tta", "average predictions over each test image and its mirror image")
+    add("--precision", choices=PRECISIONS, help="bf16 = bfloat16 autocast")
+    _bool(parser, "--channels-last", "NHWC memory layout (faster with bf16 on CPU)")
+    add("--threads", type=int, help="CPU threads (default: one per core)")
+    add("--seed", type=int)
+    add("--out", help="run folder (default runs/<date>-<model>, numbered if it exists)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="write into an existing --out",
+    )
+    add("--resume", metavar="CKPT", help="continue a run from last.pt or its folder")
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    """(config, checkpoint payload or None, run folder or None) from parsed arguments."""
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "preset")}
+    if "resume" in given:
+        return resume_config(given["resume"], given.get("epochs"))
+    model_kwargs = {k: given.pop(k) for k in ("stem", "width") if k in given}
+    config = build_config(args.preset, **given)
+    config.model_kwargs = {**config.model_kwargs, **model_kwargs}
+    return config, None, None
+
+
+def run(args: argparse.Namespace) -> int:
+    config, payload, run_dir = config_from_args(args)
+    fit(config, payload=payload, run_dir=run_dir)
+    return 0

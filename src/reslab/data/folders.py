@@ -1,0 +1,140 @@
+"""Image folders in torchvision's ImageFolder layout, decoded per sample in DataLoader workers.
+
+``root/train/<class>/*.png`` and ``root/val/<class>/*.png``; or ``root/<class>/*.png`` split
+by a fraction drawn from the seed. Every image is converted to RGB and resized to a square
+side, so batches stack into uint8 tensors and the rest of the pipeline is the one Fashion-MNIST
+uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from reslab.data.sources import Batch, train_order
+from reslab.errors import ReslabError
+
+# ImageNet statistics: the usual choice for photographs, and what pretrained weights expect
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SIZE = 64
+
+
+def open_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
+    """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+            data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ReslabError(f"{path}: not a readable image ({type(error).__name__})") from None
+    return data.view(size, size, channels).permute(2, 0, 1).contiguous()
+
+
+def scan(root: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """(file, class index) pairs of one ImageFolder tree; empty trees and classes are errors."""
+    if not root.is_dir():
+        raise ReslabError(f"image folder {root} does not exist")
+    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+    if not classes:
+        raise ReslabError(
+            f"{root} has no class folders; expected {root}/<class>/<image> "
+            "(or train/ and val/ each laid out so)"
+        )
+    samples = []
+    for index, name in enumerate(classes):
+        files = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+        )
+        if not files:
+            raise ReslabError(
+                f"class folder {root / name} has no images ({', '.join(IMG_EXTENSIONS)})"
+            )
+        samples.extend((p, index) for p in files)
+    return samples, classes
+
+
+class FolderDataset(Dataset):
+    def __init__(self, samples: list[tuple[Path, int]], size: int):
+        self.samples = samples
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return open_image(path, 3, self.size), label
+
+
+class FolderSource:
+    """Train and validation splits of an image folder, as uint8 RGB batches."""
+
+    channels = 3
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int = DEFAULT_SIZE,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        workers: int = 2,
+    ):
+        root = Path(root)
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            train, self.classes = scan(root / "train")
+            val, val_classes = scan(root / "val")
+            if val_classes != self.classes:
+                raise ReslabError(
+                    f"{root}/train and {root}/val have different class folders: "
+                    f"{list(self.classes)} vs {list(val_classes)}"
+                )
+            how = "train/ and val/"
+        else:
+            samples, self.classes = scan(root)
+            perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+            n_val = max(1, round(val_fraction * len(samples)))
+            if n_val >= len(samples):
+                raise ReslabError(f"{root} has {len(samples)} images: too few to split")
+            val = [samples[i] for i in perm[:n_val].tolist()]
+            train = [samples[i] for i in perm[n_val:].tolist()]
+            how = f"a {val_fraction:g} validation split (seed {seed})"
+        self.size = size
+        self.workers = workers
+        self.train = FolderDataset(train, size)
+        self.val = FolderDataset(val, size)
+        self.train_size, self.test_size = len(train), len(val)
+        self.description = (
+            f"image folder {root} ({len(self.classes)} classes, {len(train):,} train and "
+            f"{len(val):,} validation images from {how}, decoded by {workers} workers)"
+        )
+
+    def _batches(self, dataset: Dataset, batches: list) -> Iterator[Batch]:
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.workers)
+        try:
+            for images, labels in loader:
+                yield images, labels.long()
+        except ReslabError as error:
+            # a worker's error arrives wrapped in a traceback; keep its last line, the message
+            last = str(error).strip().splitlines()[-1]
+            raise ReslabError(last.removeprefix("reslab.errors.ReslabError: ")) from None
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        order = [b.tolist() for b in train_order(self.train_size, batch_size, generator)]
+        yield from self._batches(self.train, order)
+
+    def test_batches(self, batch_size: int) -> Iterator[Batch]:
+        index = list(range(self.test_size))
+        yield from self._batches(
+            self.val, [index[i : i + batch_size] for i in range(0, len(index), batch_size)]
+        )

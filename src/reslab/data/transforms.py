@@ -1,0 +1,105 @@
+"""Whole-batch transforms on tensors: the model's input format and training augmentation.
+
+On 2 CPU cores a per-sample PIL pipeline costs more than the network (DESIGN.md, "Data"), so
+augmentation draws one random number per sample and applies it to the whole batch with tensor
+indexing. Every random draw comes from a ``torch.Generator`` the caller seeds, so a run's
+augmentation is a function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How uint8 images become the model's input; stored in every checkpoint for `predict`."""
+
+    size: int  # square side the model sees
+    source_size: int  # side of the uint8 images the data source yields, before resizing
+    channels: int  # 1 (grayscale) or 3 (RGB)
+    mean: tuple[float, ...]  # per channel, on the [0, 1] scale
+    std: tuple[float, ...]
+    stem: str  # the model's stem, recorded for readers of the checkpoint
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> InputSpec:
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+
+def to_input(images: torch.Tensor, spec: InputSpec, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> normalised float (N, C, size, size)."""
+    x = images.float().div_(255)
+    if x.shape[-2:] != (spec.size, spec.size):
+        # antialias only matters when shrinking; it matches PIL's resize there
+        x = F.interpolate(
+            x, size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False
+        )
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad with zeros by ``padding`` and cut a random window of the original size per sample."""
+    if padding == 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (N, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (N, 1, 1, W)
+    batch = torch.arange(n)[:, None, None, None]
+    chans = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[batch, chans, rows, cols]  # (N, C, H, W)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_erasing(x: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Zero one rectangle per chosen sample (Zhong et al. 2017, "Random Erasing Data
+    Augmentation"): area 2-33% of the image, aspect ratio 0.3-3.3, as in torchvision's
+    RandomErasing. Applied after normalisation, so zero is the dataset mean."""
+    if probability == 0:
+        return x
+    n, _, h, w = x.shape
+    chosen = torch.rand(n, generator=generator) < probability
+    area = torch.empty(n).uniform_(0.02, 0.33, generator=generator) * h * w
+    log_ratio = torch.empty(n).uniform_(
+        torch.log(torch.tensor(0.3)).item(),
+        torch.log(torch.tensor(3.3)).item(),
+        generator=generator,
+    )
+    ratio = log_ratio.exp()
+    eh = (area * ratio).sqrt().round().clamp(1, h).long()
+    ew = (area / ratio).sqrt().round().clamp(1, w).long()
+    y0 = (torch.rand(n, generator=generator) * (h - eh + 1)).long()
+    x0 = (torch.rand(n, generator=generator) * (w - ew + 1)).long()
+    ys = torch.arange(h)[None, :]
+    xs = torch.arange(w)[None, :]
+    in_rows = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])  # (N, H)
+    in_cols = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (N, W)
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None]  # (N, H, W)
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+def augment(
+    x: torch.Tensor, padding: int, erasing: float, generator: torch.Generator
+) -> torch.Tensor:
+    """The training augmentation on a normalised float batch: crop, flip, erase."""
+    x = random_crop(x, padding, generator)
+    x = random_flip(x, generator)
+    return random_erasing(x, erasing, generator)

@@ -1,0 +1,78 @@
+"""Using a trained checkpoint: evaluate it on a data set, classify image files."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from reslab.data.folders import FolderDataset, open_image, scan
+from reslab.data.transforms import InputSpec
+from reslab.engine.checkpoint import model_from_checkpoint
+from reslab.engine.config import TrainConfig
+from reslab.engine.evaluate import Evaluation, evaluate, logits
+from reslab.engine.train import open_source
+from reslab.errors import ReslabError
+
+
+def _setup(payload: dict) -> tuple[torch.nn.Module, TrainConfig, InputSpec]:
+    for key in ("config", "input", "classes"):
+        if key not in payload:
+            raise ReslabError(f"the checkpoint has no {key!r}; it was not written by reslab train")
+    model = model_from_checkpoint(payload).eval()
+    config = TrainConfig.from_dict(payload["config"])
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, config, InputSpec.from_dict(payload["input"])
+
+
+def _folder_batches(root: Path, classes: list[str], size: int, batch_size: int, workers: int):
+    """All images of ``root`` (or of root/val when it has one) with the checkpoint's classes."""
+    if (root / "val").is_dir():
+        root = root / "val"
+    samples, found = scan(root)
+    if list(found) != list(classes):
+        raise ReslabError(
+            f"{root} has classes {list(found)}, the checkpoint was trained on {list(classes)}"
+        )
+    index = list(range(len(samples)))
+    loader = torch.utils.data.DataLoader(
+        FolderDataset(samples, size),
+        batch_sampler=[index[i : i + batch_size] for i in range(0, len(index), batch_size)],
+        num_workers=workers,
+    )
+    return loader, f"image folder {root} ({len(samples):,} images)"
+
+
+def evaluate_checkpoint(
+    payload: dict, data: str | None = None, data_dir: str | None = None, batch_size: int = 500
+) -> tuple[Evaluation, str]:
+    """Evaluate on ``data`` (a folder), else on the test split of the data it was trained on."""
+    model, config, spec = _setup(payload)
+    classes = payload["classes"]
+    if data is not None:
+        batches, description = _folder_batches(
+            Path(data), classes, spec.source_size, batch_size, config.workers
+        )
+    else:
+        source = open_source(replace(config, data_dir=data_dir or config.data_dir))
+        batches, description = source.test_batches(batch_size), source.description
+    evaluation = evaluate(
+        model, batches, spec, len(classes), config.precision, config.channels_last, config.tta
+    )
+    return evaluation, description
+
+
+def predict_files(payload: dict, paths: list[str], top_k: int = 3) -> list[list[tuple[str, float]]]:
+    """Top-k (class, probability) for each image file, read the way training read images."""
+    model, config, spec = _setup(payload)
+    classes = payload["classes"]
+    images = torch.stack([open_image(p, spec.channels, spec.source_size) for p in paths])
+    probs = logits(model, images, spec, config.precision, config.channels_last, config.tta)
+    probs = probs.softmax(1)
+    top = probs.topk(min(top_k, len(classes)), dim=1)
+    return [
+        [(classes[i], p) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+        for values, indices in zip(top.values, top.indices, strict=True)
+    ]

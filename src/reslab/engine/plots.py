@@ -1,0 +1,48 @@
+"""The two figures of a run folder: learning curves and the confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a training machine
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train vs test."""
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
+        ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in history], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: tuple[str, ...], path: Path) -> None:
+    """Counts with true class as rows, predictions as columns, each row's share as colour."""
+    k = len(classes)
+    shares = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k))
+    ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted", ylabel="true")
+    for i in range(k):
+        for j in range(k):
+            color = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7, color=color)
+    accuracy = confusion.diag().sum().item() / max(confusion.sum().item(), 1)
+    ax.set_title(f"confusion matrix, accuracy {100 * accuracy:.2f}%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,423 @@
+"""The training loop: one function, `fit`, driven by a `TrainConfig`; no argument parsing here.
+
+Determinism: the order of the training set and every augmentation draw in epoch ``e`` come from
+a generator seeded with (seed, e), and ``state.step`` counts optimizer steps across epochs, so a
+later change can resume mid-epoch or checkpoint every N steps by skipping batches. Hooks
+(:class:`Hooks`) run after each step and each epoch; a hook may set ``state.stop`` to end the
+run after the current step with a checkpoint (the place for signal handling).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from reslab.data.folders import DEFAULT_SIZE, FolderSource
+from reslab.data.sources import Source, fashion_mnist_source
+from reslab.data.transforms import InputSpec, augment, to_input
+from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from reslab.engine.config import TrainConfig, validate
+from reslab.engine.evaluate import Evaluation, autocast, evaluate
+from reslab.engine.plots import plot_confusion, plot_curves
+from reslab.errors import ReslabError
+from reslab.models import create_model
+
+
+def open_source(config: TrainConfig) -> Source:
+    if config.data is None:
+        return fashion_mnist_source(config.data_dir, verify=config.verify)
+    return FolderSource(
+        config.data,
+        size=config.image_size or DEFAULT_SIZE,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        workers=config.workers,
+    )
+
+
+def input_spec(config: TrainConfig, source: Source) -> InputSpec:
+    channels = source.channels
+    return InputSpec(
+        size=config.image_size or source.size,
+        source_size=source.size,
+        channels=channels,
+        mean=tuple(source.mean) if config.normalize else (0.0,) * channels,
+        std=tuple(source.std) if config.normalize else (1.0,) * channels,
+        stem=config.model_kwargs.get("stem", "registry default"),
+    )
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """Independent, reproducible random streams per (seed, epoch): 0 = order, 1 = augment."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 2 + stream)
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # no weight decay on batch-norm parameters and biases ("Bag of Tricks", He et al. 2019,
+    # section 3.1): decaying them only shrinks the scale that the next layer undoes
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        )
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=config.lr)
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
+    """Multiplier on the base rate at optimizer step ``step`` of ``total``.
+
+    onecycle: linear rise from lr/25 over the first ``warmup`` of the steps, then cosine decay
+    to zero (Smith & Topin 2017, "Super-Convergence"; torch's OneCycleLR without momentum
+    cycling). step: x0.1 at 50% and 75% of the steps (He et al. 2015, section 3.4).
+    """
+    t = min(step / max(total, 1), 1.0)
+    if schedule == "onecycle":
+        if t < warmup:
+            return 0.04 + 0.96 * t / warmup
+        return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup)))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "step":
+        return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+    return 1.0
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during a run; checkpoints are made from it."""
+
+    config: TrainConfig
+    model: nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    run_dir: Path
+    classes: tuple[str, ...]
+    spec: InputSpec
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken
+    best_accuracy: float = -1.0
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False  # set by a hook to end the run after the current step
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+class Hooks:
+    """Override to observe or steer a run; the defaults do nothing."""
+
+    def after_step(self, state: TrainState, loss: float) -> None:
+        pass
+
+    def after_epoch(self, state: TrainState, record: dict) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    test_accuracy: float  # the final model's, on the whole test set
+    best_accuracy: float
+    seconds: float
+    evaluation: Evaluation
+    history: list[dict]
+    source: str
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    """``--out`` as given (refused if it has files, unless --force), else
+    runs/<date>-<model> with -2, -3, ... appended when taken."""
+    if config.out is not None:
+        path = Path(config.out)
+        if path.exists() and any(path.iterdir()) and not config.force:
+            raise ReslabError(
+                f"run folder {path} exists and is not empty; pass --force to reuse it"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base = Path("runs") / f"{date.today().isoformat()}-{config.model}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def checkpoint_payload(state: TrainState, evaluation: Evaluation | None) -> dict:
+    extra = {
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "rng": {"torch": torch.get_rng_state()},
+        "config": state.config.to_dict(),
+        "classes": list(state.classes),
+        "input": state.spec.to_dict(),
+        "best_accuracy": state.best_accuracy,
+        "test_accuracy": evaluation.accuracy if evaluation else None,
+    }
+    if state.ema is not None:
+        # "state_dict" holds the averaged weights that eval and predict use; resuming also
+        # needs the raw ones the optimizer moves
+        extra["train_state_dict"] = state.model.state_dict()
+    return make_payload(state.eval_model, "classification", **extra)
+
+
+def build_state(config: TrainConfig, source: Source, run_dir: Path) -> TrainState:
+    kwargs = {**config.model_kwargs, "in_channels": source.channels}
+    kwargs["num_classes"] = len(source.classes)
+    model = create_model(config.model, **kwargs)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = None
+    if config.ema > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        ema.module.spec = model.spec
+    optimizer = make_optimizer(config, model)
+    total = config.epochs * steps_per_epoch(config, source)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config.schedule, step, total, config.warmup)
+    )
+    return TrainState(
+        config,
+        model,
+        ema,
+        optimizer,
+        scheduler,
+        run_dir,
+        source.classes,
+        input_spec(config, source),
+    )
+
+
+def steps_per_epoch(config: TrainConfig, source: Source) -> int:
+    return max(source.train_size // config.batch_size, 1)
+
+
+def restore(state: TrainState, payload: dict) -> None:
+    raw = payload.get("train_state_dict", payload["state_dict"])
+    state.model.load_state_dict(raw)
+    if state.ema is not None:
+        state.ema.module.load_state_dict(payload["state_dict"])
+        # AveragedModel counts updates; past zero it averages instead of copying
+        state.ema.n_averaged.fill_(max(payload["step"], 1))
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.epoch, state.step = payload["epoch"], payload["step"]
+    state.best_accuracy = payload["best_accuracy"]
+    torch.set_rng_state(payload["rng"]["torch"])
+    metrics = state.run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        state.history = [r for r in records if r["epoch"] <= state.epoch]
+
+
+def resume_config(path: str, epochs: int | None = None) -> tuple[TrainConfig, dict, Path]:
+    """The saved config of a run (``epochs`` may be raised), its checkpoint and its folder."""
+    payload = load_checkpoint(path)
+    if "config" not in payload or "optimizer" not in payload:
+        raise ReslabError(f"{path} holds weights only (no training state); cannot resume")
+    config = TrainConfig.from_dict(payload["config"])
+    config.resume = str(path)
+    if epochs is not None:
+        config.epochs = epochs
+    validate(config)
+    if payload["epoch"] >= config.epochs:
+        raise ReslabError(
+            f"{path} already finished epoch {payload['epoch']} of {config.epochs}; "
+            "pass a larger --epochs to train on"
+        )
+    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+    return config, payload, run_dir
+
+
+def describe(config: TrainConfig) -> str:
+    return "\n".join(f"  {k}: {v}" for k, v in config.to_dict().items())
+
+
+def fit(
+    config: TrainConfig,
+    console: Console | None = None,
+    hooks: Hooks | None = None,
+    payload: dict | None = None,
+    run_dir: Path | None = None,
+) -> RunResult:
+    """Train per ``config``; with ``payload`` (a checkpoint) continue in ``run_dir``."""
+    start = time.perf_counter()
+    console = console or Console()
+    hooks = hooks or Hooks()
+    validate(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    source = open_source(config)
+    console.print(f"data: {source.description}", markup=False, highlight=False)
+    run_dir = run_dir or new_run_dir(config)
+    state = build_state(config, source, run_dir)
+    if payload is not None:
+        restore(state, payload)
+        console.print(f"resumed from {config.resume} after epoch {state.epoch}", markup=False)
+    console.print(f"config ({run_dir / 'config.json'}):\n{describe(config)}", markup=False)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    n_steps = steps_per_epoch(config, source)
+    evaluation = None
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
+        while state.epoch < config.epochs and not state.stop:
+            epoch = state.epoch + 1
+            task = progress.add_task(f"epoch {epoch}/{config.epochs}", total=n_steps, stats="")
+            train_loss, train_acc, seconds = train_epoch(
+                state, source, epoch, hooks, progress, task
+            )
+            progress.remove_task(task)
+            if state.stop:
+                # mid-epoch: keep the step count and weights, not a claim the epoch finished
+                save_checkpoint(run_dir / "last.pt", checkpoint_payload(state, None))
+                break
+            state.epoch = epoch
+            evaluation = evaluate(
+                state.eval_model,
+                source.test_batches(config.eval_batch_size),
+                state.spec,
+                len(state.classes),
+                config.precision,
+                config.channels_last,
+                config.tta,
+            )
+            record = {
+                "epoch": epoch,
+                "step": state.step,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "test_loss": evaluation.loss,
+                "test_acc": evaluation.accuracy,
+                "lr": state.optimizer.param_groups[0]["lr"],
+                "img_per_s": n_steps * config.batch_size / seconds,
+                "elapsed_s": time.perf_counter() - start,
+            }
+            state.history.append(record)
+            improved = evaluation.accuracy > state.best_accuracy
+            state.best_accuracy = max(state.best_accuracy, evaluation.accuracy)
+            checkpoint = checkpoint_payload(state, evaluation)
+            save_checkpoint(run_dir / "last.pt", checkpoint)
+            if improved:
+                save_checkpoint(run_dir / "best.pt", checkpoint)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            console.print(
+                f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f} acc "
+                f"{100 * train_acc:.2f}%  test loss {evaluation.loss:.4f} acc "
+                f"{100 * evaluation.accuracy:.2f}%  lr {record['lr']:.2e}  "
+                f"{record['img_per_s']:.0f} img/s  elapsed {record['elapsed_s']:.0f}s",
+                markup=False,
+                highlight=False,
+            )
+            hooks.after_epoch(state, record)
+
+    if evaluation is None:
+        raise ReslabError(f"stopped before the first epoch ended; state saved in {run_dir}")
+    plot_curves(state.history, run_dir / "curves.png")
+    plot_confusion(evaluation.confusion, state.classes, run_dir / "confusion.png")
+    seconds = time.perf_counter() - start
+    console.print(
+        f"test accuracy {100 * evaluation.accuracy:.2f}% (best epoch "
+        f"{100 * state.best_accuracy:.2f}%), run folder {run_dir}, took {format_time(seconds)}",
+        markup=False,
+        highlight=False,
+    )
+    return RunResult(
+        run_dir,
+        evaluation.accuracy,
+        state.best_accuracy,
+        seconds,
+        evaluation,
+        state.history,
+        source.description,
+    )
+
+
+def train_epoch(
+    state: TrainState, source: Source, epoch: int, hooks: Hooks, progress: Progress, task
+) -> tuple[float, float, float]:
+    """One pass over the training set; returns mean loss, accuracy and seconds."""
+    config = state.config
+    model = state.model
+    model.train()
+    order = epoch_generator(config.seed, epoch, 0)
+    draws = epoch_generator(config.seed, epoch, 1)
+    loss_sum = torch.zeros(())
+    correct = torch.zeros((), dtype=torch.int64)
+    seen = 0
+    start = time.perf_counter()
+    for images, labels in source.train_batches(config.batch_size, order):
+        x = to_input(images, state.spec)
+        if config.augment:
+            x = augment(x, config.crop_padding, config.erasing, draws)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(config.precision):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), labels, label_smoothing=config.label_smoothing)
+        if not torch.isfinite(loss):
+            last = state.run_dir / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
+            raise ReslabError(
+                f"loss became {loss.item()} at step {state.step + 1} (epoch {epoch}); stopped, "
+                f"{kept}. Try a lower --lr"
+            )
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update_parameters(model)
+        state.step += 1
+        loss_sum += loss.detach() * len(labels)
+        correct += (out.argmax(1) == labels).sum()
+        seen += len(labels)
+        progress.update(
+            task,
+            advance=1,
+            stats=f"loss {loss_sum.item() / seen:.4f} acc {100 * correct.item() / seen:.2f}% "
+            f"{seen / (time.perf_counter() - start):.0f} img/s",
+        )
+        hooks.after_step(state, loss.item())
+        if state.stop:
+            break
+    return loss_sum.item() / seen, correct.item() / seen, time.perf_counter() - start
+
+
+def format_time(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes}m {sec:02d}s" if minutes else f"{seconds:.1f}s"

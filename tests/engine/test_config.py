@@ -1,0 +1,48 @@
+import math
+
+import pytest
+
+from reslab.engine.config import PRESETS, TrainConfig, build_config
+from reslab.errors import ReslabError
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"epochs": -1}, "--epochs must be a whole number >= 1"),
+        ({"batch_size": 0}, "--batch-size must be a whole number >= 1"),
+        ({"lr": math.nan}, "--lr must be a finite number"),
+        ({"lr": 0.0}, "--lr must be > 0"),
+        ({"label_smoothing": 1.5}, "--label-smoothing must be below 1"),
+        ({"model": "resnet19"}, "unknown model 'resnet19'"),
+        ({"optimizer": "lion"}, "--optimizer must be one of"),
+        ({"val_fraction": 1.0}, "--val-fraction"),
+    ],
+)
+def test_bad_values_are_one_line_errors(override, message):
+    with pytest.raises(ReslabError, match=message) as info:
+        build_config("default", **override)
+    assert "\n" not in str(info.value)
+
+
+def test_presets_build_and_round_trip():
+    for name in PRESETS:
+        config = build_config(name)
+        assert config.preset == name
+        assert TrainConfig.from_dict(config.to_dict()) == config
+    seed = build_config("seed")
+    assert (seed.optimizer, seed.lr, seed.batch_size, seed.epochs, seed.image_size) == (
+        "adam",
+        1e-3,
+        256,
+        5,
+        96,
+    )
+    assert seed.model_kwargs == {"stem": "imagenet"} and not seed.augment
+
+
+def test_unknown_preset_and_key():
+    with pytest.raises(ReslabError, match="unknown preset"):
+        build_config("fastest")
+    with pytest.raises(ReslabError, match="unknown config key"):
+        TrainConfig.from_dict({"learning_rate": 0.1})

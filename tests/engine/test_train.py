@@ -1,0 +1,131 @@
+import json
+
+import pytest
+import torch
+
+from reslab.engine import train as train_module
+from reslab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from reslab.engine.config import build_config
+from reslab.engine.train import Hooks, fit, lr_factor, resume_config
+from reslab.errors import ReslabError
+
+
+def tiny(data_dir, out, **overrides):
+    """A resnet20 at a quarter width on 16x16 inputs: a few milliseconds a step."""
+    values = dict(
+        model="resnet20",
+        model_kwargs={"width": 0.25},
+        data_dir=str(data_dir),
+        verify=False,
+        image_size=16,
+        epochs=2,
+        batch_size=8,
+        lr=0.05,
+        eval_batch_size=8,
+        out=None if out is None else str(out),
+    )
+    values.update(overrides)
+    return build_config("default", **values)
+
+
+def quiet():
+    from rich.console import Console
+
+    return Console(file=open("/dev/null", "w"), force_terminal=False)
+
+
+def test_loss_goes_down(fake_fmnist, tmp_path):
+    config = tiny(fake_fmnist, tmp_path / "run", epochs=4, augment=False, label_smoothing=0.0)
+    result = fit(config, console=quiet())
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert len(result.history) == 4 and result.history[-1]["step"] == 4 * (40 // 8)
+
+
+def test_run_folder_contents(fake_fmnist, tmp_path):
+    run = tmp_path / "run"
+    result = fit(tiny(fake_fmnist, run, ema=0.9), console=quiet())
+    assert result.run_dir == run
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "curves.png",
+        "confusion.png",
+    } <= names
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"] == "resnet20" and saved["ema"] == 0.9
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "elapsed_s"} <= set(
+        records[0]
+    )
+    payload = load_checkpoint(run / "last.pt")
+    assert payload["epoch"] == 2 and payload["step"] == 10
+    assert payload["model"]["kwargs"] == {"width": 0.25, "in_channels": 1, "num_classes": 10}
+    assert payload["input"]["size"] == 16 and payload["input"]["source_size"] == 28
+    assert len(payload["classes"]) == 10 and "train_state_dict" in payload
+    assert payload["test_accuracy"] == pytest.approx(result.test_accuracy)
+    model_from_checkpoint(load_checkpoint(run / "best.pt"))  # rebuilds from the file alone
+
+
+def test_default_run_folder_is_numbered_not_overwritten(fake_fmnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = train_module.new_run_dir(tiny(fake_fmnist, None))
+    second = train_module.new_run_dir(tiny(fake_fmnist, None))
+    assert second.name == first.name + "-2" and first.parent.name == "runs"
+    (first / "last.pt").write_text("x")
+    with pytest.raises(ReslabError, match="--force"):
+        train_module.new_run_dir(tiny(fake_fmnist, first))
+    assert train_module.new_run_dir(tiny(fake_fmnist, first, force=True)) == first
+
+
+class StopAfterFirstEpoch(Hooks):
+    def after_epoch(self, state, record):
+        state.stop = True
+
+
+def test_resume_continues_where_it_stopped(fake_fmnist, tmp_path):
+    straight = fit(tiny(fake_fmnist, tmp_path / "a"), console=quiet())
+    fit(tiny(fake_fmnist, tmp_path / "b"), console=quiet(), hooks=StopAfterFirstEpoch())
+    assert load_checkpoint(tmp_path / "b")["epoch"] == 1
+
+    config, payload, run_dir = resume_config(str(tmp_path / "b" / "last.pt"))
+    assert run_dir == tmp_path / "b" and config.epochs == 2 and config.lr == 0.05
+    resumed = fit(config, console=quiet(), payload=payload, run_dir=run_dir)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    a = load_checkpoint(tmp_path / "a")["state_dict"]
+    b = load_checkpoint(tmp_path / "b")["state_dict"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    assert resumed.test_accuracy == straight.test_accuracy
+
+    with pytest.raises(ReslabError, match="already finished epoch 2"):
+        resume_config(str(tmp_path / "b"))
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(fake_fmnist, tmp_path, monkeypatch):
+    real = torch.nn.functional.cross_entropy
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 9 else loss  # 5 train + 3 eval calls in epoch 1
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    config = tiny(fake_fmnist, tmp_path / "run", tta=False)
+    with pytest.raises(ReslabError, match=r"loss became nan at step 6 \(epoch 2\).*last\.pt"):
+        fit(config, console=quiet())
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 1
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "none"])
+def test_schedules_start_and_end(schedule):
+    factors = [lr_factor(schedule, s, 100, 0.2) for s in range(101)]
+    assert max(factors) == pytest.approx(1.0)
+    assert factors[-1] <= factors[0] or schedule == "onecycle"
+    if schedule != "none":
+        assert factors[-1] < 0.05
