@@ -1,0 +1,82 @@
+"""ONNX, safetensors and TorchScript export, and reslab.load (reslab/export.py)."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import reslab
+from reslab import create_model
+from reslab.engine.checkpoint import make_payload, save_checkpoint
+from reslab.errors import ReslabError
+from reslab.export import export_onnx, export_torchscript, save_safetensors
+from reslab.fast import fold_batchnorm
+
+KWARGS = {"width": 0.125, "in_channels": 1, "stem": "small", "num_classes": 10}
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = create_model("resnet18", **KWARGS)
+    for bn in m.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_var.uniform_(0.5, 2)
+            bn.running_mean.uniform_(-1, 1)
+    return m.eval()
+
+
+def test_onnx_round_trip(model, tmp_path):
+    import onnxruntime
+
+    path = tmp_path / "m.onnx"
+    diff = export_onnx(model, path, (1, 28, 28))
+    assert diff <= 1e-4
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # the batch axis is dynamic
+        x = torch.randn(batch, 1, 28, 28)
+        (got,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_safetensors_round_trip(model, tmp_path, folded):
+    path = tmp_path / "m.safetensors"
+    save_safetensors(fold_batchnorm(model) if folded else model, path, folded=folded)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["name"] == "resnet18" and json.loads(metadata["kwargs"]) == KWARGS
+    loaded = reslab.load(path)
+    assert loaded.spec == model.spec and not loaded.training
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_load_reads_checkpoints(model, tmp_path):
+    save_checkpoint(tmp_path / "last.pt", make_payload(model))
+    loaded = reslab.load(tmp_path)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_load_refuses_foreign_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "x.safetensors")
+    with pytest.raises(ReslabError, match="no reslab metadata"):
+        reslab.load(tmp_path / "x.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    with pytest.raises(ReslabError, match="not a readable safetensors"):
+        reslab.load(tmp_path / "bad.safetensors")
+
+
+def test_torchscript_round_trip(model, tmp_path):
+    export_torchscript(model, tmp_path / "m.pt", (1, 28, 28))
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
