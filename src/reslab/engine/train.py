@@ -273,13 +273,17 @@ def fit(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     source = open_source(config)
-    console.print(f"data: {source.description}", markup=False, highlight=False)
+    console.print(f"data: {source.description}", markup=False, highlight=False, soft_wrap=True)
     run_dir = run_dir or new_run_dir(config)
     state = build_state(config, source, run_dir)
     if payload is not None:
         restore(state, payload)
-        console.print(f"resumed from {config.resume} after epoch {state.epoch}", markup=False)
-    console.print(f"config ({run_dir / 'config.json'}):\n{describe(config)}", markup=False)
+        console.print(
+            f"resumed from {config.resume} after epoch {state.epoch}", markup=False, soft_wrap=True
+        )
+    console.print(
+        f"config ({run_dir / 'config.json'}):\n{describe(config)}", markup=False, soft_wrap=True
+    )
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     n_steps = steps_per_epoch(config, source)
@@ -342,6 +346,7 @@ def fit(
                 f"{record['img_per_s']:.0f} img/s  elapsed {record['elapsed_s']:.0f}s",
                 markup=False,
                 highlight=False,
+                soft_wrap=True,
             )
             hooks.after_epoch(state, record)
 
@@ -355,6 +360,7 @@ def fit(
         f"{100 * state.best_accuracy:.2f}%), run folder {run_dir}, took {format_time(seconds)}",
         markup=False,
         highlight=False,
+        soft_wrap=True,
     )
     return RunResult(
         run_dir,

@@ -1,0 +1,111 @@
+import json
+
+import torch
+from PIL import Image
+
+from reslab.cli import main
+from reslab.data.sources import fashion_mnist_source
+from reslab.data.transforms import InputSpec
+from reslab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from reslab.engine.evaluate import logits
+
+TINY = [
+    "--model", "resnet20", "--width", "0.25", "--image-size", "16", "--epochs", "2",
+    "--batch-size", "8", "--lr", "0.05", "--no-verify",
+]  # fmt: skip
+
+
+def train(fake_fmnist, out, *extra):
+    return main(["train", *TINY, "--data-dir", str(fake_fmnist), "--out", str(out), *extra])
+
+
+def test_train_eval_predict(fake_fmnist, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(fake_fmnist, run, "--optimizer", "adamw", "--schedule", "cosine") == 0
+    out = capsys.readouterr().out
+    assert "data: Fashion-MNIST from" in out and "optimizer: adamw" in out
+    assert "epoch   2/2  train loss" in out and "lr " in out
+    assert f"run folder {run}, took" in out and "test accuracy" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_kwargs"] == {"stem": "small", "width": 0.25} and config["epochs"] == 2
+
+    # eval: the printed accuracy equals a computation by hand from the checkpoint
+    assert main(["eval", str(run / "last.pt")]) == 0
+    printed = capsys.readouterr().out
+    payload = load_checkpoint(run / "last.pt")
+    model = model_from_checkpoint(payload).eval()
+    source = fashion_mnist_source(str(fake_fmnist), verify=False)
+    spec = InputSpec.from_dict(payload["input"])
+    out_logits = logits(model, source.test_images, spec, "bf16", True, tta=True)
+    predictions = out_logits.argmax(1)
+    accuracy = int((predictions == source.test_labels).sum()) / len(predictions)
+    assert f"test accuracy {100 * accuracy:.2f}%" in printed
+    assert payload["test_accuracy"] == accuracy
+    sneaker = 7
+    in_class = source.test_labels == sneaker
+    n_right = int((predictions[in_class] == sneaker).sum())
+    assert (
+        f"{100 * n_right / int(in_class.sum()):.1f}" in printed.split("7 Sneaker")[1].split("\n")[0]
+    )
+
+    # predict: any size and mode, and a one-line error naming a corrupt file
+    Image.new("RGBA", (100, 60), (10, 200, 30, 255)).save(tmp_path / "big.png")
+    Image.new("L", (28, 28), 128).save(tmp_path / "gray.jpg")
+    assert main(["predict", str(run), str(tmp_path / "big.png"), str(tmp_path / "gray.jpg"),
+                 "--top-k", "2"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{tmp_path / 'big.png'}: ")
+    assert lines[0].count("%") == 2
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["predict", str(run), str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.txt: not a readable image" in err
+
+
+def test_resume_from_cli_keeps_config(fake_fmnist, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(fake_fmnist, run, "--epochs", "1", "--ema", "0.5") == 0
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "after epoch 1" in out
+    payload = load_checkpoint(run / "last.pt")
+    assert payload["epoch"] == 2 and payload["config"]["ema"] == 0.5
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_bad_flags_are_one_line_errors(fake_fmnist, tmp_path, capsys):
+    for flags, message in (
+        (["--epochs", "-1"], "--epochs must be a whole number >= 1"),
+        (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+    ):
+        assert main(["train", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("x")
+    assert train(fake_fmnist, run) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_image_folder_training(tmp_path, capsys):
+    for split, n in (("train", 8), ("val", 2)):
+        for c, name in enumerate(("light", "dark")):
+            (tmp_path / "set" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (12, 12), (250 - 240 * c,) * 3).save(
+                    tmp_path / "set" / split / name / f"{i}.png"
+                )
+    run = tmp_path / "run"
+    args = ["train", *TINY, "--data", str(tmp_path / "set"), "--out", str(run), "--workers", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "data: image folder" in out and "16 train and 4 validation images" in out
+    payload = load_checkpoint(run / "best.pt")
+    assert payload["classes"] == ["dark", "light"] and payload["input"]["channels"] == 3
+    assert torch.is_tensor(payload["rng"]["torch"])
+    assert (run / "confusion.png").is_file()
+    assert main(["eval", str(run), "--data", str(tmp_path / "set")]) == 0
+    assert "(4 images)" in capsys.readouterr().out

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from PIL import Image
+
+from reslab.data.folders import FolderSource, open_image
+from reslab.errors import ReslabError
+
+
+def make_tree(root, classes=("cat", "dog"), per_class=6, size=(20, 12)):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", size, (200 * c, 40 * i, 90)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_split_fraction_and_worker_decoding(tmp_path):
+    source = FolderSource(make_tree(tmp_path / "pets"), size=16, val_fraction=0.25, workers=1)
+    assert source.classes == ("cat", "dog") and (source.train_size, source.test_size) == (9, 3)
+    images, labels = next(source.train_batches(4, torch.Generator().manual_seed(0)))
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert set(labels.tolist()) <= {0, 1}
+
+
+def test_train_and_val_folders(tmp_path):
+    make_tree(tmp_path / "set" / "train")
+    make_tree(tmp_path / "set" / "val", per_class=2)
+    source = FolderSource(tmp_path / "set", size=8, workers=0)
+    assert (source.train_size, source.test_size) == (12, 4)
+    assert sum(len(labels) for _, labels in source.test_batches(3)) == 4
+
+
+def test_empty_folder_and_empty_class_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReslabError, match="has no class folders"):
+        FolderSource(tmp_path / "empty")
+    make_tree(tmp_path / "pets")
+    (tmp_path / "pets" / "fish").mkdir()
+    with pytest.raises(ReslabError, match=r"class folder .*fish has no images"):
+        FolderSource(tmp_path / "pets")
+    with pytest.raises(ReslabError, match="does not exist"):
+        FolderSource(tmp_path / "nowhere")
+
+
+def test_open_image_any_mode_and_corrupt_file(tmp_path):
+    Image.new("RGBA", (50, 30), (255, 0, 0, 128)).save(tmp_path / "a.png")
+    Image.new("P", (7, 9)).save(tmp_path / "b.png")
+    assert open_image(tmp_path / "a.png", 1, 28).shape == (1, 28, 28)
+    assert open_image(tmp_path / "b.png", 3, 16).shape == (3, 16, 16)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ReslabError, match=r"bad\.jpg: not a readable image"):
+        open_image(tmp_path / "bad.jpg", 1, 28)
+
+
+def test_corrupt_file_in_training_names_it(tmp_path):
+    make_tree(tmp_path / "pets")
+    (tmp_path / "pets" / "cat" / "broken.png").write_bytes(b"\x89PNG garbage")
+    source = FolderSource(tmp_path / "pets", size=8, val_fraction=0.5, workers=1)
+    with pytest.raises(ReslabError, match=r"broken\.png: not a readable image") as info:
+        for split in (source.train_batches(13, torch.Generator()), source.test_batches(13)):
+            list(split)
+    assert "\n" not in str(info.value)

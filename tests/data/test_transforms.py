@@ -1,0 +1,46 @@
+import torch
+
+from reslab.data.transforms import InputSpec, augment, random_crop, random_erasing, to_input
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_crop_moves_each_image_by_at_most_the_padding():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
+    out = random_crop(x, 2, gen())
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    for i in range(2):
+        windows = [padded[i, :, dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert not torch.equal(random_crop(x, 2, gen(0)), random_crop(x, 2, gen(3)))
+
+
+def test_erasing_zeros_a_rectangle_and_is_reproducible():
+    x = torch.ones(64, 1, 28, 28)
+    out = random_erasing(x, 1.0, gen())
+    erased = (out == 0).flatten(1).float().mean(1)
+    assert ((erased >= 0.01) & (erased <= 0.4)).all()
+    rows = (out == 0).any(3).squeeze(1)  # each erased area is one band of rows ...
+    assert all(torch.diff(r.nonzero().squeeze(1)).le(1).all() for r in rows)
+    assert torch.equal(out, random_erasing(x, 1.0, gen()))
+    assert torch.equal(random_erasing(x, 0.0, gen()), x)
+
+
+def test_augment_keeps_shape_and_flips_some():
+    x = torch.rand(32, 1, 8, 8)
+    out = augment(x, 0, 0.0, gen())
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(32)]
+    kept = [torch.equal(out[i], x[i]) for i in range(32)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 0 < sum(flipped) < 32
+
+
+def test_to_input_normalises_and_resizes():
+    spec = InputSpec(size=14, source_size=28, channels=1, mean=(0.5,), std=(0.25,), stem="small")
+    images = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
+    x = to_input(images, spec, channels_last=True)
+    assert x.shape == (2, 1, 14, 14) and x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, torch.full_like(x, 2.0))
+    assert InputSpec.from_dict(spec.to_dict()) == spec
