@@ -80,3 +80,19 @@ def test_torchscript_round_trip(model, tmp_path):
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_export_command(model, tmp_path, capsys, fmt):
+    from reslab.cli import main
+
+    save_checkpoint(tmp_path / "run" / "last.pt", make_payload(model))
+    out = tmp_path / f"m.{fmt}"
+    assert main(["export", str(tmp_path / "run"), "--format", fmt, "--fold-bn", "--out", str(out)]) == 0
+    assert out.is_file()
+    if fmt == "onnx":
+        assert "max abs difference" in capsys.readouterr().out
+    else:
+        x = torch.randn(2, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(reslab.load(out)(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,27 @@
+"""The speed benchmark behind the README's numbers: `reslab bench` at its two default sizes.
+
+ResNet-18 on 1x28x28 (the Fashion-MNIST setup) at batch 256, and ResNet-50 on 3x224x224 at
+batch 32 (batch 256 would take minutes per call on a 2-core CPU). Results land in
+benchmarks/results/ with the machine's description. Run from the repository root:
+
+    .venv/bin/python benchmarks/speed.py [--rounds 5]
+"""
+
+import argparse
+import sys
+
+from reslab.cli import main
+
+RUNS = (
+    ["--model", "resnet18", "--input", "1,28,28", "--batch-size", "256"],
+    ["--model", "resnet50", "--input", "3,224,224", "--batch-size", "32"],
+)
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", default="5")
+    args = parser.parse_args()
+    for run in RUNS:
+        status = main(["bench", *run, "--rounds", args.rounds])
+        if status:
+            sys.exit(status)

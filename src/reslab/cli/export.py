@@ -1,0 +1,70 @@
+"""`reslab export CKPT --format onnx|safetensors|torchscript`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reslab.cli.summary import parse_shape
+from reslab.errors import ReslabError
+from reslab.export import (
+    FORMATS,
+    SUFFIXES,
+    default_input_shape,
+    export_onnx,
+    export_torchscript,
+    load,
+    save_safetensors,
+)
+from reslab.fast import fold_batchnorm
+
+# onnxruntime must reproduce torch's fp32 outputs this closely, or the export is refused
+ONNX_TOLERANCE = 1e-4
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a checkpoint as ONNX, safetensors or TorchScript",
+        description="Export a reslab checkpoint (or .safetensors file). ONNX has a dynamic "
+        "batch axis and is checked against torch with onnxruntime on a random batch; "
+        "safetensors keeps the model name and arguments so reslab.load(path) rebuilds it.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="checkpoint file, run folder or .safetensors")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--fold-bn", action="store_true", help="fold batch norm into the convs")
+    parser.add_argument(
+        "--input", type=parse_shape, help="C,H,W to trace with (default: from the model)"
+    )
+    parser.add_argument("--out", type=Path, help="output file (default: beside the checkpoint)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    model = load(args.checkpoint)
+    spec = model.spec
+    if args.fold_bn:
+        model = fold_batchnorm(model)
+        model.spec = spec
+    shape = args.input or default_input_shape(model)
+    if shape[0] != model.conv1.in_channels:
+        raise ReslabError(
+            f"the model takes {model.conv1.in_channels} channel(s), --input has {shape[0]}"
+        )
+    source = args.checkpoint / "last.pt" if args.checkpoint.is_dir() else args.checkpoint
+    out = args.out or source.with_suffix(SUFFIXES[args.format])
+    if out.resolve() == source.resolve():
+        raise ReslabError(f"--out {out} would overwrite the checkpoint; choose another name")
+    if args.format == "onnx":
+        diff = export_onnx(model, out, shape)
+        print(f"onnxruntime vs torch on a random batch: max abs difference {diff:.2e}")
+        if diff > ONNX_TOLERANCE:
+            out.unlink()
+            raise ReslabError(
+                f"ONNX output differs by {diff:.2e} (> {ONNX_TOLERANCE}); not written"
+            )
+    elif args.format == "safetensors":
+        save_safetensors(model, out, folded=args.fold_bn)
+    else:
+        export_torchscript(model, out, shape)
+    print(f"wrote {out}")
+    return 0

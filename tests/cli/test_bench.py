@@ -1,0 +1,43 @@
+"""`reslab bench` end to end on a tiny input, one round (reslab/cli/bench.py, reslab/bench.py)."""
+
+import json
+
+import pytest
+import torch
+
+from reslab.bench import model_kwargs_for, torchvision_twin
+from reslab.cli import main
+from reslab.errors import ReslabError
+from reslab.models import create_model
+
+
+def test_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--input", "1,8,8", "--batch-size", "2", "--rounds", "1", "--warmup", "0"]
+    assert main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"torchvision", "default", "fast", "onnx"}
+    assert result["machine"]["cores"] >= 1 and result["machine"]["torch"] == torch.__version__
+    assert result["onnx_max_abs_diff"] < 1e-4
+    fast = result["variants"]["fast"]
+    assert fast["train_img_s"] > 0 and fast["infer_img_s"] > 0 and fast["latency_ms"] > 0
+    assert result["variants"]["torchvision"]["train_ratio"] == 1.0
+    assert "train_img_s" not in result["variants"]["onnx"]
+    assert result["matmul_gflop_s"]["fp32"]["median"] > 0
+    assert "(c) reslab fast" in capsys.readouterr().out
+
+
+def test_torchvision_twin_has_the_same_architecture():
+    kwargs = model_kwargs_for("resnet18", (1, 28, 28))
+    assert kwargs == {"in_channels": 1, "stem": "small", "num_classes": 10}
+    twin = torchvision_twin("resnet18", kwargs)
+    ours = create_model("resnet18", **kwargs)
+    ours.load_state_dict(twin.state_dict(), strict=True)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), twin.eval()(x))
+
+
+def test_bench_refuses_models_torchvision_lacks():
+    with pytest.raises(ReslabError, match="no twin"):
+        torchvision_twin("resnet20", {})
