@@ -74,7 +74,8 @@ def summarize(model: ResNet, input_shape: tuple[int, int, int], name: str = "") 
     if input_shape[0] != expected:
         raise ReslabError(f"the model takes {expected} input channel(s), got {input_shape[0]}")
     model = model.eval()
-    x = torch.zeros(1, *input_shape)
+    # a model built on the meta device is counted without computing anything
+    x = torch.zeros(1, *input_shape, device=model.conv1.weight.device)
     stem_modules = (model.conv1, model.bn1, model.relu, model.maxpool)
     macs, x = count_macs(model.forward_stem, x)
     rows = [StageRow("stem", tuple(x.shape[1:]), 0, _params(*stem_modules), macs)]
@@ -83,15 +84,15 @@ def summarize(model: ResNet, input_shape: tuple[int, int, int], name: str = "") 
         rows.append(StageRow(stage_name, tuple(x.shape[1:]), len(stage), _params(stage), macs))
     macs, logits = count_macs(lambda t: model.forward_head(model.final_norm(t)), x)
     rows.append(
-        StageRow(
-            "head", tuple(logits.shape[1:]), 0, _params(model.final_norm, model.fc), macs
-        )
+        StageRow("head", tuple(logits.shape[1:]), 0, _params(model.final_norm, model.fc), macs)
     )
     return ModelSummary(name or model.spec.get("name", "model"), tuple(input_shape), rows)
 
 
 def summarize_name(name: str, input_shape: tuple[int, int, int] = (3, 224, 224), **kwargs):
-    model = create_model(name, in_channels=input_shape[0], **kwargs)
+    """Summary of a registry model, built on the meta device: shapes and counts, no compute."""
+    with torch.device("meta"):
+        model = create_model(name, in_channels=input_shape[0], **kwargs)
     return summarize(model, input_shape, name)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -22,12 +23,15 @@ def register(subparsers) -> None:
 def run(args) -> int:
     table = Table(title="reslab models")
     for column in ("name", "block", "blocks per stage", "stem", "shortcut", "params"):
-        table.add_column(column, justify="right" if column == "params" else "left")
+        table.add_column(
+            column, justify="right" if column == "params" else "left", no_wrap=column == "name"
+        )
     for name in list_models():
         if args.filter not in name:
             continue
         spec = model_defaults(name)
-        params = sum(p.numel() for p in create_model(name).parameters())
+        with torch.device("meta"):  # counts only: no memory, no initialisation
+            params = sum(p.numel() for p in create_model(name).parameters())
         table.add_row(
             name,
             spec["block"],

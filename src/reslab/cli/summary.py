@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from rich.console import Console
 from rich.table import Table
 
@@ -11,7 +13,6 @@ from reslab.analysis.summary import (
     paper_comparison,
     summarize_name,
 )
-from reslab.errors import ReslabError
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -20,7 +21,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise ReslabError(f"--input expects C,H,W with three positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected C,H,W with three positive integers, got {text!r}"
+        )
     return shape
 
 
@@ -32,8 +35,12 @@ def register(subparsers) -> None:
         "multiply-adds (counted by torch.utils.flop_counter), then totals; for the ImageNet "
         "depths at 224x224, compare with the paper's Table 1.",
     )
-    parser.add_argument("name", nargs="?", default="resnet50", help="model name (default: resnet50)")
-    parser.add_argument("--input", default="3,224,224", type=parse_shape, help="C,H,W (default 3,224,224)")
+    parser.add_argument(
+        "name", nargs="?", default="resnet50", help="model name (default: resnet50)"
+    )
+    parser.add_argument(
+        "--input", default="3,224,224", type=parse_shape, help="C,H,W (default 3,224,224)"
+    )
     parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs")
     parser.add_argument("--stem", default=None, help="imagenet, cifar or small")
     parser.add_argument(
@@ -90,7 +97,9 @@ def run(args) -> int:
             f"{row.params:,}",
             f"{row.macs / 1e6:,.1f} M",
         )
-    table.add_row("total", "", "", f"{summary.params:,}", f"{summary.macs / 1e9:.3f} G", style="bold")
+    table.add_row(
+        "total", "", "", f"{summary.params:,}", f"{summary.macs / 1e9:.3f} G", style="bold"
+    )
     console.print(table)
     depth = int(args.name.removeprefix("resnet")) if args.name.startswith("resnet") else None
     if depth in PAPER_GMACS and args.input == (3, 224, 224):

@@ -176,9 +176,7 @@ def _check_name(name: str) -> None:
     if name not in MODELS:
         close = difflib.get_close_matches(name, MODELS, n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ReslabError(
-            f"unknown model {name!r}{hint} (`reslab models` lists all {len(MODELS)})"
-        )
+        raise ReslabError(f"unknown model {name!r}{hint} (`reslab models` lists all {len(MODELS)})")
 
 
 def model_defaults(name: str) -> dict:

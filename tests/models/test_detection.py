@@ -1,0 +1,208 @@
+"""The C4 Faster R-CNN: shapes through the C4 path, named losses, learning, weights, AP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from reslab.engine.detection import LOSS_NAMES, coco_evaluate
+from reslab.errors import ReslabError
+from reslab.models.detection import (
+    DetectorConfig,
+    RoIHeadsConfig,
+    RPNConfig,
+    build_detector,
+    fold_batch_norm,
+    load_backbone_weights,
+)
+
+
+def tiny(**overrides) -> DetectorConfig:
+    """A quarter-width ResNet-18 C4 on 64-pixel images, with few proposals and RoIs: the res5
+    head runs once per RoI, so RoI counts set the cost of a step."""
+    config = dict(
+        backbone="resnet18",
+        width=0.25,
+        num_classes=3,
+        min_size=64,
+        max_size=64,
+        rpn=RPNConfig(
+            pre_nms_top_n_train=300,
+            post_nms_top_n_train=100,
+            pre_nms_top_n_test=300,
+            post_nms_top_n_test=100,
+        ),
+        roi_heads=RoIHeadsConfig(batch_size_per_image=32),
+    )
+    return DetectorConfig(**{**config, **overrides})
+
+
+def scene_batch(n: int = 2, size: int = 64, seed: int = 0):
+    """Images with bright rectangles of two kinds (wide: class 1, tall: class 2)."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n):
+        image = torch.rand(3, size, size, generator=g) * 0.1
+        boxes, labels = [], []
+        for label, (w, h) in ((1, (24, 12)), (2, (12, 24))):
+            x, y = (int(v) for v in torch.randint(0, size - 24, (2,), generator=g))
+            image[:, y : y + h, x : x + w] = 0.9 if label == 1 else 0.6
+            boxes.append([x, y, x + w, y + h])
+            labels.append(label)
+        images.append(image)
+        targets.append(
+            {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)}
+        )
+    return images, targets
+
+
+def test_resnet101_c4_shapes_on_meta():
+    with torch.device("meta"):
+        model = build_detector(DetectorConfig())
+        features = model.backbone(torch.empty(1, 3, 512, 768))
+        pooled = torch.empty(5, 1024, 14, 14)
+        res5 = model.roi_heads.box_head.layer4(pooled)
+        vector = model.roi_heads.box_head(pooled)
+        scores, deltas = model.roi_heads.box_predictor(vector)
+    assert model.backbone.out_channels == 1024
+    assert features.shape == (1, 1024, 512 // 16, 768 // 16)  # stride 16
+    assert res5.shape == (5, 2048, 7, 7)  # conv5_x's first block has stride 2
+    assert vector.shape == (5, 2048)
+    assert scores.shape == (5, 91) and deltas.shape == (5, 91 * 4)
+    assert model.roi_heads.box_roi_pool.output_size == (14, 14)
+
+
+def test_roi_pooling_gives_14x14_from_the_one_map():
+    model = build_detector(tiny())
+    features = {"0": torch.randn(1, model.backbone.out_channels, 8, 8)}
+    proposals = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [10.0, 20.0, 60.0, 50.0]])]
+    pooled = model.roi_heads.box_roi_pool(features, proposals, [(128, 128)])
+    assert pooled.shape == (2, model.backbone.out_channels, 14, 14)
+
+
+def test_basic_block_backbones_use_256_and_512_channels():
+    model = build_detector(DetectorConfig(backbone="resnet18", num_classes=2))
+    assert model.backbone.out_channels == 256
+    assert model.roi_heads.box_predictor.cls_score.in_features == 512
+
+
+def test_training_returns_four_finite_named_losses():
+    torch.manual_seed(0)
+    model = build_detector(tiny())
+    model.train()
+    losses = model(*scene_batch())
+    assert set(losses) == set(LOSS_NAMES)
+    assert all(torch.isfinite(value) and value.ndim == 0 for value in losses.values())
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = build_detector(tiny(width=0.5))
+    model.train()
+    images, targets = scene_batch(4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    history = []
+    for _ in range(12):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss))
+    assert sum(history[-3:]) / 3 < 0.8 * sum(history[:3]) / 3, history
+
+
+def test_eval_returns_boxes_scores_labels():
+    model = build_detector(tiny())
+    model.eval()
+    with torch.no_grad():
+        (output,) = model([torch.rand(3, 64, 64)])
+    assert set(output) == {"boxes", "scores", "labels"}
+    assert output["boxes"].shape[1:] == (4,)
+
+
+def test_torchvision_state_dict_loads_with_only_fc_left_over(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    model = build_detector(
+        DetectorConfig(backbone="resnet50", num_classes=2, frozen_bn=True, freeze_at=2)
+    )
+    state = torch.load(path, weights_only=True)
+    assert sorted(load_backbone_weights(model, state)) == ["fc.bias", "fc.weight"]
+    assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
+    assert torch.equal(model.backbone.layer3[5].bn3.running_var, state["layer3.5.bn3.running_var"])
+    assert torch.equal(
+        model.roi_heads.box_head.layer4[2].conv3.weight, state["layer4.2.conv3.weight"]
+    )
+
+
+def test_mismatched_state_dict_is_a_one_line_error():
+    model = build_detector(DetectorConfig(backbone="resnet18", num_classes=2))
+    with pytest.raises(ReslabError, match="do not fit") as error:
+        load_backbone_weights(model, torchvision.models.resnet34().state_dict())
+    assert "\n" not in str(error.value)
+
+
+def test_pretrained_setup_freezes_bn_stem_and_layer1():
+    model = build_detector(tiny(frozen_bn=True, freeze_at=2))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert isinstance(model.backbone.bn1, FrozenBatchNorm2d)
+    assert not model.backbone.conv1.weight.requires_grad
+    assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
+    assert all(p.requires_grad for p in model.backbone.layer2.parameters())
+
+
+def test_folding_batch_norm_keeps_the_detections():
+    torch.manual_seed(0)
+    model = build_detector(tiny(frozen_bn=True))
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    image = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        before = model(image)[0]
+        fold_batch_norm(model)
+        after = model(image)[0]
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
+
+
+def coco_ground_truth():
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in range(3)]
+    boxes = [
+        (0, [10, 10, 30, 40], 1),
+        (0, [50, 50, 20, 20], 2),
+        (1, [5, 60, 40, 30], 1),
+        (2, [20, 20, 50, 50], 2),
+    ]
+    annotations = [
+        {"id": k + 1, "image_id": i, "bbox": b, "category_id": c, "area": b[2] * b[3], "iscrowd": 0}
+        for k, (i, b, c) in enumerate(boxes)
+    ]
+    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def test_coco_eval_perfect_predictions_give_ap_one_and_shifted_less():
+    gt = coco_ground_truth()
+    perfect = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+        }
+        for a in gt["annotations"]
+    ]
+    metrics = coco_evaluate(gt, perfect)
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["mAP50"] == pytest.approx(1.0)
+    assert metrics["per_class"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    shifted = [{**d, "bbox": [d["bbox"][0] + 0.3 * d["bbox"][2], *d["bbox"][1:]]} for d in perfect]
+    worse = coco_evaluate(gt, shifted)
+    assert worse["mAP"] < 0.5
+    assert 0 < worse["mAP50"] <= 1.0
+    assert coco_evaluate(gt, [])["mAP"] == 0.0
