@@ -32,6 +32,6 @@ def test_bad_input_shape_is_a_usage_error(capsys):
 
 
 def test_models_lists_the_zoo(capsys):
-    assert main(["models", "--filter", "resnet1202"]) == 0
+    assert main(["models", "--filter", "resnet20"]) == 0
     out = capsys.readouterr().out
-    assert "plain_resnet1202" in out and "preact_resnet1202" in out
+    assert "plain_resnet20" in out and "preact_resnet20" in out
