@@ -1,0 +1,234 @@
+"""The degradation problem (He et al. 2015, section 4.2, Figure 6) on Fashion-MNIST.
+
+Plain-N and ResNet-N (the CIFAR networks, 6n+2 layers) are trained with one recipe and one
+budget; a deeper plain network ending with *higher training error* than a shallower one is the
+degradation the paper reports, and shortcuts remove it. This is a fixed-budget loop kept to
+what the study needs, not a general trainer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reslab.errors import ReslabError
+from reslab.models.resnet import CIFAR_DEPTHS, create_model
+
+# Fashion-MNIST training set, pixel mean and standard deviation on the [0, 1] scale
+MEAN, STD = 0.2860, 0.3530
+
+
+@dataclass
+class DegradationConfig:
+    depths: tuple[int, ...] = (20, 56)  # CIFAR depths 6n+2; the paper's Figure 6 uses 20..110
+    epochs: int = 5
+    train_size: int = 3000  # a random subset of the 60,000 training images
+    test_size: int = 1000  # a random subset of the 10,000 test images
+    batch_size: int = 128  # as in the paper (section 4.2)
+    lr: float = 0.1  # as in the paper; divided by 10 at 50% and 75% of the budget
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def check(self) -> None:
+        unknown = [d for d in self.depths if d not in CIFAR_DEPTHS]
+        if unknown or len(self.depths) < 2:
+            raise ReslabError(
+                f"--depths needs two or more CIFAR depths from {sorted(CIFAR_DEPTHS)}, "
+                f"got {list(self.depths)}"
+            )
+        for name in ("epochs", "train_size", "test_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ReslabError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0:
+            raise ReslabError(f"--lr must be positive, got {self.lr}")
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), zero mean and unit variance."""
+    return ((images.float() / 255 - MEAN) / STD).unsqueeze(1)
+
+
+def random_subset(
+    images: torch.Tensor, labels: torch.Tensor, size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.randperm(len(labels), generator=generator)[: min(size, len(labels))]
+    return normalize(images[keep]), labels[keep]
+
+
+def paper_lr(lr: float, step: int, total: int) -> float:
+    """The paper's schedule (0.1, /10 at 32k and 48k of 64k iterations) scaled to ``total``."""
+    return lr * 0.1 ** ((step >= total // 2) + (step >= 3 * total // 4))
+
+
+@torch.no_grad()
+def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    model.eval()
+    wrong = sum(
+        (model(x[i : i + batch]).argmax(1) != y[i : i + batch]).sum().item()
+        for i in range(0, len(y), batch)
+    )
+    return wrong / len(y)
+
+
+def train_fixed_budget(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    config: DegradationConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """SGD with momentum for ``config.epochs``; per epoch, training and test error.
+
+    Training error is that of each mini-batch as it was trained on, averaged over the epoch:
+    no second pass over the training set, which would cost a third of the training again.
+    """
+    x, y = train
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    # the same seed for every model: each sees the same batches in the same order
+    order = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = -(-len(y) // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        start, wrong, loss_sum = time.perf_counter(), 0, 0.0
+        for i, batch in enumerate(torch.randperm(len(y), generator=order).split(config.batch_size)):
+            for group in optimizer.param_groups:
+                group["lr"] = paper_lr(config.lr, epoch * steps_per_epoch + i, total)
+            logits = model(x[batch])
+            loss = F.cross_entropy(logits, y[batch])
+            if not torch.isfinite(loss):
+                raise ReslabError(f"the loss became {loss.item()} in epoch {epoch + 1}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            wrong += (logits.argmax(1) != y[batch]).sum().item()
+            loss_sum += loss.item() * len(batch)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / len(y),
+            "train_error": wrong / len(y),
+            "test_error": error_rate(model, *test),
+            "seconds": time.perf_counter() - start,
+        }
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    return history
+
+
+def degradation_study(
+    config: DegradationConfig,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    on_epoch: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Train plain-N and ResNet-N for each depth on uint8 ``(images, labels)`` pairs."""
+    config.check()
+    generator = torch.Generator().manual_seed(config.seed)
+    train_set = random_subset(*train, config.train_size, generator)
+    test_set = random_subset(*test, config.test_size, generator)
+    runs = []
+    for depth in config.depths:
+        for residual in (False, True):
+            name = f"{'' if residual else 'plain_'}resnet{depth}"
+            torch.manual_seed(config.seed)
+            model = create_model(name, in_channels=1, num_classes=10)
+            history = train_fixed_budget(
+                model,
+                train_set,
+                test_set,
+                config,
+                None if on_epoch is None else lambda row, name=name: on_epoch(name, row),
+            )
+            runs.append(
+                {
+                    "name": name,
+                    "depth": depth,
+                    "residual": residual,
+                    "params": sum(p.numel() for p in model.parameters()),
+                    "history": history,
+                }
+            )
+    return {
+        "config": {**asdict(config), "depths": list(config.depths)},
+        "train_size": len(train_set[1]),
+        "test_size": len(test_set[1]),
+        "runs": runs,
+    }
+
+
+def final_rows(result: dict) -> list[dict]:
+    """One row per network: last epoch's errors and the best test error."""
+    return [
+        {
+            "name": run["name"],
+            "depth": run["depth"],
+            "residual": run["residual"],
+            "params": run["params"],
+            "train_error": run["history"][-1]["train_error"],
+            "test_error": run["history"][-1]["test_error"],
+            "best_test_error": min(h["test_error"] for h in run["history"]),
+            "minutes": sum(h["seconds"] for h in run["history"]) / 60,
+        }
+        for run in result["runs"]
+    ]
+
+
+def plot_degradation(result: dict, path: str | Path) -> Path:
+    """He et al. 2015, Figure 6: thin dashed = training error, bold = test error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = result["config"]["depths"]
+    colours = dict(zip(depths, plt.get_cmap("tab10").colors, strict=False))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, residual, title in ((axes[0], False, "plain"), (axes[1], True, "ResNet")):
+        for run in (r for r in result["runs"] if r["residual"] == residual):
+            epochs = [h["epoch"] for h in run["history"]]
+            colour = colours[run["depth"]]
+            label = f"{title}-{run['depth']}"
+            ax.plot(
+                epochs,
+                [100 * h["train_error"] for h in run["history"]],
+                "--",
+                color=colour,
+                linewidth=1,
+            )
+            ax.plot(
+                epochs,
+                [100 * h["test_error"] for h in run["history"]],
+                "-",
+                color=colour,
+                linewidth=2.5,
+                label=label,
+            )
+        ax.set_title(f"{title} networks")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(title="bold: test, dashed: train")
+    axes[0].set_ylabel("error (%)")
+    c = result["config"]
+    fig.suptitle(
+        f"Fashion-MNIST, {result['train_size']:,} training images, {c['epochs']} epochs, "
+        f"batch {c['batch_size']}, lr {c['lr']}"
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
