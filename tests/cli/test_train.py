@@ -36,7 +36,8 @@ def test_train_eval_predict(fake_fmnist, tmp_path, capsys):
     model = model_from_checkpoint(payload).eval()
     source = fashion_mnist_source(str(fake_fmnist), verify=False)
     spec = InputSpec.from_dict(payload["input"])
-    out_logits = logits(model, source.test_images, spec, "bf16", True, tta=True)
+    cfg = payload["config"]
+    out_logits = logits(model, source.test_images, spec, cfg["precision"], True, tta=True)
     predictions = out_logits.argmax(1)
     accuracy = int((predictions == source.test_labels).sum()) / len(predictions)
     assert f"test accuracy {100 * accuracy:.2f}%" in printed

@@ -273,6 +273,13 @@ def fit(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     source = open_source(config)
+    if config.precision == "bf16" and not bf16_kernels():
+        console.print(
+            "warning: this CPU has no oneDNN bf16 kernels (no AVX-512); bf16 falls back to "
+            "PyTorch's reference convolution, several times slower than --precision fp32",
+            markup=False,
+            soft_wrap=True,
+        )
     console.print(f"data: {source.description}", markup=False, highlight=False, soft_wrap=True)
     run_dir = run_dir or new_run_dir(config)
     state = build_state(config, source, run_dir)
@@ -422,6 +429,11 @@ def train_epoch(
         if state.stop:
             break
     return loss_sum.item() / seen, correct.item() / seen, time.perf_counter() - start
+
+
+def bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 convolutions here (it needs AVX-512 or AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def format_time(seconds: float) -> str:

@@ -1,0 +1,118 @@
+"""Fashion-MNIST accuracy and time of the training presets, through `reslab train`'s code path.
+
+    .venv/bin/python benchmarks/fashion_mnist.py --presets default seed best
+
+Each preset trains with `reslab.engine.train.fit` (what `reslab train --preset P` runs) and is
+scored on the full 10,000-image test set. Prints a table and writes
+benchmarks/results/fashion_mnist-<time>.json with the machine (cores, CPU model, torch
+version) and the load average before and after, because the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from reslab.engine.config import PRESETS, build_config
+from reslab.engine.train import fit
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def time_to(history: list[dict], accuracy: float) -> float | None:
+    """Seconds from the start of the run to the first epoch at or above ``accuracy``."""
+    return next((r["elapsed_s"] for r in history if r["test_acc"] >= accuracy), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["default"], choices=sorted(PRESETS))
+    parser.add_argument("--epochs", type=int, help="override every preset's epochs")
+    parser.add_argument("--model", help="override every preset's model")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    parser.add_argument("--note", default="", help="free text saved with the results")
+    args = parser.parse_args()
+
+    console = Console()
+    rows = []
+    for preset in args.presets:
+        overrides = {"out": f"runs/bench-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"}
+        if args.epochs:
+            overrides["epochs"] = args.epochs
+        if args.model:
+            overrides["model"] = args.model
+        if args.threads:
+            overrides["threads"] = args.threads
+        config = build_config(preset, **overrides)
+        load_before = os.getloadavg()
+        result = fit(config, console=console)
+        rows.append(
+            {
+                "preset": preset,
+                "config": config.to_dict(),
+                "test_accuracy": result.test_accuracy,
+                "best_epoch_accuracy": result.best_accuracy,
+                "seconds": result.seconds,
+                "seconds_to_94": time_to(result.history, 0.94),
+                "train_img_per_s": sum(r["img_per_s"] for r in result.history)
+                / len(result.history),
+                "test_images": int(result.evaluation.confusion.sum()),
+                "data": result.source,
+                "run_dir": str(result.run_dir),
+                "history": result.history,
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+            }
+        )
+
+    table = Table(title=f"Fashion-MNIST, {cpu_model()}, {os.cpu_count()} cores")
+    for column in ("preset", "model", "epochs", "test acc %", "time", "to 94%", "img/s", "load"):
+        table.add_column(column, justify="left" if column in ("preset", "model") else "right")
+    for row in rows:
+        to94 = row["seconds_to_94"]
+        table.add_row(
+            row["preset"],
+            f"{row['config']['model']} {row['config']['model_kwargs']}",
+            str(row["config"]["epochs"]),
+            f"{100 * row['test_accuracy']:.2f}",
+            f"{row['seconds'] / 60:.1f} min",
+            "-" if to94 is None else f"{to94 / 60:.1f} min",
+            f"{row['train_img_per_s']:.0f}",
+            f"{row['load_average_before'][0]:.1f}->{row['load_average_after'][0]:.1f}",
+        )
+    console.print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"fashion_mnist-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(
+        json.dumps({"machine": machine(), "note": args.note, "runs": rows}, indent=1) + "\n"
+    )
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
