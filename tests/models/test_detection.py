@@ -34,7 +34,7 @@ def tiny(**overrides) -> DetectorConfig:
             pre_nms_top_n_test=300,
             post_nms_top_n_test=100,
         ),
-        roi_heads=RoIHeadsConfig(batch_size_per_image=32),
+        roi_heads=RoIHeadsConfig(batch_size_per_image=16),
     )
     return DetectorConfig(**{**config, **overrides})
 
@@ -99,18 +99,18 @@ def test_training_returns_four_finite_named_losses():
 
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
-    model = build_detector(tiny(width=0.5))
+    model = build_detector(tiny())
     model.train()
-    images, targets = scene_batch(4)
+    images, targets = scene_batch(2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     history = []
-    for _ in range(12):
+    for _ in range(10):
         loss = sum(model(images, targets).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(float(loss))
-    assert sum(history[-3:]) / 3 < 0.8 * sum(history[:3]) / 3, history
+        history.append(loss.item())
+    assert sum(history[-3:]) / 3 < 0.75 * history[0], history
 
 
 def test_eval_returns_boxes_scores_labels():

@@ -10,10 +10,21 @@ import argparse
 import sys
 
 from reslab import __version__
-from reslab.cli import models, summary
+from reslab.cli import (
+    bench,
+    detect,
+    evaluate,
+    export,
+    models,
+    predict,
+    scenes,
+    study,
+    summary,
+    train,
+)
 from reslab.errors import ReslabError
 
-COMMANDS = (models, summary)
+COMMANDS = (models, summary, train, evaluate, predict, scenes, detect, study, bench, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

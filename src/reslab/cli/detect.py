@@ -1,0 +1,193 @@
+"""`reslab detect train|eval|predict`: the C4 Faster R-CNN on COCO-format data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from reslab.data.coco import CocoDetection, eval_transforms, resolve, train_transforms
+from reslab.engine.checkpoint import load_checkpoint
+from reslab.engine.detection import (
+    DetectTrainConfig,
+    detector_from_checkpoint,
+    evaluate_detector,
+    predict_images,
+    train_detector,
+)
+from reslab.errors import ReslabError
+from reslab.models.detection import (
+    BACKBONES,
+    DetectorConfig,
+    RoIHeadsConfig,
+    RPNConfig,
+    build_detector,
+    load_backbone_weights,
+)
+
+# detectron2's test-time shorter side; smaller datasets (the 128-pixel scenes) keep their size
+DEFAULT_MIN_SIZE = 800
+
+
+def _add_data(parser) -> None:
+    parser.add_argument("--data", help="a folder as `reslab scenes make` writes it")
+    parser.add_argument("--images", help="image folder of a COCO dataset (with --annotations)")
+    parser.add_argument("--annotations", help="COCO JSON annotation file (with --images)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "detect",
+        help="Faster R-CNN with a ResNet C4 backbone",
+        description="Train, evaluate and run a C4 Faster R-CNN (Ren et al. 2015; detectron2 "
+        "Base-RCNN-C4 defaults) on COCO-format data.",
+    )
+    actions = parser.add_subparsers(metavar="ACTION", required=True)
+    defaults = DetectTrainConfig()
+
+    train = actions.add_parser("train", help="train a detector",
+                               description="Train on the train split; checkpoints to OUT/last.pt.")
+    _add_data(train)
+    train.add_argument("--out", default="runs/detect", help="run folder (default %(default)s)")
+    train.add_argument("--backbone", default="resnet101", choices=BACKBONES,
+                       help="ResNet depth for the C4 trunk and head (default %(default)s)")
+    train.add_argument("--width", type=float, default=1.0, help="channel multiplier")
+    train.add_argument("--backbone-weights", metavar="FILE",
+                       help="ImageNet torchvision ResNet state dict; freezes batch norm, stem "
+                       "and layer1 as detectron2 does")
+    train.add_argument("--min-size", type=int, default=None,
+                       help=f"shorter image side after resizing (default: the images' own, at "
+                       f"most {DEFAULT_MIN_SIZE})")
+    train.add_argument("--max-size", type=int, default=1333, help="default %(default)s")
+    train.add_argument("--rois-per-image", type=int, default=RoIHeadsConfig.batch_size_per_image,
+                       help="RoIs sampled per training image; res5 runs on each, so this sets "
+                       "the cost of a step (default %(default)s)")
+    train.add_argument("--test-proposals", type=int, default=RPNConfig.post_nms_top_n_test,
+                       help="proposals per image at test time (default %(default)s)")
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.lr,
+                       help="learning rate for 16 images, scaled by batch size (default "
+                       "%(default)s)")
+    train.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    train.add_argument("--max-minutes", type=float, default=0.0,
+                       help="stop after the epoch that passes this time (0: no limit)")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.set_defaults(func=run_train)
+
+    evaluate = actions.add_parser("eval", help="COCO mAP of a checkpoint",
+                                  description="COCO box AP (pycocotools COCOeval).")
+    evaluate.add_argument("checkpoint", help="a detector checkpoint or its run folder")
+    _add_data(evaluate)
+    evaluate.add_argument("--split", default="val", help="with --data (default %(default)s)")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--bf16", action="store_true")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here")
+    evaluate.set_defaults(func=run_eval)
+
+    predict = actions.add_parser("predict", help="detect objects in images",
+                                 description="Draw detections on each image and write JSON.")
+    predict.add_argument("checkpoint", help="a detector checkpoint or its run folder")
+    predict.add_argument("image", nargs="+")
+    predict.add_argument("--out", default="predictions", help="default %(default)s")
+    predict.add_argument("--score-thresh", type=float, default=0.5)
+    predict.add_argument("--bf16", action="store_true")
+    predict.set_defaults(func=run_predict)
+
+
+def _dataset(args, split: str, transforms) -> CocoDetection:
+    images, annotations = resolve(args.data, args.images, args.annotations, split)
+    return CocoDetection(images, annotations, transforms)
+
+
+def _native_min_size(dataset: CocoDetection) -> int:
+    return min(DEFAULT_MIN_SIZE, max(min(i["width"], i["height"]) for i in dataset.images))
+
+
+def run_train(args) -> int:
+    console = Console()
+    dataset = _dataset(args, "train", train_transforms())
+    config = DetectTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        warmup_iters=args.warmup_iters, bf16=args.bf16, seed=args.seed,
+        max_minutes=args.max_minutes,
+    )
+    if args.resume:
+        detector = DetectorConfig.from_dict(load_checkpoint(Path(args.out) / "last.pt")
+                                            ["model"]["kwargs"])
+    else:
+        pretrained = args.backbone_weights is not None
+        detector = DetectorConfig(
+            backbone=args.backbone, width=args.width, num_classes=dataset.num_classes,
+            frozen_bn=pretrained, freeze_at=2 if pretrained else 0,
+            min_size=args.min_size or _native_min_size(dataset), max_size=args.max_size,
+            rpn=RPNConfig(post_nms_top_n_test=args.test_proposals),
+            roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
+        )
+    if detector.num_classes != dataset.num_classes:
+        raise ReslabError(f"the checkpoint has {detector.num_classes - 1} classes, the data "
+                          f"{dataset.num_classes - 1}")
+    model = build_detector(detector)
+    if args.backbone_weights and not args.resume:
+        path = Path(args.backbone_weights)
+        if not path.is_file():
+            raise ReslabError(f"backbone weights {path} do not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load raises many types for a bad file
+            raise ReslabError(f"cannot read {path} as a state dict ({type(error).__name__})"
+                              ) from None
+        skipped = load_backbone_weights(model, state.get("state_dict", state))
+        console.print(f"loaded {path} into trunk and head (unused: {', '.join(skipped)})")
+    console.print(f"detector: {asdict(detector)}")
+    console.print(f"training: {asdict(config)}; {len(dataset)} images, "
+                  f"{dataset.num_classes - 1} classes")
+    losses = train_detector(model, dataset, config, args.out, resume=args.resume,
+                            console=console)
+    console.print("last step: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+    console.print(f"checkpoint: {Path(args.out) / 'last.pt'}")
+    if args.data is not None:
+        _report(console, evaluate_detector(model, _dataset(args, "val", eval_transforms()),
+                                           config.batch_size, config.bf16), "val")
+    return 0
+
+
+def _report(console: Console, metrics: dict, title: str) -> None:
+    table = Table(title=f"COCO box AP ({title}, {metrics['detections']} detections)")
+    table.add_column("class")
+    table.add_column("AP@[.5:.95]", justify="right")
+    for name, ap in metrics["per_class"].items():
+        table.add_row(name, f"{ap:.3f}")
+    table.add_section()
+    table.add_row("mAP@[.5:.95]", f"{metrics['mAP']:.3f}")
+    table.add_row("mAP@.5", f"{metrics['mAP50']:.3f}")
+    console.print(table)
+
+
+def run_eval(args) -> int:
+    model = detector_from_checkpoint(load_checkpoint(args.checkpoint))
+    dataset = _dataset(args, args.split, eval_transforms())
+    metrics = evaluate_detector(model, dataset, args.batch_size, args.bf16)
+    _report(Console(), metrics, args.split if args.data else str(args.annotations))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
+def run_predict(args) -> int:
+    payload = load_checkpoint(args.checkpoint)
+    model = detector_from_checkpoint(payload)
+    records = predict_images(model, args.image, payload["class_names"], args.out,
+                             args.score_thresh, args.bf16)
+    path = Path(args.out) / "predictions.json"
+    path.write_text(json.dumps(records, indent=1))
+    for record in records:
+        print(f"{record['image']}: {len(record['detections'])} objects -> {record['drawn']}")
+    print(f"detections: {path}")
+    return 0

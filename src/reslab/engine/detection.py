@@ -1,0 +1,283 @@
+"""Training, COCO evaluation and prediction for the C4 detector (no argument parsing here).
+
+The model returns named losses (torchvision's detection convention); the loop sums them, logs
+each, and stops on the first non-finite value before it reaches the weights, so the last
+checkpoint on disk stays the last good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.utils import draw_bounding_boxes
+
+from reslab.data.coco import CocoDetection, collate
+from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from reslab.errors import ReslabError
+from reslab.models.detection import SPEC_NAME, DetectorConfig, build_detector
+
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+
+
+class NonFiniteLoss(ReslabError):
+    """A loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class DetectTrainConfig:
+    epochs: int = 12
+    batch_size: int = 4
+    lr: float = 0.02  # detectron2's 0.02 is for 16 images; scaled linearly by batch_size / 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 200  # linear warm-up from lr/1000 (Goyal et al. 2017; detectron2)
+    clip_grad_norm: float = 10.0  # guards from-scratch runs against early blow-ups
+    bf16: bool = False  # autocast the forward pass to bfloat16 (CPUs with AVX-512 bf16 / AMX)
+    seed: int = 0
+    max_minutes: float = 0.0  # stop (after a checkpoint) once this much time has run; 0: no limit
+
+    def scaled_lr(self) -> float:
+        return self.lr * self.batch_size / 16
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero over the run's planned steps."""
+    if step < warmup:
+        return 0.001 + (1 - 0.001) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def _payload(model, optimizer, config, epoch, step, dataset: CocoDetection) -> dict:
+    return make_payload(
+        model,
+        task="detection",
+        optimizer=optimizer.state_dict(),
+        epoch=epoch,
+        step=step,
+        train_config=asdict(config),
+        class_names=list(dataset.class_names),
+        category_ids=list(dataset.category_ids),
+        rng_state=torch.get_rng_state(),
+    )
+
+
+def detector_from_checkpoint(payload: dict):
+    """Rebuild the detector from a checkpoint's config and load its weights strictly."""
+    if payload.get("task") != "detection" or payload["model"]["name"] != SPEC_NAME:
+        raise ReslabError(
+            f"this checkpoint holds a {payload.get('task')} model "
+            f"({payload['model']['name']}), not a detector"
+        )
+    model = build_detector(DetectorConfig.from_dict(payload["model"]["kwargs"]))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ReslabError("the checkpoint's weights do not fit its detector config: "
+                          + " ".join(lines[1:3])[:300]) from None
+    return model
+
+
+def train_detector(
+    model,
+    dataset: CocoDetection,
+    config: DetectTrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    console: Console | None = None,
+) -> dict:
+    """Train, writing ``out/last.pt`` after each epoch and ``out/log.jsonl`` per step.
+
+    Returns the last logged losses. With ``resume`` the model, optimizer, step, epoch and RNG
+    state come from ``out/last.pt``.
+    """
+    console = console or Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=config.scaled_lr(), momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    start_epoch, step = 0, 0
+    if resume:
+        payload = load_checkpoint(out / "last.pt")
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng_state"])
+        start_epoch, step = payload["epoch"], payload["step"]
+        console.print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}, step {step}")
+    loader = DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed + start_epoch), drop_last=True,
+    )
+    if len(loader) == 0:
+        raise ReslabError(
+            f"{len(dataset)} images make no full batch of {config.batch_size}; lower --batch-size"
+        )
+    total = config.epochs * len(loader)
+    (out / "config.json").write_text(json.dumps(
+        {"detector": model.spec["kwargs"], "train": asdict(config)}, indent=1))
+    started = time.monotonic()
+    last: dict[str, float] = {}
+    model.train()
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
+        transient=False,
+    ) as progress, (out / "log.jsonl").open("a") as log:
+        task = progress.add_task("train", total=total, completed=step, losses="")
+        for epoch in range(start_epoch, config.epochs):
+            progress.update(task, description=f"epoch {epoch + 1}/{config.epochs}")
+            for images, targets in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = config.scaled_lr() * lr_factor(
+                        step, total, config.warmup_iters)
+                with _autocast(config.bf16):
+                    losses = model(list(images), list(targets))
+                values = {name: value.item() for name, value in losses.items()}
+                bad = [name for name, value in values.items() if not math.isfinite(value)]
+                if bad:
+                    kept = out / "last.pt"
+                    raise NonFiniteLoss(
+                        f"non-finite {', '.join(bad)} at step {step} ({values}); stopped before "
+                        f"the update; last good checkpoint: "
+                        f"{kept if kept.exists() else 'none yet'}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
+                optimizer.step()
+                step += 1
+                last = {"loss": sum(values.values()), **values}
+                log.write(json.dumps({"epoch": epoch, "step": step,
+                                      "lr": optimizer.param_groups[0]["lr"], **last}) + "\n")
+                progress.update(task, advance=1, losses=" ".join(
+                    f"{name.removeprefix('loss_')}={values[name]:.3f}" for name in LOSS_NAMES
+                    if name in values))
+            save_checkpoint(out / "last.pt", _payload(model, optimizer, config, epoch + 1, step,
+                                                      dataset))
+            log.flush()
+            elapsed = (time.monotonic() - started) / 60
+            if config.max_minutes and elapsed >= config.max_minutes and epoch + 1 < config.epochs:
+                console.print(f"time budget of {config.max_minutes} min reached after epoch "
+                              f"{epoch + 1}; --resume continues")
+                break
+    return last
+
+
+@torch.no_grad()
+def predict_dataset(model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False
+                    ) -> list[dict]:
+    """Detections over a dataset in COCO results format (original category ids, xywh boxes)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    results = []
+    for images, targets in loader:
+        with _autocast(bf16):
+            outputs = model(list(images))
+        for output, target in zip(outputs, targets, strict=True):
+            boxes = output["boxes"].float()
+            boxes[:, 2:] -= boxes[:, :2]
+            for box, score, label in zip(boxes.tolist(), output["scores"].float().tolist(),
+                                         output["labels"].tolist(), strict=True):
+                results.append({
+                    "image_id": int(target["image_id"]),
+                    "category_id": dataset.category_ids[label - 1],
+                    "bbox": [round(v, 2) for v in box],
+                    "score": round(score, 5),
+                })
+    return results
+
+
+def coco_evaluate(ground_truth: dict, results: Sequence[dict]) -> dict:
+    """COCO box AP through pycocotools ``COCOeval``: mAP@[.5:.95], mAP@.5 and AP per class."""
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        gt = COCO()
+        gt.dataset = copy.deepcopy(ground_truth)
+        gt.createIndex()
+    names = {c["id"]: c["name"] for c in ground_truth["categories"]}
+    if not results:
+        return {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0,
+                "per_class": dict.fromkeys(names.values(), 0.0), "detections": 0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(list(results))
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # precision: (IoU thresholds, recall points, categories, area ranges, max detections)
+    precision = evaluator.eval["precision"]
+    per_class = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[names[category_id]] = float(np.mean(p)) if p.size else float("nan")
+    stats = evaluator.stats
+    return {"mAP": float(stats[0]), "mAP50": float(stats[1]), "mAP75": float(stats[2]),
+            "per_class": per_class, "detections": len(results)}
+
+
+def evaluate_detector(model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False
+                      ) -> dict:
+    return coco_evaluate(dataset.coco, predict_dataset(model, dataset, batch_size, bf16))
+
+
+@torch.no_grad()
+def predict_images(
+    model, paths: Iterable[str | Path], class_names: Sequence[str], out: str | Path,
+    score_thresh: float = 0.5, bf16: bool = False,
+) -> list[dict]:
+    """Detect on image files; write ``out/<name>.png`` with boxes drawn and return the records."""
+    model.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ReslabError(f"image {path} does not exist")
+        try:
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+        except RuntimeError as error:
+            raise ReslabError(f"cannot decode image {path}: {error}") from None
+        with _autocast(bf16):
+            output = model([image.float() / 255])[0]
+        keep = output["scores"] >= score_thresh
+        boxes = output["boxes"][keep].float()
+        labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]
+        scores = output["scores"][keep].float().tolist()
+        drawn = draw_bounding_boxes(
+            image, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(labels, scores, strict=True)],
+            colors="red", width=1,
+        )
+        drawn_path = out / f"{path.stem}.png"
+        write_png(drawn, str(drawn_path))
+        records.append({
+            "image": str(path), "drawn": str(drawn_path),
+            "detections": [{"label": n, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
+                           for n, s, b in zip(labels, scores, boxes.tolist(), strict=True)],
+        })
+    return records

@@ -1,0 +1,261 @@
+"""Faster R-CNN (Ren et al. 2015) with a ResNet C4 backbone, on torchvision's detection framework.
+
+The C4 layout is that of He et al. 2015 (section A, "Object Detection Baselines") and detectron2's
+``Base-RCNN-C4``: conv1..conv4_x compute one stride-16 map shared by the RPN and RoI pooling;
+each RoI is pooled to 14x14, conv5_x runs on it (its first block has stride 2, so 7x7), and
+global average pooling gives the vector that two linear layers turn into class scores and box
+deltas. torchvision supplies anchors, the RPN, RoIAlign, NMS, box coding and the losses; this
+module supplies the trunk, the per-RoI head and the defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from reslab.errors import ReslabError
+from reslab.models.resnet import IMAGENET_DEPTHS, ResNet, create_model
+
+BACKBONES = tuple(f"resnet{depth}" for depth in IMAGENET_DEPTHS)
+SPEC_NAME = "fasterrcnn_c4"
+
+
+@dataclass
+class RPNConfig:
+    """Region proposal network; defaults from detectron2 ``Base-RCNN-C4`` / Ren et al. 2015."""
+
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # all on the one stride-16 map
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    pre_nms_top_n_train: int = 12000
+    post_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 6000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256  # anchors sampled per image for the loss, half positive
+    positive_fraction: float = 0.5
+    score_thresh: float = 0.0
+
+
+@dataclass
+class RoIHeadsConfig:
+    """RoI pooling and the box head; defaults from detectron2 ``Base-RCNN-C4``."""
+
+    pooled_size: int = 14  # conv5_x's first stride 2 then gives 7x7, as on ImageNet
+    sampling_ratio: int = 0  # adaptive, as detectron2's ROIAlignV2
+    batch_size_per_image: int = 512  # RoIs sampled per image for the loss, a quarter positive
+    positive_fraction: float = 0.25
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+
+@dataclass
+class DetectorConfig:
+    """Everything needed to rebuild a detector; stored in its checkpoints."""
+
+    backbone: str = "resnet101"
+    num_classes: int = 91  # including background (label 0), torchvision's convention
+    width: float = 1.0  # channel multiplier for the ResNet (1.0 = the paper's network)
+    # From ImageNet weights, detectron2 freezes batch norm and the stem plus res2 (FREEZE_AT=2);
+    # from scratch, batch norm must learn its statistics and nothing is frozen.
+    frozen_bn: bool = False
+    freeze_at: int = 0  # 0: train all; 1: freeze the stem; 2: stem and layer1
+    min_size: int = 800  # the shorter image side after resizing (detectron2 default)
+    max_size: int = 1333
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> DetectorConfig:
+        data = dict(data)
+        rpn = RPNConfig(**_tuples(data.pop("rpn", {})))
+        roi_heads = RoIHeadsConfig(**data.pop("roi_heads", {}))
+        return cls(**data, rpn=rpn, roi_heads=roi_heads)
+
+
+def _tuples(data: Mapping) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
+class C4Trunk(nn.Module):
+    """conv1..conv4_x of a ResNet: one map at stride 16 shared by the RPN and RoI pooling."""
+
+    def __init__(self, resnet: ResNet):
+        super().__init__()
+        # torchvision's names, so an ImageNet state dict maps onto these modules unchanged
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"):
+            setattr(self, name, getattr(resnet, name))
+        self.out_channels = resnet.layer4[0].conv1.in_channels  # 1024 (bottleneck) / 256 (basic)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))  # (N, 1024, H/16, W/16)
+
+
+class Res5Head(nn.Module):
+    """conv5_x run on each pooled RoI, then global average pooling (detectron2 Res5ROIHeads)."""
+
+    def __init__(self, resnet: ResNet):
+        super().__init__()
+        self.layer4 = resnet.layer4
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.out_channels = resnet.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, 1024, 14, 14)
+        x = self.layer4(x)  # (R, 2048, 7, 7)
+        return torch.flatten(self.avgpool(x), 1)  # (R, 2048)
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d holding the same statistics and affine.
+
+    Detection batches are a few images, too few for batch statistics; detectron2 and torchvision
+    freeze batch norm when fine-tuning from ImageNet weights.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child)
+    return module
+
+
+def build_detector(config: DetectorConfig) -> FasterRCNN:
+    """A C4 Faster R-CNN; ``model.spec`` holds the config, so checkpoints can rebuild it."""
+    if config.backbone not in BACKBONES:
+        raise ReslabError(
+            f"unknown detection backbone {config.backbone!r}; expected one of {BACKBONES}"
+        )
+    if config.num_classes < 2:
+        raise ReslabError(
+            f"num_classes counts the background, so at least 2, got {config.num_classes}"
+        )
+    resnet = create_model(config.backbone, width=config.width)
+    if config.frozen_bn:
+        freeze_batch_norm(resnet)
+    trunk, head = C4Trunk(resnet), Res5Head(resnet)
+    for stage in (nn.ModuleList([trunk.conv1, trunk.bn1]), trunk.layer1)[: config.freeze_at]:
+        stage.requires_grad_(False)
+
+    rpn, roi = config.rpn, config.roi_heads
+    anchors = AnchorGenerator(
+        sizes=(tuple(rpn.anchor_sizes),), aspect_ratios=(tuple(rpn.aspect_ratios),)
+    )
+    model = FasterRCNN(
+        trunk,
+        min_size=config.min_size,
+        max_size=config.max_size,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn.post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
+        rpn_nms_thresh=rpn.nms_thresh,
+        rpn_fg_iou_thresh=rpn.fg_iou_thresh,
+        rpn_bg_iou_thresh=rpn.bg_iou_thresh,
+        rpn_batch_size_per_image=rpn.batch_size_per_image,
+        rpn_positive_fraction=rpn.positive_fraction,
+        rpn_score_thresh=rpn.score_thresh,
+        box_roi_pool=MultiScaleRoIAlign(["0"], roi.pooled_size, roi.sampling_ratio),
+        box_head=head,
+        box_predictor=FastRCNNPredictor(head.out_channels, config.num_classes),
+        box_score_thresh=roi.score_thresh,
+        box_nms_thresh=roi.nms_thresh,
+        box_detections_per_img=roi.detections_per_img,
+        box_fg_iou_thresh=roi.fg_iou_thresh,
+        box_bg_iou_thresh=roi.bg_iou_thresh,
+        box_batch_size_per_image=roi.batch_size_per_image,
+        box_positive_fraction=roi.positive_fraction,
+    )
+    model.spec = {"name": SPEC_NAME, "kwargs": asdict(config)}
+    return model
+
+
+def detector_config(model: FasterRCNN) -> DetectorConfig:
+    return DetectorConfig.from_dict(model.spec["kwargs"])
+
+
+def _resnet_view(model: FasterRCNN) -> nn.Module:
+    """A module whose parameter names are those of a torchvision ResNet, sharing the detector's."""
+    view = nn.Module()
+    for name, child in model.backbone.named_children():
+        view.add_module(name, child)
+    view.add_module("layer4", model.roi_heads.box_head.layer4)
+    return view
+
+
+def load_backbone_weights(model: FasterRCNN, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load an ImageNet-style torchvision ResNet state dict into the trunk and the res5 head.
+
+    Returns the keys of ``state_dict`` that were not used (the classifier ``fc``); any missing
+    weight, any other leftover key or a shape mismatch is a ``ReslabError``.
+    """
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    try:
+        result = _resnet_view(model).load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ReslabError(
+            "the backbone weights do not fit this network: " + " ".join(lines[1:3])[:300]
+        ) from None
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
+    if result.missing_keys or unexpected:
+        raise ReslabError(
+            f"the backbone weights do not fit {model.spec['kwargs']['backbone']}: "
+            f"missing {result.missing_keys[:4]}, unexpected {unexpected[:4]}"
+        )
+    return list(result.unexpected_keys)
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """Fold each inference-time batch norm into the convolution before it, in place.
+
+    Valid for frozen or eval-mode batch norm: ``bn(conv(x)) = conv'(x)`` with
+    ``w' = w * g / sqrt(v + eps)`` and ``b' = beta - m * g / sqrt(v + eps)``. ResNet pairs are
+    named ``convN``/``bnN`` and ``downsample.0``/``downsample.1`` (torchvision's layout).
+    """
+    for module in model.modules():
+        pairs = [(f"conv{i}", f"bn{i}") for i in range(1, 4)]
+        if isinstance(module, nn.Sequential) and len(module) == 2:
+            pairs = [("0", "1")]
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if not isinstance(conv, nn.Conv2d) or not isinstance(
+                bn, nn.BatchNorm2d | FrozenBatchNorm2d
+            ):
+                continue
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            fused = nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+                bias=True,
+            )
+            with torch.no_grad():
+                fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+                fused.bias.copy_(bn.bias.detach() + (bias - bn.running_mean) * scale)
+            setattr(module, conv_name, fused)
+            setattr(module, bn_name, nn.Identity())
+    return model
