@@ -13,35 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
+from reslab.bench import machine_info
 from reslab.engine.config import PRESETS, build_config
 from reslab.engine.train import fit
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine() -> dict:
-    return {
-        "cores": os.cpu_count(),
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
 
 
 def time_to(history: list[dict], accuracy: float) -> float | None:
@@ -90,7 +72,8 @@ def main() -> None:
             }
         )
 
-    table = Table(title=f"Fashion-MNIST, {cpu_model()}, {os.cpu_count()} cores")
+    info = machine_info()
+    table = Table(title=f"Fashion-MNIST, {info['cpu_model']}, {info['cores']} cores")
     for column in ("preset", "model", "epochs", "test acc %", "time", "to 94%", "img/s", "load"):
         table.add_column(column, justify="left" if column in ("preset", "model") else "right")
     for row in rows:
@@ -108,9 +91,7 @@ def main() -> None:
     console.print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"fashion_mnist-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(
-        json.dumps({"machine": machine(), "note": args.note, "runs": rows}, indent=1) + "\n"
-    )
+    path.write_text(json.dumps({"machine": info, "note": args.note, "runs": rows}, indent=1) + "\n")
     console.print(f"wrote {path}")
 
 

@@ -31,6 +31,7 @@ from reslab.engine.config import TrainConfig, validate
 from reslab.engine.evaluate import Evaluation, autocast, evaluate
 from reslab.engine.plots import plot_confusion, plot_curves
 from reslab.errors import ReslabError
+from reslab.fast import bf16_supported
 from reslab.models import create_model
 
 
@@ -273,10 +274,10 @@ def fit(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     source = open_source(config)
-    if config.precision == "bf16" and not bf16_kernels():
+    if config.precision == "bf16" and not bf16_supported():
         console.print(
-            "warning: this CPU has no oneDNN bf16 kernels (no AVX-512); bf16 falls back to "
-            "PyTorch's reference convolution, several times slower than --precision fp32",
+            "warning: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 convolutions fall "
+            "back to PyTorch's reference kernels, several times slower than --precision fp32",
             markup=False,
             soft_wrap=True,
         )
@@ -429,11 +430,6 @@ def train_epoch(
         if state.stop:
             break
     return loss_sum.item() / seen, correct.item() / seen, time.perf_counter() - start
-
-
-def bf16_kernels() -> bool:
-    """Whether oneDNN has bf16 convolutions here (it needs AVX-512 or AMX)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def format_time(seconds: float) -> str:

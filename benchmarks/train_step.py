@@ -1,0 +1,86 @@
+"""Training throughput (images/s) of one model under each precision and memory layout.
+
+    .venv/bin/python benchmarks/train_step.py --model resnet18 --width 0.5 --threads 1
+
+Times full SGD steps (forward, backward, update) on random 28x28 single-channel batches after
+warm-up steps, and writes benchmarks/results/train_step-<time>.json with the machine, whether
+the CPU has native bf16, and the load average (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from reslab.bench import machine_info
+from reslab.models import create_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def images_per_second(model_args: dict, precision: str, channels_last: bool, batch: int) -> float:
+    model = create_model(**model_args)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=layout)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):  # oneDNN builds its kernels on the first calls
+        step()
+    steps = 3
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--stem", default="small")
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_args = dict(
+        name=args.model, stem=args.stem, width=args.width, in_channels=1, num_classes=10
+    )
+    load_before = os.getloadavg()
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for channels_last in (False, True):
+            rate = images_per_second(model_args, precision, channels_last, args.batch_size)
+            rows.append({"precision": precision, "channels_last": channels_last, "img_per_s": rate})
+            print(f"{precision} channels_last={channels_last}: {rate:.0f} img/s", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"train_step-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    record = {
+        "machine": machine_info(),
+        "model": model_args,
+        "batch_size": args.batch_size,
+        "results": rows,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
