@@ -10,6 +10,7 @@ from rich.table import Table
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.evaluate import Evaluation
 from reslab.engine.inference import evaluate_checkpoint
+from reslab.errors import ReslabError
 
 
 def register(subparsers) -> None:
@@ -43,6 +44,8 @@ def print_evaluation(console: Console, evaluation: Evaluation, classes: list[str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ReslabError(f"--batch-size must be >= 1, got {args.batch_size}")
     payload = load_checkpoint(args.checkpoint)
     evaluation, description = evaluate_checkpoint(
         payload, data=args.data, data_dir=args.data_dir, batch_size=args.batch_size

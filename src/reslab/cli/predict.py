@@ -6,6 +6,7 @@ import argparse
 
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.inference import predict_files
+from reslab.errors import ReslabError
 
 
 def register(subparsers) -> None:
@@ -22,6 +23,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise ReslabError(f"--top-k must be >= 1, got {args.top_k}")
     payload = load_checkpoint(args.checkpoint)
     results = predict_files(payload, args.images, args.top_k)
     for path, top in zip(args.images, results, strict=True):

@@ -6,6 +6,7 @@ import argparse
 
 from reslab.engine.config import OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, build_config
 from reslab.engine.train import fit, resume_config
+from reslab.errors import ReslabError
 
 
 def _bool(parser, name: str, help: str) -> None:
@@ -70,6 +71,13 @@ def config_from_args(args: argparse.Namespace):
     """(config, checkpoint payload or None, run folder or None) from parsed arguments."""
     given = {k: v for k, v in vars(args).items() if k not in ("func", "preset")}
     if "resume" in given:
+        ignored = sorted(set(given) - {"resume", "epochs"})
+        if ignored:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise ReslabError(
+                f"--resume continues with the run's saved config; only --epochs may change "
+                f"(got {flags})"
+            )
         return resume_config(given["resume"], given.get("epochs"))
     model_kwargs = {k: given.pop(k) for k in ("stem", "width") if k in given}
     config = build_config(args.preset, **given)
