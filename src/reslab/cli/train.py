@@ -32,7 +32,7 @@ def register(subparsers) -> None:
         help="seed: the tutorial recipe; default: tuned for a small CPU; best: highest accuracy "
         "within an hour (default: default)",
     )
-    add("--model", help="any name from `reslab models`")
+    add("--model", help="any name from `reslab models` (the preset's stem and width still apply)")
     add("--stem", choices=("imagenet", "cifar", "small"), help="override the model's stem")
     add("--width", type=float, help="channel width multiplier")
     add("--data", metavar="FOLDER", help="an ImageFolder tree instead of Fashion-MNIST")
@@ -52,8 +52,14 @@ def register(subparsers) -> None:
     add("--erasing", type=float, help="random-erasing probability per image")
     add("--ema", type=float, help="weight-averaging decay per step, 0 = off")
     _bool(parser, "--tta", "average predictions over each test image and its mirror image")
-    add("--precision", choices=PRECISIONS, help="bf16 = bfloat16 autocast")
-    _bool(parser, "--channels-last", "NHWC memory layout (faster with bf16 on CPU)")
+    add(
+        "--precision",
+        choices=PRECISIONS,
+        help="bf16 = bfloat16 autocast: fast only on CPUs with native bf16 (AVX512-BF16, AMX)",
+    )
+    _bool(
+        parser, "--channels-last", "NHWC memory layout (oneDNN's preferred layout for convolutions)"
+    )
     add("--threads", type=int, help="CPU threads (default: one per core)")
     add("--seed", type=int)
     add("--out", help="run folder (default runs/<date>-<model>, numbered if it exists)")
