@@ -25,6 +25,7 @@ def test_train_eval_predict(fake_fmnist, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data: Fashion-MNIST from" in out and "optimizer: adamw" in out
     assert "epoch   2/2  train loss" in out and "lr " in out
+    assert "━" not in out  # no progress bar when stdout is not a terminal
     assert f"run folder {run}, took" in out and "test accuracy" in out
     config = json.loads((run / "config.json").read_text())
     assert config["model_kwargs"] == {"stem": "small", "width": 0.25} and config["epochs"] == 2
