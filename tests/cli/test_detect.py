@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -92,3 +93,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(scenes, tmp_pa
     kept = load_checkpoint(tmp_path / "last.pt")
     assert kept["epoch"] == 1 and kept["step"] == 2
     assert torch.isfinite(kept["state_dict"]["weight"])
+
+
+def test_time_budget_stops_the_run_with_a_checkpoint(scenes, tmp_path):
+    dataset = CocoDetection(scenes / "train", scenes / "annotations" / "train.json")
+    config = DetectTrainConfig(epochs=10_000, batch_size=4, warmup_iters=1, max_minutes=0.002)
+    started = time.monotonic()
+    train_detector(NaNAfter(good=10**9), dataset, config, tmp_path)
+    assert time.monotonic() - started < 30
+    kept = load_checkpoint(tmp_path / "last.pt")
+    assert 1 <= kept["step"] < 2 * config.epochs and kept["epoch"] < config.epochs

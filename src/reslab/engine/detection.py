@@ -48,19 +48,26 @@ class DetectTrainConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 200  # linear warm-up from lr/1000 (Goyal et al. 2017; detectron2)
     clip_grad_norm: float = 10.0  # guards from-scratch runs against early blow-ups
-    bf16: bool = False  # autocast the forward pass to bfloat16 (CPUs with AVX-512 bf16 / AMX)
+    # autocast the forward pass to bfloat16: faster only on CPUs with AVX-512 bf16 or AMX; on
+    # AVX2-only CPUs (this project's machine) PyTorch falls back to slow reference kernels
+    bf16: bool = False
     seed: int = 0
-    max_minutes: float = 0.0  # stop (after a checkpoint) once this much time has run; 0: no limit
+    # a wall-clock budget: the schedule anneals within it and the run stops (with a checkpoint)
+    # when it is spent; 0: no limit
+    max_minutes: float = 0.0
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / 16
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to zero over the run's planned steps."""
+def lr_factor(step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero as ``progress`` goes 0->1.
+
+    ``progress`` is the larger of the steps done and the time used, as fractions of the plan, so
+    a run cut by a time budget still ends with its learning rate annealed.
+    """
     if step < warmup:
         return 0.001 + (1 - 0.001) * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -147,14 +154,19 @@ def train_detector(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
         transient=False,
-    ) as progress, (out / "log.jsonl").open("a") as log:
+    ) as progress, (out / "log.jsonl").open("a", buffering=1) as log:
         task = progress.add_task("train", total=total, completed=step, losses="")
         for epoch in range(start_epoch, config.epochs):
             progress.update(task, description=f"epoch {epoch + 1}/{config.epochs}")
             for images, targets in loader:
+                done = step / total
+                if config.max_minutes:
+                    used = (time.monotonic() - started) / (60 * config.max_minutes)
+                    if used >= 1:
+                        break
+                    done = max(done, used)
                 for group in optimizer.param_groups:
-                    group["lr"] = config.scaled_lr() * lr_factor(
-                        step, total, config.warmup_iters)
+                    group["lr"] = config.scaled_lr() * lr_factor(step, config.warmup_iters, done)
                 with _autocast(config.bf16):
                     losses = model(list(images), list(targets))
                 values = {name: value.item() for name, value in losses.items()}
@@ -177,14 +189,19 @@ def train_detector(
                 progress.update(task, advance=1, losses=" ".join(
                     f"{name.removeprefix('loss_')}={values[name]:.3f}" for name in LOSS_NAMES
                     if name in values))
-            save_checkpoint(out / "last.pt", _payload(model, optimizer, config, epoch + 1, step,
+            else:
+                save_checkpoint(out / "last.pt", _payload(model, optimizer, config, epoch + 1,
+                                                          step, dataset))
+                console.print(f"epoch {epoch + 1}: step {step}, "
+                              + ", ".join(f"{k}={v:.4f}" for k, v in last.items()))
+                continue
+            # the time budget ran out inside this epoch: keep the work, record the epoch as
+            # unfinished
+            save_checkpoint(out / "last.pt", _payload(model, optimizer, config, epoch, step,
                                                       dataset))
-            log.flush()
-            elapsed = (time.monotonic() - started) / 60
-            if config.max_minutes and elapsed >= config.max_minutes and epoch + 1 < config.epochs:
-                console.print(f"time budget of {config.max_minutes} min reached after epoch "
-                              f"{epoch + 1}; --resume continues")
-                break
+            console.print(f"time budget of {config.max_minutes} min spent at step {step} "
+                          f"(epoch {epoch + 1} of {config.epochs})")
+            break
     return last
 
 

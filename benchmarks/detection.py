@@ -1,0 +1,239 @@
+"""C4 Faster R-CNN benchmarks: accuracy within a CPU time budget, and inference speed.
+
+    .venv/bin/python benchmarks/detection.py train --minutes 30
+    .venv/bin/python benchmarks/detection.py infer --rounds 3
+
+``train`` writes the Fashion-MNIST scenes (if not there), trains a C4 detector from scratch
+for at most ``--minutes`` of wall-clock time (the schedule anneals within it) and scores COCO
+mAP on the val split. ``infer`` times ResNet-101-C4 on a 512x512 image next to the same network
+assembled by hand from torchvision's own resnet101, in alternating rounds in one process. Random
+weights make the RPN's output arbitrary, so both are fed the same 1000 fixed proposals after
+running their RPN: the 1000 RoIs that reach the res5 head, as with trained weights, are what
+costs (a forward hook counts them). Each writes benchmarks/results/detection-<kind>-<time>.json
+with the machine and the load average before and after, because the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from reslab.bench import machine_info
+from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
+from reslab.data.scenes import SceneConfig, make_scenes
+from reslab.engine.detection import DetectTrainConfig, evaluate_detector, train_detector
+from reslab.models.detection import (
+    DetectorConfig,
+    RoIHeadsConfig,
+    RPNConfig,
+    build_detector,
+    fold_batch_norm,
+)
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_result(kind: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"detection-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def run_train(args, console: Console) -> None:
+    info = machine_info()
+    scenes = Path(args.scenes)
+    scene_config = SceneConfig(images=args.images, size=args.size, seed=args.seed)
+    if not (scenes / "annotations" / "val.json").is_file():
+        make_scenes(scenes, scene_config)
+    train = CocoDetection(scenes / "train", scenes / "annotations" / "train.json",
+                          train_transforms())
+    val = CocoDetection(scenes / "val", scenes / "annotations" / "val.json", eval_transforms())
+    detector = DetectorConfig(
+        backbone=args.backbone, width=args.width, num_classes=train.num_classes,
+        min_size=args.size, max_size=args.size,
+        rpn=RPNConfig(post_nms_top_n_test=args.test_proposals),
+        roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
+    )
+    config = DetectTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               warmup_iters=args.warmup_iters, max_minutes=args.minutes,
+                               seed=args.seed)
+    console.print(f"detector: {asdict(detector)}\ntraining: {asdict(config)}")
+    torch.manual_seed(args.seed)
+    model = build_detector(detector)
+    started = time.monotonic()
+    last = train_detector(model, train, config, args.out, console=console)
+    train_s = time.monotonic() - started
+    steps = sum(1 for _ in (Path(args.out) / "log.jsonl").open())
+    started = time.monotonic()
+    metrics = evaluate_detector(model, val, batch_size=8)
+    eval_s = time.monotonic() - started
+    result = {
+        "kind": "train", "machine": info, "load_average_end": os.getloadavg(),
+        "scenes": asdict(scene_config), "train_images": len(train), "val_images": len(val),
+        "detector": asdict(detector), "train": asdict(config), "steps": steps,
+        "train_minutes": train_s / 60, "eval_seconds": eval_s, "last_losses": last,
+        "metrics": metrics, "note": args.note,
+    }
+    table = Table(title=f"C4 detector from scratch, {args.backbone} x{args.width}, "
+                        f"{train_s / 60:.1f} min, {steps} steps")
+    for column in ("class", "AP@[.5:.95]"):
+        table.add_column(column)
+    for name, ap in metrics["per_class"].items():
+        table.add_row(name, f"{ap:.3f}")
+    table.add_section()
+    table.add_row("mAP@[.5:.95]", f"{metrics['mAP']:.3f}")
+    table.add_row("mAP@.5", f"{metrics['mAP50']:.3f}")
+    console.print(table)
+    console.print(f"wrote {write_result('train', result)}")
+
+
+def torchvision_c4(num_classes: int, size: int, proposals: int) -> FasterRCNN:
+    """ResNet-101-C4 assembled by hand from torchvision's resnet101, as its detection code does
+    for FPN backbones: frozen batch norm, conv1..layer3 as the trunk, layer4 per RoI."""
+    resnet = torchvision.models.resnet101(norm_layer=FrozenBatchNorm2d)
+    trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1,
+                          resnet.layer2, resnet.layer3)
+    trunk.out_channels = 1024
+    head = nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return FasterRCNN(
+        trunk, min_size=size, max_size=size,
+        rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+        rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=proposals,
+        box_roi_pool=MultiScaleRoIAlign(["0"], 14, 0), box_head=head,
+        box_predictor=FastRCNNPredictor(2048, num_classes),
+    )
+
+
+def fixed_proposals(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    sides = 32 + torch.rand(count, 2, generator=g) * 224
+    corners = torch.rand(count, 2, generator=g) * (size - sides)
+    return torch.cat([corners, corners + sides], 1)  # (count, 4) xyxy
+
+
+class RoICounter:
+    def __init__(self, model: FasterRCNN):
+        self.count = 0
+        model.roi_heads.box_head.register_forward_pre_hook(self)
+
+    def __call__(self, module, inputs):
+        self.count = inputs[0].shape[0]
+
+
+@torch.inference_mode()
+def detect(model: FasterRCNN, image: torch.Tensor, proposals: torch.Tensor) -> dict:
+    """GeneralizedRCNN.forward with the RPN's proposals replaced by fixed ones; times each part."""
+    start = time.perf_counter()
+    images, _ = model.transform([image])
+    features = {"0": model.backbone(images.tensors)}  # (1, 1024, H/16, W/16)
+    rpn_proposals, _ = model.rpn(images, features)
+    trunk_s = time.perf_counter() - start
+    detections, _ = model.roi_heads(features, [proposals], images.image_sizes)
+    model.transform.postprocess(detections, images.image_sizes, [tuple(image.shape[-2:])])
+    total_s = time.perf_counter() - start
+    return {"total_s": total_s, "trunk_rpn_s": trunk_s, "head_s": total_s - trunk_s,
+            "rpn_proposals": len(rpn_proposals[0])}
+
+
+def run_infer(args, console: Console) -> None:
+    torch.manual_seed(0)
+    info = machine_info()
+    size = args.size
+    ours = build_detector(DetectorConfig(
+        num_classes=91, frozen_bn=True, freeze_at=2, min_size=size, max_size=size,
+        rpn=RPNConfig(post_nms_top_n_test=args.proposals)))
+    ours_fast = build_detector(DetectorConfig.from_dict(ours.spec["kwargs"]))
+    ours_fast.load_state_dict(ours.state_dict())
+    fold_batch_norm(ours_fast)
+    ours_fast = ours_fast.to(memory_format=torch.channels_last)
+    variants = {
+        "torchvision resnet101 C4 (hand-assembled)": torchvision_c4(91, size, args.proposals),
+        "reslab resnet101 C4": ours,
+        "reslab resnet101 C4, folded BN + channels_last": ours_fast,
+    }
+    counters = {}
+    for name, model in variants.items():
+        model.eval()
+        counters[name] = RoICounter(model)
+    image = torch.rand(3, size, size)
+    proposals = fixed_proposals(args.proposals, size)
+    for model in variants.values():  # warm-up: first-call allocations and kernel selection
+        detect(model, image, proposals[:50])
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        for name, model in variants.items():
+            run = detect(model, image, proposals)
+            run["rois"] = counters[name].count
+            runs[name].append(run)
+            console.print(f"round {round_ + 1}: {name}: {run['total_s']:.2f} s "
+                          f"(trunk+RPN {run['trunk_rpn_s']:.2f}, RoIAlign+res5+predictor "
+                          f"{run['head_s']:.2f}; {run['rois']} RoIs)")
+    summary = {
+        name: {key: statistics.median(r[key] for r in rs)
+               for key in ("total_s", "trunk_rpn_s", "head_s")} | {"rois": rs[0]["rois"],
+                                                                      "rpn_proposals":
+                                                                      rs[0]["rpn_proposals"]}
+        for name, rs in runs.items()
+    }
+    table = Table(title=f"ResNet-101-C4 inference, {size}x{size}, {args.proposals} RoIs, "
+                        f"median of {args.rounds}")
+    for column in ("network", "s / image", "trunk + RPN", "RoIAlign + res5", "RoIs"):
+        table.add_column(column, justify="left" if column == "network" else "right")
+    for name, s in summary.items():
+        table.add_row(name, f"{s['total_s']:.2f}", f"{s['trunk_rpn_s']:.2f}",
+                      f"{s['head_s']:.2f}", str(s["rois"]))
+    console.print(table)
+    result = {"kind": "infer", "machine": info, "load_average_end": os.getloadavg(),
+              "image_size": size, "proposals": args.proposals, "rounds": args.rounds,
+              "summary": summary, "runs": runs, "note": args.note}
+    console.print(f"wrote {write_result('infer', result)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    actions = parser.add_subparsers(dest="action", required=True)
+    train = actions.add_parser("train", help="accuracy within a time budget")
+    train.add_argument("--minutes", type=float, default=30.0)
+    train.add_argument("--scenes", default="runs/scenes-bench")
+    train.add_argument("--images", type=int, default=2000)
+    train.add_argument("--size", type=int, default=128)
+    train.add_argument("--out", default="runs/detect-bench")
+    train.add_argument("--backbone", default="resnet18")
+    train.add_argument("--width", type=float, default=0.5)
+    train.add_argument("--rois-per-image", type=int, default=32)
+    train.add_argument("--test-proposals", type=int, default=100)
+    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=0.02)
+    train.add_argument("--warmup-iters", type=int, default=100)
+    train.add_argument("--seed", type=int, default=0)
+    infer = actions.add_parser("infer", help="ResNet-101-C4 seconds per image")
+    infer.add_argument("--size", type=int, default=512)
+    infer.add_argument("--proposals", type=int, default=1000)
+    infer.add_argument("--rounds", type=int, default=3)
+    for sub in (train, infer):
+        sub.add_argument("--note", default="", help="free text saved with the results")
+    args = parser.parse_args()
+    console = Console()
+    (run_train if args.action == "train" else run_infer)(args, console)
+
+
+if __name__ == "__main__":
+    main()
