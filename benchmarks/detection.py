@@ -230,7 +230,12 @@ def main() -> None:
     infer.add_argument("--rounds", type=int, default=3)
     for sub in (train, infer):
         sub.add_argument("--note", default="", help="free text saved with the results")
+        # on a loaded machine, OpenMP threads of one process spin waiting for each other; one
+        # thread can then be several times faster than two
+        sub.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
     (run_train if args.action == "train" else run_infer)(args, console)
 

@@ -13,6 +13,7 @@ from reslab.cli import main
 from reslab.data.coco import CocoDetection
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import DetectTrainConfig, NonFiniteLoss, train_detector
+from reslab.models import create_model
 
 TINY = ["--backbone", "resnet18", "--width", "0.25", "--batch-size", "4", "--warmup-iters", "2",
         "--rois-per-image", "16", "--test-proposals", "50"]
@@ -103,3 +104,22 @@ def test_time_budget_stops_the_run_with_a_checkpoint(scenes, tmp_path):
     assert time.monotonic() - started < 30
     kept = load_checkpoint(tmp_path / "last.pt")
     assert 1 <= kept["step"] < 2 * config.epochs and kept["epoch"] < config.epochs
+
+
+def test_backbone_weights_load_and_freeze(scenes, tmp_path, capsys):
+    # torchvision's own resnet18 loads in tests/models; a quarter-width twin with the same
+    # names keeps this end-to-end run cheap
+    weights = tmp_path / "resnet18.pth"
+    torch.save(create_model("resnet18", width=0.25).state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["detect", "train", "--data", str(scenes), "--out", str(out), "--epochs", "1",
+                 "--backbone-weights", str(weights), *TINY]) == 0
+    assert "unused: fc.weight, fc.bias" in capsys.readouterr().out
+    payload = load_checkpoint(out)
+    config = payload["model"]["kwargs"]
+    assert config["frozen_bn"] and config["freeze_at"] == 2
+    state = torch.load(weights, weights_only=True)
+    # frozen stem: unchanged by training
+    assert torch.equal(payload["state_dict"]["backbone.conv1.weight"], state["conv1.weight"])
+    assert not torch.equal(payload["state_dict"]["backbone.layer2.0.conv1.weight"],
+                           state["layer2.0.conv1.weight"])
