@@ -172,14 +172,19 @@ def run_gradients(args) -> int:
     out = new_run_dir(args.runs, "gradients")
     write_json(out / "gradients.json", result)
     plot_gradients(result, out / "gradients.png")
-    table = Table(title="gradient norm of the conv weights: first layer, last layer, ratio")
-    for column in ("network", "when", "conv layers", "first", "last", "first / last"):
-        table.add_column(column, justify="left" if column in ("network", "when") else "right")
+    table = Table(title=f"conv weight gradient norms, at init and after {config.steps} SGD steps")
+    for column in ("network", "when", "convs", "loss", "first", "last", "first/last"):
+        table.add_column(
+            column,
+            justify="left" if column in ("network", "when") else "right",
+            no_wrap=column == "network",
+        )
     for row in summary_rows(result):
         table.add_row(
             row["name"],
-            "init" if row["moment"] == "init" else f"after {config.steps} steps",
+            row["moment"],
             str(row["layers"]),
+            f"{row['loss']:.2f}",
             f"{row['first']:.3g}",
             f"{row['last']:.3g}",
             f"{row['ratio']:.3g}",
