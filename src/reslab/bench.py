@@ -161,7 +161,7 @@ def _onnx_variant(model, cfg, workdir) -> tuple[Variant, float]:
     import onnxruntime
 
     path = Path(workdir) / "model.onnx"
-    max_diff = export_onnx(fast.fold_batchnorm(model), path, cfg.input_shape)
+    check = export_onnx(fast.fold_batchnorm(model), path, cfg.input_shape)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -169,7 +169,7 @@ def _onnx_variant(model, cfg, workdir) -> tuple[Variant, float]:
     def infer(x):
         session.run(None, {"images": x.numpy()})
 
-    return Variant("onnx", "(d) onnxruntime", "fp32", "folded BN", None, infer), max_diff
+    return Variant("onnx", "(d) onnxruntime", "fp32", "folded BN", None, infer), check
 
 
 def _matmul_rate(dtype: torch.dtype) -> float:
@@ -201,9 +201,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None
                 "fast", "(c) reslab fast", reference, fast_precision, True, cfg, cfg.compile
             ),
         ]
-        onnx_diff = None
+        onnx_check = None
         if cfg.onnx:
-            variant, onnx_diff = _onnx_variant(reference, cfg, workdir)
+            variant, onnx_check = _onnx_variant(reference, cfg, workdir)
             variants.append(variant)
         batch = torch.randn(cfg.batch_size, *cfg.input_shape)
         single = torch.randn(1, *cfg.input_shape)
@@ -230,10 +230,10 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None
                 ]
                 variant.samples["latency"].append(statistics.median(calls))
     info["load_average_end"] = os.getloadavg()
-    return summarize(cfg, kwargs, info, flops, matmul, variants, onnx_diff)
+    return summarize(cfg, kwargs, info, flops, matmul, variants, onnx_check)
 
 
-def summarize(cfg, kwargs, info, flops, matmul, variants, onnx_diff) -> dict:
+def summarize(cfg, kwargs, info, flops, matmul, variants, onnx_check) -> dict:
     matmul_median = {p: statistics.median(r) for p, r in matmul.items()}
     rows = {}
     for v in variants:
@@ -269,6 +269,6 @@ def summarize(cfg, kwargs, info, flops, matmul, variants, onnx_diff) -> dict:
             p: {"median": matmul_median[p], "rounds": r, "size": MATMUL_SIZE}
             for p, r in matmul.items()
         },
-        "onnx_max_abs_diff": onnx_diff,
+        "onnx_check": onnx_check,
         "variants": rows,
     }

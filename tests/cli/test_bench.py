@@ -18,7 +18,7 @@ def test_bench_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert set(result["variants"]) == {"torchvision", "default", "fast", "onnx"}
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"] == torch.__version__
-    assert result["onnx_max_abs_diff"] < 1e-4
+    assert result["onnx_check"]["max_abs_diff"] < 1e-4
     fast = result["variants"]["fast"]
     assert fast["train_img_s"] > 0 and fast["infer_img_s"] > 0 and fast["latency_ms"] > 0
     assert result["variants"]["torchvision"]["train_ratio"] == 1.0

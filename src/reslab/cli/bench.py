@@ -100,8 +100,12 @@ def print_table(console: Console, result: dict) -> None:
         f"{machine['load_average_start'][0]:.1f}, at end {machine['load_average_end'][0]:.1f} "
         "(a shared machine: compare ratios within a run)"
     )
-    if result["onnx_max_abs_diff"] is not None:
-        console.print(f"ONNX vs torch max |diff|: {result['onnx_max_abs_diff']:.2e}")
+    if result["onnx_check"] is not None:
+        check = result["onnx_check"]
+        console.print(
+            f"ONNX vs torch: max |diff| {check['max_abs_diff']:.2e}, "
+            f"largest |output| {check['max_abs_output']:.3g}"
+        )
 
 
 def run(args) -> int:

@@ -17,7 +17,9 @@ from reslab.export import (
 )
 from reslab.fast import fold_batchnorm
 
-# onnxruntime must reproduce torch's fp32 outputs this closely, or the export is refused
+# onnxruntime must reproduce torch's fp32 outputs this closely (relative to the largest output
+# once that exceeds 1: a random-init ResNet-50 has logits in the tens, and its sums of 10^4
+# products differ by ~1e-4 between two correct fp32 implementations), or the file is removed
 ONNX_TOLERANCE = 1e-4
 
 
@@ -55,13 +57,15 @@ def run(args) -> int:
     if out.resolve() == source.resolve():
         raise ReslabError(f"--out {out} would overwrite the checkpoint; choose another name")
     if args.format == "onnx":
-        diff = export_onnx(model, out, shape)
-        print(f"onnxruntime vs torch on a random batch: max abs difference {diff:.2e}")
-        if diff > ONNX_TOLERANCE:
+        check = export_onnx(model, out, shape)
+        diff, limit = check["max_abs_diff"], ONNX_TOLERANCE * max(1.0, check["max_abs_output"])
+        print(
+            f"onnxruntime vs torch on a random batch: max abs difference {diff:.2e} "
+            f"(largest output {check['max_abs_output']:.3g}, limit {limit:.1e})"
+        )
+        if diff > limit:
             out.unlink()
-            raise ReslabError(
-                f"ONNX output differs by {diff:.2e} (> {ONNX_TOLERANCE}); not written"
-            )
+            raise ReslabError(f"ONNX output differs by {diff:.2e} (> {limit:.1e}); not written")
     elif args.format == "safetensors":
         save_safetensors(model, out, folded=args.fold_bn)
     else:
