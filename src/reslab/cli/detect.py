@@ -37,6 +37,17 @@ def _add_data(parser) -> None:
     parser.add_argument("--data", help="a folder as `reslab scenes make` writes it")
     parser.add_argument("--images", help="image folder of a COCO dataset (with --annotations)")
     parser.add_argument("--annotations", help="COCO JSON annotation file (with --images)")
+    _add_threads(parser)
+
+
+def _add_threads(parser) -> None:
+    # on a shared machine one thread avoids OpenMP threads spinning against each other
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+
+
+def _set_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def register(subparsers) -> None:
@@ -74,7 +85,8 @@ def register(subparsers) -> None:
                        help="learning rate for 16 images, scaled by batch size (default "
                        "%(default)s)")
     train.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
-    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    train.add_argument("--bf16", action="store_true",
+                       help="bfloat16 autocast; faster only on CPUs with AVX-512 bf16 or AMX")
     train.add_argument("--max-minutes", type=float, default=0.0,
                        help="stop after the epoch that passes this time (0: no limit)")
     train.add_argument("--seed", type=int, default=defaults.seed)
@@ -98,6 +110,7 @@ def register(subparsers) -> None:
     predict.add_argument("--out", default="predictions", help="default %(default)s")
     predict.add_argument("--score-thresh", type=float, default=0.5)
     predict.add_argument("--bf16", action="store_true")
+    _add_threads(predict)
     predict.set_defaults(func=run_predict)
 
 
@@ -111,6 +124,7 @@ def _native_min_size(dataset: CocoDetection) -> int:
 
 
 def run_train(args) -> int:
+    _set_threads(args)
     console = Console()
     dataset = _dataset(args, "train", train_transforms())
     config = DetectTrainConfig(
@@ -171,6 +185,7 @@ def _report(console: Console, metrics: dict, title: str) -> None:
 
 
 def run_eval(args) -> int:
+    _set_threads(args)
     model = detector_from_checkpoint(load_checkpoint(args.checkpoint))
     dataset = _dataset(args, args.split, eval_transforms())
     metrics = evaluate_detector(model, dataset, args.batch_size, args.bf16)
@@ -181,6 +196,7 @@ def run_eval(args) -> int:
 
 
 def run_predict(args) -> int:
+    _set_threads(args)
     payload = load_checkpoint(args.checkpoint)
     model = detector_from_checkpoint(payload)
     records = predict_images(model, args.image, payload["class_names"], args.out,

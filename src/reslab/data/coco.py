@@ -137,9 +137,10 @@ class CocoDetection(Dataset):
         return image, target
 
 
-def resolve(data: str | Path | None, images: str | Path | None, annotations: str | Path | None,
-            split: str) -> tuple[Path, Path]:
-    """(image folder, annotation file) from ``--data DIR`` or ``--images DIR --annotations FILE``."""
+def resolve(
+    data: str | Path | None, images: str | Path | None, annotations: str | Path | None, split: str
+) -> tuple[Path, Path]:
+    """(image folder, annotation file) from `--data DIR` or `--images DIR --annotations FILE`."""
     if data is not None:
         if images is not None or annotations is not None:
             raise ReslabError("give either --data DIR or --images DIR --annotations FILE, not both")

@@ -129,12 +129,14 @@ def write_split(
 
 def make_scenes(out: str | Path, config: SceneConfig, data_dir: str | Path | None = None) -> dict:
     """Write train and val scenes under ``out``; returns {split: annotation file}."""
-    if not 1 <= config.min_items <= config.max_items:
-        raise ReslabError(f"need 1 <= min_items <= max_items, got {config.min_items}, {config.max_items}")
-    if not 0 < config.min_scale <= config.max_scale <= 1:
-        raise ReslabError(f"need 0 < min_scale <= max_scale <= 1, got {config.min_scale}, {config.max_scale}")
-    if config.images < 1 or config.size < 32:
-        raise ReslabError(f"need --images >= 1 and --size >= 32, got {config.images}, {config.size}")
+    checks = (
+        (1 <= config.min_items <= config.max_items, "1 <= min_items <= max_items"),
+        (0 < config.min_scale <= config.max_scale <= 1, "0 < min_scale <= max_scale <= 1"),
+        (config.images >= 1 and config.size >= 32, "--images >= 1 and --size >= 32"),
+    )
+    for ok, rule in checks:
+        if not ok:
+            raise ReslabError(f"scene settings need {rule}; got {asdict(config)}")
     out = Path(out)
     counts = {"train": config.images, "val": max(1, config.images // 5)}
     return {

@@ -231,8 +231,7 @@ def predict_dataset(model, dataset: CocoDetection, batch_size: int = 4, bf16: bo
 
 def coco_evaluate(ground_truth: dict, results: Sequence[dict]) -> dict:
     """COCO box AP through pycocotools ``COCOeval``: mAP@[.5:.95], mAP@.5 and AP per class."""
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    with quiet:
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         gt = COCO()
         gt.dataset = copy.deepcopy(ground_truth)
         gt.createIndex()
