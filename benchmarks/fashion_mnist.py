@@ -37,6 +37,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override every preset's epochs")
     parser.add_argument("--model", help="override every preset's model")
     parser.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=JSON",
+        help="override any config field, e.g. --set erasing=0 model_kwargs='{\"width\": 0.5}'",
+    )
     parser.add_argument("--note", default="", help="free text saved with the results")
     args = parser.parse_args()
 
@@ -50,6 +57,9 @@ def main() -> None:
             overrides["model"] = args.model
         if args.threads:
             overrides["threads"] = args.threads
+        for item in args.set:
+            key, _, value = item.partition("=")
+            overrides[key] = json.loads(value)
         config = build_config(preset, **overrides)
         load_before = os.getloadavg()
         result = fit(config, console=console)
