@@ -193,6 +193,7 @@ def plot_degradation(result: dict, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     depths = result["config"]["depths"]
     colours = dict(zip(depths, plt.get_cmap("tab10").colors, strict=False))
@@ -217,6 +218,7 @@ def plot_degradation(result: dict, path: str | Path) -> Path:
                 linewidth=2.5,
                 label=label,
             )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{title} networks")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
