@@ -9,6 +9,7 @@ machine's BLAS reaches at that moment.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -125,8 +126,10 @@ class Variant:
 def _torch_variant(key, label, model, precision, channels_last, cfg, compile=False):
     images = torch.randn(cfg.batch_size, *cfg.input_shape)
     labels = torch.randint(0, 10, (cfg.batch_size,))
+    # each variant trains its own copy: prepare_for_training changes the layout in place, and
+    # a channels_last weight would switch the default path's convolutions to channels_last too
     train_model, precision = fast.prepare_for_training(
-        model, precision, channels_last=channels_last, compile=compile
+        copy.deepcopy(model), precision, channels_last=channels_last, compile=compile
     )
     optimizer = torch.optim.SGD(train_model.parameters(), lr=1e-3, momentum=0.9)
     train_x = fast.to_input(images, channels_last)

@@ -117,6 +117,9 @@ def prepare_for_training(
 ) -> tuple[nn.Module, str]:
     """(model ready to train, resolved precision) for use with :func:`autocast`.
 
+    Changes ``model``'s memory format in place (build the optimizer after, or before: the
+    parameters are the same objects).
+
     The parameters stay fp32 (autocast casts per operation, so the optimizer and batch norm
     statistics see fp32). channels_last lets oneDNN run convolutions without reordering each
     activation to its blocked layout and back. ``compile`` wraps the model in ``torch.compile``

@@ -41,3 +41,14 @@ def test_torchvision_twin_has_the_same_architecture():
 def test_bench_refuses_models_torchvision_lacks():
     with pytest.raises(ReslabError, match="no twin"):
         torchvision_twin("resnet20", {})
+
+
+def test_fast_variant_leaves_the_default_model_nchw():
+    from reslab.bench import BenchConfig, _torch_variant
+
+    cfg = BenchConfig(input_shape=(1, 8, 8), batch_size=2)
+    model = create_model("resnet18", **model_kwargs_for("resnet18", (1, 8, 8)))
+    variant = _torch_variant("fast", "(c)", model, "fp32", True, cfg)
+    variant.train_step()
+    assert model.layer1[0].conv1.weight.is_contiguous()
+    assert not model.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
