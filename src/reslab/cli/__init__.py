@@ -22,7 +22,7 @@ from reslab.cli import (
     summary,
     train,
 )
-from reslab.errors import ReslabError
+from reslab.errors import Interrupted, ReslabError
 
 COMMANDS = (models, summary, train, evaluate, predict, scenes, detect, study, bench, export)
 
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReslabError as error:
         print(f"reslab: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"reslab: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)
         return 130

@@ -70,6 +70,13 @@ def register(subparsers) -> None:
         help="write into an existing --out",
     )
     add("--resume", metavar="CKPT", help="continue a run from last.pt or its folder")
+    add(
+        "--save-every",
+        type=int,
+        metavar="N",
+        help="also save last.pt every N steps (atomically; default: at epoch ends)",
+    )
+    _bool(parser, "--sync-bn", "under torchrun, batch-norm statistics over all processes")
     parser.set_defaults(func=run)
 
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from reslab.errors import ReslabError
-from reslab.models import list_models
+from reslab.models import list_models, model_defaults
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
@@ -56,6 +56,8 @@ class TrainConfig:
     channels_last: bool = True
     eval_batch_size: int = 1000
     threads: int = 0  # intra-op CPU threads; 0 = torch's default (one per core)
+    save_every: int = 0  # also write last.pt every N optimizer steps; 0 = at epoch ends only
+    sync_bn: bool = False  # under torchrun: batch-norm statistics over all processes
     # bookkeeping
     seed: int = 0
     out: str | None = None  # run folder; default runs/<date>-<model>[-N]
@@ -142,7 +144,7 @@ def _finite_positive(name: str, value: float, allow_zero: bool = False) -> None:
 def validate(config: TrainConfig) -> None:
     """One-line errors for values that cannot work, before any data is read."""
     if config.model not in list_models():
-        raise ReslabError(f"unknown model {config.model!r} (`reslab models` lists them)")
+        model_defaults(config.model)  # raises, naming the close matches
     for name, allowed in (
         ("optimizer", OPTIMIZERS),
         ("schedule", SCHEDULES),
@@ -170,3 +172,5 @@ def validate(config: TrainConfig) -> None:
         raise ReslabError(f"--image-size must be at least 8, got {config.image_size}")
     if config.crop_padding < 0 or config.workers < 0 or config.threads < 0:
         raise ReslabError("--crop-padding, --workers and --threads must be >= 0")
+    if not isinstance(config.save_every, int) or config.save_every < 0:
+        raise ReslabError(f"--save-every must be a whole number >= 0, got {config.save_every}")

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -28,9 +31,18 @@ from reslab.data.sources import Source, fashion_mnist_source
 from reslab.data.transforms import InputSpec, augment, to_input
 from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from reslab.engine.config import TrainConfig, validate
+from reslab.engine.distributed import (
+    World,
+    any_rank,
+    barrier,
+    check_batch,
+    init_world,
+    sum_over_ranks,
+    wrap,
+)
 from reslab.engine.evaluate import Evaluation, autocast, evaluate
 from reslab.engine.plots import plot_confusion, plot_curves
-from reslab.errors import ReslabError
+from reslab.errors import Interrupted, ReslabError
 from reslab.fast import bf16_supported
 from reslab.models import create_model
 
@@ -117,6 +129,15 @@ class TrainState:
     best_accuracy: float = -1.0
     history: list[dict] = field(default_factory=list)
     stop: bool = False  # set by a hook to end the run after the current step
+    world: World = field(default_factory=World)
+    train_model: nn.Module | None = None  # the module stepped: DDP around model, or model
+    signal: int = 0  # SIGINT / SIGTERM received; the run stops after the current step
+    # mid-epoch position: batches done in the current epoch, its augmentation generator and
+    # running sums; saved so that a resumed run takes the very same next step
+    batch_in_epoch: int = 0
+    draws: torch.Generator | None = None
+    sums: tuple[float, int, int] = (0.0, 0, 0)
+    resume_progress: dict | None = None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -149,11 +170,19 @@ def new_run_dir(config: TrainConfig) -> Path:
     runs/<date>-<model> with -2, -3, ... appended when taken."""
     if config.out is not None:
         path = Path(config.out)
-        if path.exists() and any(path.iterdir()) and not config.force:
+        if path.is_dir() and any(path.iterdir()) and not config.force:
             raise ReslabError(
                 f"run folder {path} exists and is not empty; pass --force to reuse it"
             )
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / ".write-test").touch()
+            (path / ".write-test").unlink()
+        except OSError as error:
+            raise ReslabError(
+                f"cannot write the run folder {path} ({error.strerror or error}); "
+                "pass --out with a writable folder"
+            ) from None
         return path
     base = Path("runs") / f"{date.today().isoformat()}-{config.model}"
     path, n = base, 1
@@ -164,6 +193,11 @@ def new_run_dir(config: TrainConfig) -> Path:
         except FileExistsError:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+        except OSError as error:
+            raise ReslabError(
+                f"cannot create the run folder {path} ({error.strerror or error}); "
+                "pass --out with a writable folder"
+            ) from None
 
 
 def checkpoint_payload(state: TrainState, evaluation: Evaluation | None) -> dict:
@@ -178,7 +212,16 @@ def checkpoint_payload(state: TrainState, evaluation: Evaluation | None) -> dict
         "input": state.spec.to_dict(),
         "best_accuracy": state.best_accuracy,
         "test_accuracy": evaluation.accuracy if evaluation else None,
+        "progress": None,
     }
+    if 0 < state.batch_in_epoch and evaluation is None:
+        extra["progress"] = {
+            "batches": state.batch_in_epoch,
+            "draws": state.draws.get_state(),
+            "loss_sum": state.sums[0],
+            "correct": state.sums[1],
+            "seen": state.sums[2],
+        }
     if state.ema is not None:
         # "state_dict" holds the averaged weights that eval and predict use; resuming also
         # needs the raw ones the optimizer moves
@@ -229,6 +272,7 @@ def restore(state: TrainState, payload: dict) -> None:
     state.epoch, state.step = payload["epoch"], payload["step"]
     state.best_accuracy = payload["best_accuracy"]
     torch.set_rng_state(payload["rng"]["torch"])
+    state.resume_progress = payload.get("progress")
     metrics = state.run_dir / "metrics.jsonl"
     if metrics.is_file():
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
@@ -258,6 +302,24 @@ def describe(config: TrainConfig) -> str:
     return "\n".join(f"  {k}: {v}" for k, v in config.to_dict().items())
 
 
+@contextmanager
+def stop_on_signals(state: TrainState):
+    """SIGINT and SIGTERM mark the state; the loop finishes its step, saves and stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        state.signal = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def fit(
     config: TrainConfig,
     console: Console | None = None,
@@ -265,11 +327,18 @@ def fit(
     payload: dict | None = None,
     run_dir: Path | None = None,
 ) -> RunResult:
-    """Train per ``config``; with ``payload`` (a checkpoint) continue in ``run_dir``."""
+    """Train per ``config``; with ``payload`` (a checkpoint) continue in ``run_dir``.
+
+    Under ``torchrun`` every process runs this; rank 0 alone prints and writes files.
+    """
     start = time.perf_counter()
+    world = init_world()
     console = console or Console()
+    if not world.is_main:
+        console = Console(quiet=True)
     hooks = hooks or Hooks()
     validate(config)
+    check_batch(world, config.batch_size)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -282,30 +351,44 @@ def fit(
             soft_wrap=True,
         )
     console.print(f"data: {source.description}", markup=False, highlight=False, soft_wrap=True)
-    run_dir = run_dir or new_run_dir(config)
-    state = build_state(config, source, run_dir)
+    if world.active:
+        console.print(
+            f"processes: {world.size}; global batch {config.batch_size} "
+            f"({config.batch_size // world.size} per process); sync batch norm "
+            f"{'on' if config.sync_bn else 'off'}",
+            markup=False,
+            soft_wrap=True,
+        )
+    if world.is_main:
+        run_dir = run_dir or new_run_dir(config)
+    state = build_state(config, source, run_dir or Path("."))
+    state.world = world
     if payload is not None:
         restore(state, payload)
+        where = f"step {state.step}" if state.resume_progress else f"epoch {state.epoch}"
+        console.print(f"resumed from {config.resume} after {where}", markup=False, soft_wrap=True)
+    state.train_model = wrap(state.model, world, config.sync_bn)
+    if world.is_main:
         console.print(
-            f"resumed from {config.resume} after epoch {state.epoch}", markup=False, soft_wrap=True
+            f"config ({run_dir / 'config.json'}):\n{describe(config)}", markup=False, soft_wrap=True
         )
-    console.print(
-        f"config ({run_dir / 'config.json'}):\n{describe(config)}", markup=False, soft_wrap=True
-    )
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     n_steps = steps_per_epoch(config, source)
     evaluation = None
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as progress:
+    with (
+        stop_on_signals(state),
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        ) as progress,
+    ):
         while state.epoch < config.epochs and not state.stop:
             epoch = state.epoch + 1
             task = progress.add_task(f"epoch {epoch}/{config.epochs}", total=n_steps, stats="")
@@ -315,9 +398,14 @@ def fit(
             progress.remove_task(task)
             if state.stop:
                 # mid-epoch: keep the step count and weights, not a claim the epoch finished
-                save_checkpoint(run_dir / "last.pt", checkpoint_payload(state, None))
+                if world.is_main:
+                    save_checkpoint(run_dir / "last.pt", checkpoint_payload(state, None))
                 break
             state.epoch = epoch
+            state.batch_in_epoch = 0
+            if not world.is_main:
+                barrier(world)  # rank 0 evaluates and writes; the others wait for it
+                continue
             evaluation = evaluate(
                 state.eval_model,
                 source.test_batches(config.eval_batch_size),
@@ -357,7 +445,17 @@ def fit(
                 soft_wrap=True,
             )
             hooks.after_epoch(state, record)
+            barrier(world)
 
+    if state.signal:
+        name = signal.Signals(state.signal).name
+        raise Interrupted(
+            f"stopped by {name} at step {state.step} (epoch {state.epoch + 1}); saved "
+            f"{run_dir / 'last.pt'}. Resume with: reslab train --resume {run_dir}",
+            128 + state.signal,
+        )
+    if not world.is_main:
+        return RunResult(run_dir, math.nan, math.nan, time.perf_counter() - start, None, [], "")
     if evaluation is None:
         raise ReslabError(f"stopped before the first epoch ended; state saved in {run_dir}")
     plot_curves(state.history, run_dir / "curves.png")
@@ -384,52 +482,81 @@ def fit(
 def train_epoch(
     state: TrainState, source: Source, epoch: int, hooks: Hooks, progress: Progress, task
 ) -> tuple[float, float, float]:
-    """One pass over the training set; returns mean loss, accuracy and seconds."""
-    config = state.config
-    model = state.model
+    """One pass over the training set; returns mean loss, accuracy and seconds.
+
+    Every process draws the same global batch and augments it with the same generator, then
+    keeps its own slice; a resumed epoch skips the batches already taken and restores the
+    augmentation generator, so the next step is the one the interrupted run would have taken.
+    """
+    config, world = state.config, state.world
+    model = state.train_model or state.model
     model.train()
     order = epoch_generator(config.seed, epoch, 0)
-    draws = epoch_generator(config.seed, epoch, 1)
-    loss_sum = torch.zeros(())
-    correct = torch.zeros((), dtype=torch.int64)
-    seen = 0
+    state.draws = epoch_generator(config.seed, epoch, 1)
+    skip, loss_sum, correct, seen = 0, 0.0, 0, 0
+    progress_in = state.resume_progress
+    state.resume_progress = None
+    if progress_in is not None:
+        skip = progress_in["batches"]
+        state.draws.set_state(progress_in["draws"])
+        loss_sum, correct, seen = (
+            progress_in["loss_sum"],
+            progress_in["correct"],
+            progress_in["seen"],
+        )
+        progress.update(task, advance=skip)
+    state.batch_in_epoch = skip
     start = time.perf_counter()
-    for images, labels in source.train_batches(config.batch_size, order):
+    for index, (images, labels) in enumerate(source.train_batches(config.batch_size, order)):
+        if index < skip:
+            continue
         x = to_input(images, state.spec)
         if config.augment:
-            x = augment(x, config.crop_padding, config.erasing, draws)
+            x = augment(x, config.crop_padding, config.erasing, state.draws)
+        x, labels = world.shard(x), world.shard(labels)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(config.precision):
             out = model(x)
             loss = F.cross_entropy(out.float(), labels, label_smoothing=config.label_smoothing)
-        if not torch.isfinite(loss):
+        non_finite, signalled = any_rank(world, not torch.isfinite(loss), bool(state.signal))
+        if non_finite:
             last = state.run_dir / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
             raise ReslabError(
                 f"loss became {loss.item()} at step {state.step + 1} (epoch {epoch}); stopped, "
-                f"{kept}. Try a lower --lr"
+                f"{kept}. Likely causes: a learning rate too high for this model (try a lower "
+                "--lr) or bf16 overflow (try --precision fp32)"
             )
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
         state.scheduler.step()
         if state.ema is not None:
-            state.ema.update_parameters(model)
+            state.ema.update_parameters(state.model)
         state.step += 1
-        loss_sum += loss.detach() * len(labels)
-        correct += (out.argmax(1) == labels).sum()
+        state.batch_in_epoch = index + 1
+        loss_sum += loss.item() * len(labels)
+        correct += int((out.argmax(1) == labels).sum())
         seen += len(labels)
+        state.sums = (loss_sum, correct, seen)
         progress.update(
             task,
             advance=1,
-            stats=f"loss {loss_sum.item() / seen:.4f} acc {100 * correct.item() / seen:.2f}% "
-            f"{seen / (time.perf_counter() - start):.0f} img/s",
+            stats=f"loss {loss_sum / seen:.4f} acc {100 * correct / seen:.2f}% "
+            f"{seen * world.size / (time.perf_counter() - start):.0f} img/s",
         )
         hooks.after_step(state, loss.item())
+        if signalled:
+            state.stop = True
+        elif config.save_every and state.step % config.save_every == 0 and world.is_main:
+            save_checkpoint(state.run_dir / "last.pt", checkpoint_payload(state, None))
         if state.stop:
             break
-    return loss_sum.item() / seen, correct.item() / seen, time.perf_counter() - start
+    loss_sum, correct, seen = (
+        v.item() for v in sum_over_ranks(world, *map(torch.tensor, (loss_sum, correct, seen)))
+    )
+    return loss_sum / max(seen, 1), correct / max(seen, 1), time.perf_counter() - start
 
 
 def format_time(seconds: float) -> str:

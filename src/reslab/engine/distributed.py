@@ -1,0 +1,162 @@
+"""Training across processes with ``torchrun`` and DistributedDataParallel.
+
+``torchrun`` starts one process per worker and tells each its place through the environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...; see the torchrun docs); that is
+the launcher's contract, so this module reads it and nothing else does. Gradients are averaged
+by DDP over gloo on CPU and nccl on GPU. Every rank draws the same global batch (same seed, same
+order) and keeps its own slice of it, so ``--batch-size`` stays the global batch and a run on N
+processes follows the same sequence of updates as one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from reslab.errors import ReslabError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch."""
+        if not self.active:
+            return batch
+        return batch.tensor_split(self.size)[self.rank]
+
+
+def init_world() -> World:
+    """Join the process group when started by torchrun; a single process otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def check_batch(world: World, batch_size: int) -> None:
+    if batch_size % world.size:
+        raise ReslabError(
+            f"--batch-size {batch_size} (the global batch) must divide evenly among "
+            f"{world.size} processes; try {batch_size - batch_size % world.size or world.size}"
+        )
+
+
+def any_rank(world: World, *flags: bool) -> list[bool]:
+    """Each flag, true on every rank when it is true on one: a signal may reach one process
+    first, and a loss may overflow on one shard only; all ranks must stop at the same step."""
+    if not world.active:
+        return [bool(f) for f in flags]
+    values = torch.tensor([int(f) for f in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+def sum_over_ranks(world: World, *values: torch.Tensor) -> list[torch.Tensor]:
+    if not world.active:
+        return list(values)
+    packed = torch.stack([v.detach().double().reshape(()) for v in values])
+    dist.all_reduce(packed)
+    return list(packed.unbind())
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose batch statistics are summed over all processes.
+
+    ``torch.nn.SyncBatchNorm`` runs on GPUs only; this one all-reduces (count, sum, sum of
+    squares) per channel with a differentiable all-reduce, so it
+    works over gloo too, and gradients flow through the shared statistics.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        if dist.get_world_size() == 1:
+            return super().forward(x)
+        xf = x.float()
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float32)
+        stats = torch.cat([count, xf.sum((0, 2, 3)), xf.square().sum((0, 2, 3))])
+        stats = _AllReduceSum.apply(stats)
+        n, total, squares = stats[0], stats[1 : 1 + x.shape[1]], stats[1 + x.shape[1] :]
+        mean = total / n
+        var = (squares / n - mean.square()).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        out = xf * scale[None, :, None, None] + shift[None, :, None, None]
+        return out.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm2d for :class:`CPUSyncBatchNorm` in place.
+
+    The new modules take over the very same parameter and buffer objects, so an optimizer (or
+    weight average) built on the model beforehand keeps updating them.
+    """
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            sync.weight, sync.bias = child.weight, child.bias
+            sync.running_mean = child.running_mean
+            sync.running_var = child.running_var
+            sync.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child)
+    return module
+
+
+def wrap(model: nn.Module, world: World, sync_bn: bool) -> nn.Module:
+    """The module the loop trains: DDP around ``model`` when there are several processes."""
+    if not world.active:
+        return model
+    if sync_bn:
+        convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model)
