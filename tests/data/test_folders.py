@@ -52,11 +52,27 @@ def test_open_image_any_mode_and_corrupt_file(tmp_path):
         open_image(tmp_path / "bad.jpg", 1, 28)
 
 
-def test_corrupt_file_in_training_names_it(tmp_path):
+def test_corrupt_file_is_skipped_with_a_count_or_stops_with_strict(tmp_path):
     make_tree(tmp_path / "pets")
     (tmp_path / "pets" / "cat" / "broken.png").write_bytes(b"\x89PNG garbage")
+    (tmp_path / "pets" / "cat" / "empty.jpg").write_bytes(b"")
     source = FolderSource(tmp_path / "pets", size=8, val_fraction=0.5, workers=1)
+    assert sorted(p.name for p in source.skipped) == ["broken.png", "empty.jpg"]
+    assert "skipped 2 unreadable file(s)" in source.description
+    names = [p.name for p, _ in source.train.samples + source.val.samples]
+    assert "broken.png" not in names and "empty.jpg" not in names
+    for split in (source.train_batches(13, torch.Generator()), source.test_batches(13)):
+        assert len(list(split)) > 0
     with pytest.raises(ReslabError, match=r"broken\.png: not a readable image") as info:
-        for split in (source.train_batches(13, torch.Generator()), source.test_batches(13)):
-            list(split)
+        FolderSource(tmp_path / "pets", size=8, val_fraction=0.5, workers=1, strict=True)
     assert "\n" not in str(info.value)
+
+
+def test_a_file_that_breaks_only_when_decoded_is_named(tmp_path):
+    make_tree(tmp_path / "pets")
+    source = FolderSource(tmp_path / "pets", size=8, val_fraction=0.5, workers=1)
+    broken = source.train.samples[0][0]
+    broken.write_bytes(b"\x89PNG garbage")  # damaged after the scan
+    with pytest.raises(ReslabError, match=r"not a readable image") as info:
+        list(source.train_batches(64, torch.Generator()))
+    assert broken.name in str(info.value) and "\n" not in str(info.value)

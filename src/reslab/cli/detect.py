@@ -60,41 +60,74 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(metavar="ACTION", required=True)
     defaults = DetectTrainConfig()
 
-    train = actions.add_parser("train", help="train a detector",
-                               description="Train on the train split; checkpoints to OUT/last.pt.")
+    train = actions.add_parser(
+        "train",
+        help="train a detector",
+        description="Train on the train split; checkpoints to OUT/last.pt.",
+    )
     _add_data(train)
     train.add_argument("--out", default="runs/detect", help="run folder (default %(default)s)")
-    train.add_argument("--backbone", default="resnet101", choices=BACKBONES,
-                       help="ResNet depth for the C4 trunk and head (default %(default)s)")
+    train.add_argument(
+        "--backbone",
+        default="resnet101",
+        choices=BACKBONES,
+        help="ResNet depth for the C4 trunk and head (default %(default)s)",
+    )
     train.add_argument("--width", type=float, default=1.0, help="channel multiplier")
-    train.add_argument("--backbone-weights", metavar="FILE",
-                       help="ImageNet torchvision ResNet state dict; freezes batch norm, stem "
-                       "and layer1 as detectron2 does")
-    train.add_argument("--min-size", type=int, default=None,
-                       help=f"shorter image side after resizing (default: the images' own, at "
-                       f"most {DEFAULT_MIN_SIZE})")
+    train.add_argument(
+        "--backbone-weights",
+        metavar="FILE",
+        help="ImageNet torchvision ResNet state dict; freezes batch norm, stem "
+        "and layer1 as detectron2 does",
+    )
+    train.add_argument(
+        "--min-size",
+        type=int,
+        default=None,
+        help=f"shorter image side after resizing (default: the images' own, at "
+        f"most {DEFAULT_MIN_SIZE})",
+    )
     train.add_argument("--max-size", type=int, default=1333, help="default %(default)s")
-    train.add_argument("--rois-per-image", type=int, default=RoIHeadsConfig.batch_size_per_image,
-                       help="RoIs sampled per training image; res5 runs on each, so this sets "
-                       "the cost of a step (default %(default)s)")
-    train.add_argument("--test-proposals", type=int, default=RPNConfig.post_nms_top_n_test,
-                       help="proposals per image at test time (default %(default)s)")
+    train.add_argument(
+        "--rois-per-image",
+        type=int,
+        default=RoIHeadsConfig.batch_size_per_image,
+        help="RoIs sampled per training image; res5 runs on each, so this sets "
+        "the cost of a step (default %(default)s)",
+    )
+    train.add_argument(
+        "--test-proposals",
+        type=int,
+        default=RPNConfig.post_nms_top_n_test,
+        help="proposals per image at test time (default %(default)s)",
+    )
     train.add_argument("--epochs", type=int, default=defaults.epochs)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr,
-                       help="learning rate for 16 images, scaled by batch size (default "
-                       "%(default)s)")
+    train.add_argument(
+        "--lr",
+        type=float,
+        default=defaults.lr,
+        help="learning rate for 16 images, scaled by batch size (default %(default)s)",
+    )
     train.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
-    train.add_argument("--bf16", action="store_true",
-                       help="bfloat16 autocast; faster only on CPUs with AVX-512 bf16 or AMX")
-    train.add_argument("--max-minutes", type=float, default=0.0,
-                       help="stop after the epoch that passes this time (0: no limit)")
+    train.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast; faster only on CPUs with AVX-512 bf16 or AMX",
+    )
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop after the epoch that passes this time (0: no limit)",
+    )
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.set_defaults(func=run_train)
 
-    evaluate = actions.add_parser("eval", help="COCO mAP of a checkpoint",
-                                  description="COCO box AP (pycocotools COCOeval).")
+    evaluate = actions.add_parser(
+        "eval", help="COCO mAP of a checkpoint", description="COCO box AP (pycocotools COCOeval)."
+    )
     evaluate.add_argument("checkpoint", help="a detector checkpoint or its run folder")
     _add_data(evaluate)
     evaluate.add_argument("--split", default="val", help="with --data (default %(default)s)")
@@ -103,8 +136,11 @@ def register(subparsers) -> None:
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here")
     evaluate.set_defaults(func=run_eval)
 
-    predict = actions.add_parser("predict", help="detect objects in images",
-                                 description="Draw detections on each image and write JSON.")
+    predict = actions.add_parser(
+        "predict",
+        help="detect objects in images",
+        description="Draw detections on each image and write JSON.",
+    )
     predict.add_argument("checkpoint", help="a detector checkpoint or its run folder")
     predict.add_argument("image", nargs="+")
     predict.add_argument("--out", default="predictions", help="default %(default)s")
@@ -128,25 +164,36 @@ def run_train(args) -> int:
     console = Console()
     dataset = _dataset(args, "train", train_transforms())
     config = DetectTrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        warmup_iters=args.warmup_iters, bf16=args.bf16, seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_iters=args.warmup_iters,
+        bf16=args.bf16,
+        seed=args.seed,
         max_minutes=args.max_minutes,
     )
     if args.resume:
-        detector = DetectorConfig.from_dict(load_checkpoint(Path(args.out) / "last.pt")
-                                            ["model"]["kwargs"])
+        detector = DetectorConfig.from_dict(
+            load_checkpoint(Path(args.out) / "last.pt")["model"]["kwargs"]
+        )
     else:
         pretrained = args.backbone_weights is not None
         detector = DetectorConfig(
-            backbone=args.backbone, width=args.width, num_classes=dataset.num_classes,
-            frozen_bn=pretrained, freeze_at=2 if pretrained else 0,
-            min_size=args.min_size or _native_min_size(dataset), max_size=args.max_size,
+            backbone=args.backbone,
+            width=args.width,
+            num_classes=dataset.num_classes,
+            frozen_bn=pretrained,
+            freeze_at=2 if pretrained else 0,
+            min_size=args.min_size or _native_min_size(dataset),
+            max_size=args.max_size,
             rpn=RPNConfig(post_nms_top_n_test=args.test_proposals),
             roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
         )
     if detector.num_classes != dataset.num_classes:
-        raise ReslabError(f"the checkpoint has {detector.num_classes - 1} classes, the data "
-                          f"{dataset.num_classes - 1}")
+        raise ReslabError(
+            f"the checkpoint has {detector.num_classes - 1} classes, the data "
+            f"{dataset.num_classes - 1}"
+        )
     model = build_detector(detector)
     if args.backbone_weights and not args.resume:
         path = Path(args.backbone_weights)
@@ -155,20 +202,26 @@ def run_train(args) -> int:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch.load raises many types for a bad file
-            raise ReslabError(f"cannot read {path} as a state dict ({type(error).__name__})"
-                              ) from None
+            raise ReslabError(
+                f"cannot read {path} as a state dict ({type(error).__name__})"
+            ) from None
         skipped = load_backbone_weights(model, state.get("state_dict", state))
         console.print(f"loaded {path} into trunk and head (unused: {', '.join(skipped)})")
     console.print(f"detector: {asdict(detector)}")
-    console.print(f"training: {asdict(config)}; {len(dataset)} images, "
-                  f"{dataset.num_classes - 1} classes")
-    losses = train_detector(model, dataset, config, args.out, resume=args.resume,
-                            console=console)
+    console.print(
+        f"training: {asdict(config)}; {len(dataset)} images, {dataset.num_classes - 1} classes"
+    )
+    losses = train_detector(model, dataset, config, args.out, resume=args.resume, console=console)
     console.print("last step: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
     console.print(f"checkpoint: {Path(args.out) / 'last.pt'}")
     if args.data is not None:
-        _report(console, evaluate_detector(model, _dataset(args, "val", eval_transforms()),
-                                           config.batch_size, config.bf16), "val")
+        _report(
+            console,
+            evaluate_detector(
+                model, _dataset(args, "val", eval_transforms()), config.batch_size, config.bf16
+            ),
+            "val",
+        )
     return 0
 
 
@@ -199,8 +252,9 @@ def run_predict(args) -> int:
     _set_threads(args)
     payload = load_checkpoint(args.checkpoint)
     model = detector_from_checkpoint(payload)
-    records = predict_images(model, args.image, payload["class_names"], args.out,
-                             args.score_thresh, args.bf16)
+    records = predict_images(
+        model, args.image, payload["class_names"], args.out, args.score_thresh, args.bf16
+    )
     path = Path(args.out) / "predictions.json"
     path.write_text(json.dumps(records, indent=1))
     for record in records:

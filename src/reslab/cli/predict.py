@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from PIL import Image
 
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.inference import predict_files
@@ -22,10 +25,32 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def conversion_note(path: str, spec: dict) -> str | None:
+    """A notice when an image's mode or size differs from what the model was trained on."""
+    channels, size = spec.get("channels"), spec.get("source_size")
+    try:
+        with Image.open(path) as image:
+            mode, (width, height) = image.mode, image.size
+    except (OSError, SyntaxError, ValueError):
+        return None  # unreadable: reading it for real reports the error
+    wanted_mode = "L" if channels == 1 else "RGB"
+    if mode == wanted_mode and width == height == size:
+        return None
+    kind = "grayscale" if channels == 1 else "RGB"
+    return (
+        f"note: {path} is {mode} {width}x{height}; converted to {kind} {size}x{size} "
+        "as the training images were"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ReslabError(f"--top-k must be >= 1, got {args.top_k}")
     payload = load_checkpoint(args.checkpoint)
+    for path in args.images:
+        note = conversion_note(path, payload.get("input", {}))
+        if note:
+            print(note, file=sys.stderr)
     results = predict_files(payload, args.images, args.top_k)
     for path, top in zip(args.images, results, strict=True):
         ranked = ", ".join(f"{name} {100 * p:.1f}%" for name, p in top)

@@ -20,20 +20,33 @@ def register(subparsers) -> None:
     )
     defaults = SceneConfig()
     make.add_argument("--out", required=True, help="folder to write train/, val/, annotations/")
-    make.add_argument("--images", type=int, default=defaults.images,
-                      help="training canvases; val gets a fifth as many (default %(default)s)")
-    make.add_argument("--size", type=int, default=defaults.size,
-                      help="canvas side in pixels (default %(default)s)")
-    make.add_argument("--max-items", type=int, default=defaults.max_items,
-                      help="most items per canvas (default %(default)s)")
+    make.add_argument(
+        "--images",
+        type=int,
+        default=defaults.images,
+        help="training canvases; val gets a fifth as many (default %(default)s)",
+    )
+    make.add_argument(
+        "--size",
+        type=int,
+        default=defaults.size,
+        help="canvas side in pixels (default %(default)s)",
+    )
+    make.add_argument(
+        "--max-items",
+        type=int,
+        default=defaults.max_items,
+        help="most items per canvas (default %(default)s)",
+    )
     make.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     make.add_argument("--data-dir", default=None, help="Fashion-MNIST files, if not installed")
     make.set_defaults(func=run)
 
 
 def run(args) -> int:
-    config = SceneConfig(images=args.images, size=args.size, max_items=args.max_items,
-                         seed=args.seed)
+    config = SceneConfig(
+        images=args.images, size=args.size, max_items=args.max_items, seed=args.seed
+    )
     for split, path in make_scenes(args.out, config, args.data_dir).items():
         print(f"{split}: {path}")
     return 0

@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     add("--val-fraction", type=float, help="validation share when FOLDER has no val/")
     add("--image-size", type=int, help="side the model sees (Fashion-MNIST: 28)")
     add("--workers", type=int, help="DataLoader workers decoding image-folder files")
+    _bool(parser, "--strict", "stop on an unreadable image-folder file (default: skip, warn)")
     add("--epochs", type=int)
     add("--batch-size", type=int)
     add("--lr", type=float, help="peak learning rate")

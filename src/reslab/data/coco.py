@@ -28,8 +28,11 @@ BORDER_TOLERANCE = 1.0
 def train_transforms() -> v2.Transform:
     # horizontal flip is the augmentation detectron2's default C4 schedules use
     return v2.Compose(
-        [v2.RandomHorizontalFlip(0.5), v2.ToDtype(torch.float32, scale=True),
-         v2.SanitizeBoundingBoxes()]
+        [
+            v2.RandomHorizontalFlip(0.5),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.SanitizeBoundingBoxes(),
+        ]
     )
 
 
@@ -82,9 +85,7 @@ def validate(data: dict, images_dir: Path, source: Path) -> None:
 class CocoDetection(Dataset):
     """Images and targets ``{"boxes": BoundingBoxes XYXY, "labels", "image_id"}``."""
 
-    def __init__(
-        self, images_dir: str | Path, annotation_file: str | Path, transforms=None
-    ):
+    def __init__(self, images_dir: str | Path, annotation_file: str | Path, transforms=None):
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
         if not self.images_dir.is_dir():
@@ -128,8 +129,9 @@ class CocoDetection(Dataset):
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns],
-                                   dtype=torch.int64),
+            "labels": torch.tensor(
+                [self.label_of[a["category_id"]] for a in anns], dtype=torch.int64
+            ),
             "image_id": info["id"],
         }
         if self.transforms is not None:
@@ -147,8 +149,10 @@ def resolve(
         root = Path(data)
         return root / split, root / "annotations" / f"{split}.json"
     if images is None or annotations is None:
-        raise ReslabError("needs --data DIR (as `reslab scenes make` writes), or both --images "
-                          "DIR and --annotations FILE")
+        raise ReslabError(
+            "needs --data DIR (as `reslab scenes make` writes), or both --images "
+            "DIR and --annotations FILE"
+        )
     return Path(images), Path(annotations)
 
 

@@ -180,8 +180,8 @@ def load(
         images = _verified(folder, split, "images", True)
         labels = _verified(folder, split, "labels", True)
     else:
-        images = parse_idx(_read_bytes(_find_file(folder, FILES[(split, "images")][0])))
-        labels = parse_idx(_read_bytes(_find_file(folder, FILES[(split, "labels")][0])))
+        paths = [_find_file(folder, FILES[(split, kind)][0]) for kind in ("images", "labels")]
+        images, labels = (parse_idx(_read_bytes(path), path) for path in paths)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ReslabError(
             f"{folder}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not "

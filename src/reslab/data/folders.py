@@ -37,8 +37,24 @@ def open_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
     return data.view(size, size, channels).permute(2, 0, 1).contiguous()
 
 
-def scan(root: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
-    """(file, class index) pairs of one ImageFolder tree; empty trees and classes are errors."""
+def readable(path: Path) -> bool:
+    """Whether PIL can parse the file's header and structure (no full decode: cheap)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def scan(
+    root: Path, strict: bool = False, skipped: list[Path] | None = None
+) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
+    """(file, class index) pairs of one ImageFolder tree; empty trees and classes are errors.
+
+    Unreadable files (corrupt, truncated, not images) are left out and appended to
+    ``skipped``; with ``strict`` the first one stops the scan with its name.
+    """
     if not root.is_dir():
         raise ReslabError(f"image folder {root} does not exist")
     classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
@@ -54,6 +70,12 @@ def scan(root: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...]]:
             for p in (root / name).rglob("*")
             if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
         )
+        bad = [p for p in files if not readable(p)]
+        if bad and strict:
+            raise ReslabError(f"{bad[0]}: not a readable image (--strict stops on the first)")
+        if skipped is not None:
+            skipped.extend(bad)
+        files = [p for p in files if p not in bad]
         if not files:
             raise ReslabError(
                 f"class folder {root / name} has no images ({', '.join(IMG_EXTENSIONS)})"
@@ -89,11 +111,13 @@ class FolderSource:
         val_fraction: float = 0.1,
         seed: int = 0,
         workers: int = 2,
+        strict: bool = False,
     ):
         root = Path(root)
+        self.skipped: list[Path] = []
         if (root / "train").is_dir() and (root / "val").is_dir():
-            train, self.classes = scan(root / "train")
-            val, val_classes = scan(root / "val")
+            train, self.classes = scan(root / "train", strict, self.skipped)
+            val, val_classes = scan(root / "val", strict, self.skipped)
             if val_classes != self.classes:
                 raise ReslabError(
                     f"{root}/train and {root}/val have different class folders: "
@@ -101,7 +125,7 @@ class FolderSource:
                 )
             how = "train/ and val/"
         else:
-            samples, self.classes = scan(root)
+            samples, self.classes = scan(root, strict, self.skipped)
             perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
             n_val = max(1, round(val_fraction * len(samples)))
             if n_val >= len(samples):
@@ -118,6 +142,11 @@ class FolderSource:
             f"image folder {root} ({len(self.classes)} classes, {len(train):,} train and "
             f"{len(val):,} validation images from {how}, decoded by {workers} workers)"
         )
+        if self.skipped:
+            self.description += (
+                f"\nwarning: skipped {len(self.skipped)} unreadable file(s), e.g. "
+                f"{self.skipped[0]}; --strict stops on them instead"
+            )
 
     def _batches(self, dataset: Dataset, batches: list) -> Iterator[Batch]:
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.workers)

@@ -72,10 +72,18 @@ def render_scene(
                 torch.rand((), generator=generator)
             )
             side = max(8, round(scale * size))
-            item = F.interpolate(
-                items[index][None, None].float(), size=(side, side), mode="bilinear",
-                antialias=True, align_corners=False,
-            )[0, 0].round().clamp(0, 255).to(torch.uint8)
+            item = (
+                F.interpolate(
+                    items[index][None, None].float(),
+                    size=(side, side),
+                    mode="bilinear",
+                    antialias=True,
+                    align_corners=False,
+                )[0, 0]
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
             box = _tight_box(item)
             if box is None:
                 break
@@ -107,14 +115,21 @@ def write_split(
         canvas, objects = render_scene(source.images, source.labels, config, generator)
         name = f"{image_id:06d}.png"
         write_png(canvas[None], str(image_dir / name), compression_level=6)
-        images.append({"id": image_id, "file_name": name, "width": config.size,
-                       "height": config.size})
+        images.append(
+            {"id": image_id, "file_name": name, "width": config.size, "height": config.size}
+        )
         for box, label in objects:
             w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
-                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     path = out / "annotations" / f"{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = {

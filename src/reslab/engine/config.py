@@ -33,6 +33,7 @@ class TrainConfig:
     normalize: bool = True  # subtract the training set's mean, divide by its std
     verify: bool = True  # check Fashion-MNIST files against the release's SHA-256
     workers: int = 2  # DataLoader workers decoding image-folder files
+    strict: bool = False  # stop on an unreadable image-folder file instead of skipping it
     # optimisation
     epochs: int = 10
     batch_size: int = 256

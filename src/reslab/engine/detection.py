@@ -101,8 +101,9 @@ def detector_from_checkpoint(payload: dict):
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ReslabError("the checkpoint's weights do not fit its detector config: "
-                          + " ".join(lines[1:3])[:300]) from None
+        raise ReslabError(
+            "the checkpoint's weights do not fit its detector config: " + " ".join(lines[1:3])[:300]
+        ) from None
     return model
 
 
@@ -125,7 +126,9 @@ def train_detector(
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
-        params, lr=config.scaled_lr(), momentum=config.momentum,
+        params,
+        lr=config.scaled_lr(),
+        momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
     start_epoch, step = 0, 0
@@ -137,24 +140,36 @@ def train_detector(
         start_epoch, step = payload["epoch"], payload["step"]
         console.print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}, step {step}")
     loader = DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed + start_epoch), drop_last=True,
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed + start_epoch),
+        drop_last=True,
     )
     if len(loader) == 0:
         raise ReslabError(
             f"{len(dataset)} images make no full batch of {config.batch_size}; lower --batch-size"
         )
     total = config.epochs * len(loader)
-    (out / "config.json").write_text(json.dumps(
-        {"detector": model.spec["kwargs"], "train": asdict(config)}, indent=1))
+    (out / "config.json").write_text(
+        json.dumps({"detector": model.spec["kwargs"], "train": asdict(config)}, indent=1)
+    )
     started = time.monotonic()
     last: dict[str, float] = {}
     model.train()
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
-        transient=False,
-    ) as progress, (out / "log.jsonl").open("a", buffering=1) as log:
+    with (
+        Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            console=console,
+            transient=False,
+        ) as progress,
+        (out / "log.jsonl").open("a", buffering=1) as log,
+    ):
         task = progress.add_task("train", total=total, completed=step, losses="")
         for epoch in range(start_epoch, config.epochs):
             progress.update(task, description=f"epoch {epoch + 1}/{config.epochs}")
@@ -184,30 +199,52 @@ def train_detector(
                 optimizer.step()
                 step += 1
                 last = {"loss": sum(values.values()), **values}
-                log.write(json.dumps({"epoch": epoch, "step": step,
-                                      "lr": optimizer.param_groups[0]["lr"], **last}) + "\n")
-                progress.update(task, advance=1, losses=" ".join(
-                    f"{name.removeprefix('loss_')}={values[name]:.3f}" for name in LOSS_NAMES
-                    if name in values))
+                log.write(
+                    json.dumps(
+                        {
+                            "epoch": epoch,
+                            "step": step,
+                            "lr": optimizer.param_groups[0]["lr"],
+                            **last,
+                        }
+                    )
+                    + "\n"
+                )
+                progress.update(
+                    task,
+                    advance=1,
+                    losses=" ".join(
+                        f"{name.removeprefix('loss_')}={values[name]:.3f}"
+                        for name in LOSS_NAMES
+                        if name in values
+                    ),
+                )
             else:
-                save_checkpoint(out / "last.pt", _payload(model, optimizer, config, epoch + 1,
-                                                          step, dataset))
-                console.print(f"epoch {epoch + 1}: step {step}, "
-                              + ", ".join(f"{k}={v:.4f}" for k, v in last.items()))
+                save_checkpoint(
+                    out / "last.pt", _payload(model, optimizer, config, epoch + 1, step, dataset)
+                )
+                console.print(
+                    f"epoch {epoch + 1}: step {step}, "
+                    + ", ".join(f"{k}={v:.4f}" for k, v in last.items())
+                )
                 continue
             # the time budget ran out inside this epoch: keep the work, record the epoch as
             # unfinished
-            save_checkpoint(out / "last.pt", _payload(model, optimizer, config, epoch, step,
-                                                      dataset))
-            console.print(f"time budget of {config.max_minutes} min spent at step {step} "
-                          f"(epoch {epoch + 1} of {config.epochs})")
+            save_checkpoint(
+                out / "last.pt", _payload(model, optimizer, config, epoch, step, dataset)
+            )
+            console.print(
+                f"time budget of {config.max_minutes} min spent at step {step} "
+                f"(epoch {epoch + 1} of {config.epochs})"
+            )
             break
     return last
 
 
 @torch.no_grad()
-def predict_dataset(model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False
-                    ) -> list[dict]:
+def predict_dataset(
+    model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False
+) -> list[dict]:
     """Detections over a dataset in COCO results format (original category ids, xywh boxes)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
@@ -218,14 +255,20 @@ def predict_dataset(model, dataset: CocoDetection, batch_size: int = 4, bf16: bo
         for output, target in zip(outputs, targets, strict=True):
             boxes = output["boxes"].float()
             boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(boxes.tolist(), output["scores"].float().tolist(),
-                                         output["labels"].tolist(), strict=True):
-                results.append({
-                    "image_id": int(target["image_id"]),
-                    "category_id": dataset.category_ids[label - 1],
-                    "bbox": [round(v, 2) for v in box],
-                    "score": round(score, 5),
-                })
+            for box, score, label in zip(
+                boxes.tolist(),
+                output["scores"].float().tolist(),
+                output["labels"].tolist(),
+                strict=True,
+            ):
+                results.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": dataset.category_ids[label - 1],
+                        "bbox": [round(v, 2) for v in box],
+                        "score": round(score, 5),
+                    }
+                )
     return results
 
 
@@ -237,8 +280,13 @@ def coco_evaluate(ground_truth: dict, results: Sequence[dict]) -> dict:
         gt.createIndex()
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
     if not results:
-        return {"mAP": 0.0, "mAP50": 0.0, "mAP75": 0.0,
-                "per_class": dict.fromkeys(names.values(), 0.0), "detections": 0}
+        return {
+            "mAP": 0.0,
+            "mAP50": 0.0,
+            "mAP75": 0.0,
+            "per_class": dict.fromkeys(names.values(), 0.0),
+            "detections": 0,
+        }
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(list(results))
         evaluator = COCOeval(gt, dt, iouType="bbox")
@@ -253,19 +301,29 @@ def coco_evaluate(ground_truth: dict, results: Sequence[dict]) -> dict:
         p = p[p > -1]
         per_class[names[category_id]] = float(np.mean(p)) if p.size else float("nan")
     stats = evaluator.stats
-    return {"mAP": float(stats[0]), "mAP50": float(stats[1]), "mAP75": float(stats[2]),
-            "per_class": per_class, "detections": len(results)}
+    return {
+        "mAP": float(stats[0]),
+        "mAP50": float(stats[1]),
+        "mAP75": float(stats[2]),
+        "per_class": per_class,
+        "detections": len(results),
+    }
 
 
-def evaluate_detector(model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False
-                      ) -> dict:
+def evaluate_detector(
+    model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False
+) -> dict:
     return coco_evaluate(dataset.coco, predict_dataset(model, dataset, batch_size, bf16))
 
 
 @torch.no_grad()
 def predict_images(
-    model, paths: Iterable[str | Path], class_names: Sequence[str], out: str | Path,
-    score_thresh: float = 0.5, bf16: bool = False,
+    model,
+    paths: Iterable[str | Path],
+    class_names: Sequence[str],
+    out: str | Path,
+    score_thresh: float = 0.5,
+    bf16: bool = False,
 ) -> list[dict]:
     """Detect on image files; write ``out/<name>.png`` with boxes drawn and return the records."""
     model.eval()
@@ -286,14 +344,22 @@ def predict_images(
         labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]
         scores = output["scores"][keep].float().tolist()
         drawn = draw_bounding_boxes(
-            image, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(labels, scores, strict=True)],
-            colors="red", width=1,
+            image,
+            boxes,
+            labels=[f"{n} {s:.2f}" for n, s in zip(labels, scores, strict=True)],
+            colors="red",
+            width=1,
         )
         drawn_path = out / f"{path.stem}.png"
         write_png(drawn, str(drawn_path))
-        records.append({
-            "image": str(path), "drawn": str(drawn_path),
-            "detections": [{"label": n, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
-                           for n, s, b in zip(labels, scores, boxes.tolist(), strict=True)],
-        })
+        records.append(
+            {
+                "image": str(path),
+                "drawn": str(drawn_path),
+                "detections": [
+                    {"label": n, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
+                    for n, s, b in zip(labels, scores, boxes.tolist(), strict=True)
+                ],
+            }
+        )
     return records

@@ -56,6 +56,7 @@ def open_source(config: TrainConfig) -> Source:
         val_fraction=config.val_fraction,
         seed=config.seed,
         workers=config.workers,
+        strict=config.strict,
     )
 
 

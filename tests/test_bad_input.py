@@ -1,0 +1,183 @@
+"""Bad input from a user: one clear line on stderr, exit status 2, no traceback, nothing lost.
+
+One test per case the reliability issue lists; COCO annotation errors are covered in
+tests/data/test_coco.py and Fashion-MNIST's locator in tests/data/test_fashion_mnist.py, and
+are repeated here through the command line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from reslab.cli import main
+from reslab.data import fashion_mnist
+from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from reslab.models import create_model
+
+TINY = [
+    "--model=resnet20", "--width=0.25", "--image-size=16", "--epochs=1", "--batch-size=8",
+    "--no-verify", "--threads=1",
+]  # fmt: skip
+
+
+def fails_cleanly(capsys, argv, *needles) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("reslab: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def run(fake_fmnist, tmp_path, capsys):
+    folder = tmp_path / "run"
+    assert main(["train", *TINY, f"--data-dir={fake_fmnist}", f"--out={folder}"]) == 0
+    capsys.readouterr()
+    return folder
+
+
+def test_unknown_model_lists_close_matches(capsys):
+    fails_cleanly(capsys, ["train", "--model=resnet5O"], "resnet50", "did you mean")
+
+
+@pytest.mark.parametrize(
+    "flag, needle",
+    [
+        ("--epochs=-1", "--epochs"),
+        ("--batch-size=0", "--batch-size"),
+        ("--lr=nan", "--lr"),
+        ("--save-every=-5", "--save-every"),
+    ],
+)
+def test_out_of_range_flags(capsys, flag, needle):
+    fails_cleanly(capsys, ["train", flag], needle)
+
+
+def test_run_folder_is_never_overwritten_without_force(run, fake_fmnist, capsys):
+    before = (run / "last.pt").read_bytes()
+    fails_cleanly(
+        capsys, ["train", *TINY, f"--data-dir={fake_fmnist}", f"--out={run}"], "--force", str(run)
+    )
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_output_folder_that_cannot_be_written(fake_fmnist, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    fails_cleanly(
+        capsys,
+        ["train", *TINY, f"--data-dir={fake_fmnist}", f"--out={blocker / 'run'}"],
+        "cannot write the run folder",
+        "--out",
+    )
+
+
+def test_missing_fashion_mnist_names_the_three_ways(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "none")
+    monkeypatch.setattr(
+        "torchvision.datasets.FashionMNIST",
+        lambda *a, **k: (_ for _ in ()).throw(OSError("no network")),
+    )
+    fails_cleanly(
+        capsys,
+        ["train", *TINY, f"--data-dir={tmp_path / 'empty'}"],
+        "apt-get install dataset-fashion-mnist",
+        "--data-dir",
+        "download",
+    )
+
+
+def test_fashion_mnist_file_of_the_wrong_size(fake_fmnist, capsys):
+    labels = fake_fmnist / fashion_mnist.FILES[("train", "labels")][0]
+    labels.write_bytes(labels.read_bytes()[:-3])
+    fails_cleanly(capsys, ["train", *TINY, f"--data-dir={fake_fmnist}"], labels.name, "truncated")
+
+
+def test_corrupt_and_non_image_files_in_predict(run, tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("just text")
+    fails_cleanly(capsys, ["predict", str(run), str(bad)], str(bad), "not a readable image")
+    truncated = tmp_path / "cut.png"
+    Image.new("L", (28, 28), 7).save(tmp_path / "whole.png")
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:40])
+    fails_cleanly(capsys, ["predict", str(run), str(truncated)], str(truncated))
+    fails_cleanly(capsys, ["predict", str(run), str(tmp_path / "missing.png")], "missing.png")
+
+
+def test_wrong_channels_and_size_are_converted_with_a_notice(run, tmp_path, capsys):
+    Image.new("RGB", (90, 40), (200, 10, 10)).save(tmp_path / "colour.jpg")
+    assert main(["predict", str(run), str(tmp_path / "colour.jpg")]) == 0
+    captured = capsys.readouterr()
+    assert (
+        "note:" in captured.err
+        and "RGB 90x40" in captured.err
+        and "grayscale 28x28" in (captured.err)
+    )
+    assert captured.out.startswith(str(tmp_path / "colour.jpg"))
+
+
+def test_image_folder_empty_or_with_an_empty_class(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    fails_cleanly(capsys, ["train", *TINY, f"--data={tmp_path / 'empty'}"], "no class folders")
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "pets" / "cat" / "a.png")
+    fails_cleanly(capsys, ["train", *TINY, f"--data={tmp_path / 'pets'}"], "dog", "no images")
+
+
+def test_corrupt_file_in_an_image_folder_skips_or_stops_with_strict(tmp_path, capsys):
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(tmp_path / "pets" / name / f"{i}.png")
+    (tmp_path / "pets" / "dog" / "bad.png").write_bytes(b"\x89PNG broken")
+    args = ["train", *TINY, f"--data={tmp_path / 'pets'}", "--val-fraction=0.3", "--workers=0"]
+    assert main([*args, f"--out={tmp_path / 'ok'}"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable file(s)" in out and "bad.png" in out
+    fails_cleanly(capsys, [*args, "--strict", f"--out={tmp_path / 'strict'}"], "bad.png")
+
+
+def test_checkpoint_of_another_model(run, tmp_path, capsys):
+    payload = load_checkpoint(run / "last.pt")
+    payload["model"] = {"name": "resnet56", "kwargs": payload["model"]["kwargs"]}
+    save_checkpoint(tmp_path / "other.pt", payload)
+    fails_cleanly(capsys, ["eval", str(tmp_path / "other.pt")], "do not fit resnet56")
+    weights_only = make_payload(create_model("resnet20", width=0.25))
+    save_checkpoint(tmp_path / "bare.pt", weights_only)
+    fails_cleanly(capsys, ["train", f"--resume={tmp_path / 'bare.pt'}"], "cannot resume")
+
+
+def test_truncated_checkpoint_and_code_in_a_checkpoint(run, tmp_path, capsys):
+    data = (run / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    fails_cleanly(capsys, ["eval", str(tmp_path / "cut.pt")], "cut.pt", "truncated")
+    torch.save({"format": "reslab-checkpoint", "hook": torch.nn.ReLU()}, tmp_path / "code.pt")
+    fails_cleanly(capsys, ["predict", str(tmp_path / "code.pt"), "x.png"], "refused", "code")
+
+
+def test_coco_json_with_bad_boxes_through_the_command(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 20, 30, 30]}],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    fails_cleanly(
+        capsys,
+        [
+            "detect", "train", f"--images={images}", f"--annotations={tmp_path / 'ann.json'}",
+            "--backbone=resnet18", "--width=0.25", f"--out={tmp_path / 'det'}",
+        ],
+        "outside",
+    )  # fmt: skip
