@@ -75,6 +75,11 @@ def make_shortcut(
     return nn.Sequential(*layers)
 
 
+def residual_shortcut(block: nn.Module, *args, **kwargs) -> nn.Module | None:
+    """The shortcut module of a residual block; plain blocks have none at all."""
+    return make_shortcut(*args, **kwargs) if block.residual else None
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm; the sum passes through the last ReLU."""
 
@@ -89,9 +94,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            make_shortcut(in_channels, out_channels, stride, shortcut) if self.residual else None
-        )
+        self.downsample = residual_shortcut(self, in_channels, out_channels, stride, shortcut)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -139,9 +142,7 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(channels, out_channels)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            make_shortcut(in_channels, out_channels, stride, shortcut) if self.residual else None
-        )
+        self.downsample = residual_shortcut(self, in_channels, out_channels, stride, shortcut)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -183,10 +184,8 @@ class PreActBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv2 = conv3x3(channels, out_channels)
         self.relu = nn.ReLU()
-        self.downsample = (
-            make_shortcut(in_channels, out_channels, stride, shortcut, norm=False)
-            if self.residual
-            else None
+        self.downsample = residual_shortcut(
+            self, in_channels, out_channels, stride, shortcut, norm=False
         )
 
     def branch(self, activated: torch.Tensor) -> torch.Tensor:
@@ -224,10 +223,8 @@ class PreActBottleneck(PreActBasicBlock):
         self.bn3 = nn.BatchNorm2d(channels)
         self.conv3 = conv1x1(channels, out_channels)
         self.relu = nn.ReLU()
-        self.downsample = (
-            make_shortcut(in_channels, out_channels, stride, shortcut, norm=False)
-            if self.residual
-            else None
+        self.downsample = residual_shortcut(
+            self, in_channels, out_channels, stride, shortcut, norm=False
         )
 
     def branch(self, activated: torch.Tensor) -> torch.Tensor:
