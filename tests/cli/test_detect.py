@@ -15,8 +15,20 @@ from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import DetectTrainConfig, NonFiniteLoss, train_detector
 from reslab.models import create_model
 
-TINY = ["--backbone", "resnet18", "--width", "0.25", "--batch-size", "4", "--warmup-iters", "2",
-        "--rois-per-image", "16", "--test-proposals", "50"]
+TINY = [
+    "--backbone",
+    "resnet18",
+    "--width",
+    "0.25",
+    "--batch-size",
+    "4",
+    "--warmup-iters",
+    "2",
+    "--rois-per-image",
+    "16",
+    "--test-proposals",
+    "50",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +40,10 @@ def scenes(tmp_path_factory):
 
 def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["detect", "train", "--data", str(scenes), "--out", str(out), "--epochs", "1",
-                 *TINY]) == 0
+    assert (
+        main(["detect", "train", "--data", str(scenes), "--out", str(out), "--epochs", "1", *TINY])
+        == 0
+    )
     printed = capsys.readouterr().out
     for name in ("objectness", "rpn_box_reg", "classifier", "box_reg", "mAP@.5"):
         assert name in printed
@@ -37,8 +51,23 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     assert first["epoch"] == 1 and first["step"] == 2 and first["task"] == "detection"
     assert first["class_names"][0] == "T-shirt/top"
 
-    assert main(["detect", "train", "--data", str(scenes), "--out", str(out), "--epochs", "2",
-                 "--resume", *TINY]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "train",
+                "--data",
+                str(scenes),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--resume",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     second = load_checkpoint(out / "last.pt")
     assert second["epoch"] == 2 and second["step"] == 4
     assert len((out / "log.jsonl").read_text().splitlines()) == 4
@@ -49,8 +78,21 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     assert 0.0 <= values["mAP"] <= values["mAP50"] <= 1.0 and len(values["per_class"]) == 10
 
     image = scenes / "val" / "000000.png"
-    assert main(["detect", "predict", str(out), str(image), "--out", str(tmp_path / "pred"),
-                 "--score-thresh", "0"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "predict",
+                str(out),
+                str(image),
+                "--out",
+                str(tmp_path / "pred"),
+                "--score-thresh",
+                "0",
+            ]
+        )
+        == 0
+    )
     records = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert records[0]["image"] == str(image)
     assert (tmp_path / "pred" / "000000.png").is_file()
@@ -61,8 +103,19 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
     data["annotations"][0]["category_id"] = 99
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    code = main(["detect", "train", "--images", str(scenes / "val"), "--annotations", str(bad),
-                 "--out", str(tmp_path / "run"), *TINY])
+    code = main(
+        [
+            "detect",
+            "train",
+            "--images",
+            str(scenes / "val"),
+            "--annotations",
+            str(bad),
+            "--out",
+            str(tmp_path / "run"),
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "unknown category id 99" in err
@@ -112,8 +165,24 @@ def test_backbone_weights_load_and_freeze(scenes, tmp_path, capsys):
     weights = tmp_path / "resnet18.pth"
     torch.save(create_model("resnet18", width=0.25).state_dict(), weights)
     out = tmp_path / "run"
-    assert main(["detect", "train", "--data", str(scenes), "--out", str(out), "--epochs", "1",
-                 "--backbone-weights", str(weights), *TINY]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "train",
+                "--data",
+                str(scenes),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--backbone-weights",
+                str(weights),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert "unused: fc.weight, fc.bias" in capsys.readouterr().out
     payload = load_checkpoint(out)
     config = payload["model"]["kwargs"]
@@ -121,5 +190,26 @@ def test_backbone_weights_load_and_freeze(scenes, tmp_path, capsys):
     state = torch.load(weights, weights_only=True)
     # frozen stem: unchanged by training
     assert torch.equal(payload["state_dict"]["backbone.conv1.weight"], state["conv1.weight"])
-    assert not torch.equal(payload["state_dict"]["backbone.layer2.0.conv1.weight"],
-                           state["layer2.0.conv1.weight"])
+    assert not torch.equal(
+        payload["state_dict"]["backbone.layer2.0.conv1.weight"], state["layer2.0.conv1.weight"]
+    )
+
+
+def test_two_processes_with_torchrun(scenes, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "reslab", "detect", "train", "--data", str(scenes), "--out", str(out),
+        "--epochs", "1", "--threads", "1", *TINY,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes: 2; global batch 4 (2 per process)" in result.stdout
+    assert result.stdout.count("checkpoint:") == 1  # rank 1 prints nothing
+    saved = load_checkpoint(out / "last.pt")
+    # 8 training scenes in global batches of 4: 2 steps, the same count as one process
+    assert saved["epoch"] == 1 and saved["step"] == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2

@@ -19,6 +19,7 @@ from reslab.engine.detection import (
     predict_images,
     train_detector,
 )
+from reslab.engine.distributed import init_world
 from reslab.errors import ReslabError
 from reslab.models.detection import (
     BACKBONES,
@@ -161,7 +162,8 @@ def _native_min_size(dataset: CocoDetection) -> int:
 
 def run_train(args) -> int:
     _set_threads(args)
-    console = Console()
+    world = init_world()
+    console = Console() if world.is_main else Console(quiet=True)
     dataset = _dataset(args, "train", train_transforms())
     config = DetectTrainConfig(
         epochs=args.epochs,
@@ -211,10 +213,17 @@ def run_train(args) -> int:
     console.print(
         f"training: {asdict(config)}; {len(dataset)} images, {dataset.num_classes - 1} classes"
     )
-    losses = train_detector(model, dataset, config, args.out, resume=args.resume, console=console)
+    if world.active:
+        console.print(
+            f"processes: {world.size}; global batch {config.batch_size} "
+            f"({config.batch_size // world.size} per process)"
+        )
+    losses = train_detector(
+        model, dataset, config, args.out, resume=args.resume, console=console, world=world
+    )
     console.print("last step: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
     console.print(f"checkpoint: {Path(args.out) / 'last.pt'}")
-    if args.data is not None:
+    if args.data is not None and world.is_main:
         _report(
             console,
             evaluate_detector(

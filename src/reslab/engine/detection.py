@@ -12,6 +12,7 @@ import copy
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -23,12 +24,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, write_png
 from torchvision.utils import draw_bounding_boxes
 
 from reslab.data.coco import CocoDetection, collate
 from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from reslab.engine.distributed import World, any_rank, check_batch, wrap
 from reslab.errors import ReslabError
 from reslab.models.detection import SPEC_NAME, DetectorConfig, build_detector
 
@@ -114,15 +116,21 @@ def train_detector(
     out: str | Path,
     resume: bool = False,
     console: Console | None = None,
+    world: World | None = None,
 ) -> dict:
     """Train, writing ``out/last.pt`` after each epoch and ``out/log.jsonl`` per step.
 
     Returns the last logged losses. With ``resume`` the model, optimizer, step, epoch and RNG
-    state come from ``out/last.pt``.
+    state come from ``out/last.pt``. Under torchrun (``world``) each process takes its share
+    of every global batch of ``config.batch_size`` images through a DistributedSampler, DDP
+    averages the gradients, and only rank 0 writes files.
     """
+    world = world or World()
+    check_batch(world, config.batch_size)
     console = console or Console()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -139,25 +147,34 @@ def train_detector(
         torch.set_rng_state(payload["rng_state"])
         start_epoch, step = payload["epoch"], payload["step"]
         console.print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}, step {step}")
-    loader = DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed + start_epoch),
-        drop_last=True,
-    )
+    if world.active:
+        sampler = DistributedSampler(dataset, world.size, world.rank, True, config.seed, True)
+        sampler.set_epoch(start_epoch)
+        loader = DataLoader(
+            dataset, config.batch_size // world.size, sampler=sampler, collate_fn=collate
+        )
+    else:
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(config.seed + start_epoch),
+            drop_last=True,
+        )
     if len(loader) == 0:
         raise ReslabError(
             f"{len(dataset)} images make no full batch of {config.batch_size}; lower --batch-size"
         )
     total = config.epochs * len(loader)
-    (out / "config.json").write_text(
-        json.dumps({"detector": model.spec["kwargs"], "train": asdict(config)}, indent=1)
-    )
+    if world.is_main:
+        (out / "config.json").write_text(
+            json.dumps({"detector": model.spec["kwargs"], "train": asdict(config)}, indent=1)
+        )
     started = time.monotonic()
     last: dict[str, float] = {}
     model.train()
+    trained = wrap(model, world, sync_bn=False)
     with (
         Progress(
             TextColumn("[bold]{task.description}"),
@@ -168,25 +185,30 @@ def train_detector(
             console=console,
             transient=False,
         ) as progress,
-        (out / "log.jsonl").open("a", buffering=1) as log,
+        (out / "log.jsonl").open("a", buffering=1)
+        if world.is_main
+        else open(os.devnull, "w") as log,
     ):
         task = progress.add_task("train", total=total, completed=step, losses="")
         for epoch in range(start_epoch, config.epochs):
             progress.update(task, description=f"epoch {epoch + 1}/{config.epochs}")
+            if world.active:
+                loader.sampler.set_epoch(epoch)
             for images, targets in loader:
                 done = step / total
                 if config.max_minutes:
                     used = (time.monotonic() - started) / (60 * config.max_minutes)
-                    if used >= 1:
+                    # every process must stop at the same step, whichever clock runs out first
+                    if any_rank(world, used >= 1)[0]:
                         break
                     done = max(done, used)
                 for group in optimizer.param_groups:
                     group["lr"] = config.scaled_lr() * lr_factor(step, config.warmup_iters, done)
                 with _autocast(config.bf16):
-                    losses = model(list(images), list(targets))
+                    losses = trained(list(images), list(targets))
                 values = {name: value.item() for name, value in losses.items()}
                 bad = [name for name, value in values.items() if not math.isfinite(value)]
-                if bad:
+                if any_rank(world, bool(bad))[0]:
                     kept = out / "last.pt"
                     raise NonFiniteLoss(
                         f"non-finite {', '.join(bad)} at step {step} ({values}); stopped before "
@@ -220,9 +242,11 @@ def train_detector(
                     ),
                 )
             else:
-                save_checkpoint(
-                    out / "last.pt", _payload(model, optimizer, config, epoch + 1, step, dataset)
-                )
+                if world.is_main:
+                    save_checkpoint(
+                        out / "last.pt",
+                        _payload(model, optimizer, config, epoch + 1, step, dataset),
+                    )
                 console.print(
                     f"epoch {epoch + 1}: step {step}, "
                     + ", ".join(f"{k}={v:.4f}" for k, v in last.items())
@@ -230,9 +254,10 @@ def train_detector(
                 continue
             # the time budget ran out inside this epoch: keep the work, record the epoch as
             # unfinished
-            save_checkpoint(
-                out / "last.pt", _payload(model, optimizer, config, epoch, step, dataset)
-            )
+            if world.is_main:
+                save_checkpoint(
+                    out / "last.pt", _payload(model, optimizer, config, epoch, step, dataset)
+                )
             console.print(
                 f"time budget of {config.max_minutes} min spent at step {step} "
                 f"(epoch {epoch + 1} of {config.epochs})"
