@@ -62,18 +62,27 @@ def run_train(args, console: Console) -> None:
     scene_config = SceneConfig(images=args.images, size=args.size, seed=args.seed)
     if not (scenes / "annotations" / "val.json").is_file():
         make_scenes(scenes, scene_config)
-    train = CocoDetection(scenes / "train", scenes / "annotations" / "train.json",
-                          train_transforms())
+    train = CocoDetection(
+        scenes / "train", scenes / "annotations" / "train.json", train_transforms()
+    )
     val = CocoDetection(scenes / "val", scenes / "annotations" / "val.json", eval_transforms())
     detector = DetectorConfig(
-        backbone=args.backbone, width=args.width, num_classes=train.num_classes,
-        min_size=args.size, max_size=args.size,
+        backbone=args.backbone,
+        width=args.width,
+        num_classes=train.num_classes,
+        min_size=args.size,
+        max_size=args.size,
         rpn=RPNConfig(post_nms_top_n_test=args.test_proposals),
         roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
     )
-    config = DetectTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               warmup_iters=args.warmup_iters, max_minutes=args.minutes,
-                               seed=args.seed)
+    config = DetectTrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_iters=args.warmup_iters,
+        max_minutes=args.minutes,
+        seed=args.seed,
+    )
     console.print(f"detector: {asdict(detector)}\ntraining: {asdict(config)}")
     torch.manual_seed(args.seed)
     model = build_detector(detector)
@@ -85,14 +94,25 @@ def run_train(args, console: Console) -> None:
     metrics = evaluate_detector(model, val, batch_size=8)
     eval_s = time.monotonic() - started
     result = {
-        "kind": "train", "machine": info, "load_average_end": os.getloadavg(),
-        "scenes": asdict(scene_config), "train_images": len(train), "val_images": len(val),
-        "detector": asdict(detector), "train": asdict(config), "steps": steps,
-        "train_minutes": train_s / 60, "eval_seconds": eval_s, "last_losses": last,
-        "metrics": metrics, "note": args.note,
+        "kind": "train",
+        "machine": info,
+        "load_average_end": os.getloadavg(),
+        "scenes": asdict(scene_config),
+        "train_images": len(train),
+        "val_images": len(val),
+        "detector": asdict(detector),
+        "train": asdict(config),
+        "steps": steps,
+        "train_minutes": train_s / 60,
+        "eval_seconds": eval_s,
+        "last_losses": last,
+        "metrics": metrics,
+        "note": args.note,
     }
-    table = Table(title=f"C4 detector from scratch, {args.backbone} x{args.width}, "
-                        f"{train_s / 60:.1f} min, {steps} steps")
+    table = Table(
+        title=f"C4 detector from scratch, {args.backbone} x{args.width}, "
+        f"{train_s / 60:.1f} min, {steps} steps"
+    )
     for column in ("class", "AP@[.5:.95]"):
         table.add_column(column)
     for name, ap in metrics["per_class"].items():
@@ -108,15 +128,26 @@ def torchvision_c4(num_classes: int, size: int, proposals: int) -> FasterRCNN:
     """ResNet-101-C4 assembled by hand from torchvision's resnet101, as its detection code does
     for FPN backbones: frozen batch norm, conv1..layer3 as the trunk, layer4 per RoI."""
     resnet = torchvision.models.resnet101(norm_layer=FrozenBatchNorm2d)
-    trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1,
-                          resnet.layer2, resnet.layer3)
+    trunk = nn.Sequential(
+        resnet.conv1,
+        resnet.bn1,
+        resnet.relu,
+        resnet.maxpool,
+        resnet.layer1,
+        resnet.layer2,
+        resnet.layer3,
+    )
     trunk.out_channels = 1024
     head = nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return FasterRCNN(
-        trunk, min_size=size, max_size=size,
+        trunk,
+        min_size=size,
+        max_size=size,
         rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
-        rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=proposals,
-        box_roi_pool=MultiScaleRoIAlign(["0"], 14, 0), box_head=head,
+        rpn_pre_nms_top_n_test=6000,
+        rpn_post_nms_top_n_test=proposals,
+        box_roi_pool=MultiScaleRoIAlign(["0"], 14, 0),
+        box_head=head,
         box_predictor=FastRCNNPredictor(2048, num_classes),
     )
 
@@ -148,17 +179,28 @@ def detect(model: FasterRCNN, image: torch.Tensor, proposals: torch.Tensor) -> d
     detections, _ = model.roi_heads(features, [proposals], images.image_sizes)
     model.transform.postprocess(detections, images.image_sizes, [tuple(image.shape[-2:])])
     total_s = time.perf_counter() - start
-    return {"total_s": total_s, "trunk_rpn_s": trunk_s, "head_s": total_s - trunk_s,
-            "rpn_proposals": len(rpn_proposals[0])}
+    return {
+        "total_s": total_s,
+        "trunk_rpn_s": trunk_s,
+        "head_s": total_s - trunk_s,
+        "rpn_proposals": len(rpn_proposals[0]),
+    }
 
 
 def run_infer(args, console: Console) -> None:
     torch.manual_seed(0)
     info = machine_info()
     size = args.size
-    ours = build_detector(DetectorConfig(
-        num_classes=91, frozen_bn=True, freeze_at=2, min_size=size, max_size=size,
-        rpn=RPNConfig(post_nms_top_n_test=args.proposals)))
+    ours = build_detector(
+        DetectorConfig(
+            num_classes=91,
+            frozen_bn=True,
+            freeze_at=2,
+            min_size=size,
+            max_size=size,
+            rpn=RPNConfig(post_nms_top_n_test=args.proposals),
+        )
+    )
     ours_fast = build_detector(DetectorConfig.from_dict(ours.spec["kwargs"]))
     ours_fast.load_state_dict(ours.state_dict())
     fold_batch_norm(ours_fast)
@@ -182,27 +224,45 @@ def run_infer(args, console: Console) -> None:
             run = detect(model, image, proposals)
             run["rois"] = counters[name].count
             runs[name].append(run)
-            console.print(f"round {round_ + 1}: {name}: {run['total_s']:.2f} s "
-                          f"(trunk+RPN {run['trunk_rpn_s']:.2f}, RoIAlign+res5+predictor "
-                          f"{run['head_s']:.2f}; {run['rois']} RoIs)")
+            console.print(
+                f"round {round_ + 1}: {name}: {run['total_s']:.2f} s "
+                f"(trunk+RPN {run['trunk_rpn_s']:.2f}, RoIAlign+res5+predictor "
+                f"{run['head_s']:.2f}; {run['rois']} RoIs)"
+            )
     summary = {
-        name: {key: statistics.median(r[key] for r in rs)
-               for key in ("total_s", "trunk_rpn_s", "head_s")} | {"rois": rs[0]["rois"],
-                                                                      "rpn_proposals":
-                                                                      rs[0]["rpn_proposals"]}
+        name: {
+            key: statistics.median(r[key] for r in rs)
+            for key in ("total_s", "trunk_rpn_s", "head_s")
+        }
+        | {"rois": rs[0]["rois"], "rpn_proposals": rs[0]["rpn_proposals"]}
         for name, rs in runs.items()
     }
-    table = Table(title=f"ResNet-101-C4 inference, {size}x{size}, {args.proposals} RoIs, "
-                        f"median of {args.rounds}")
+    table = Table(
+        title=f"ResNet-101-C4 inference, {size}x{size}, {args.proposals} RoIs, "
+        f"median of {args.rounds}"
+    )
     for column in ("network", "s / image", "trunk + RPN", "RoIAlign + res5", "RoIs"):
         table.add_column(column, justify="left" if column == "network" else "right")
     for name, s in summary.items():
-        table.add_row(name, f"{s['total_s']:.2f}", f"{s['trunk_rpn_s']:.2f}",
-                      f"{s['head_s']:.2f}", str(s["rois"]))
+        table.add_row(
+            name,
+            f"{s['total_s']:.2f}",
+            f"{s['trunk_rpn_s']:.2f}",
+            f"{s['head_s']:.2f}",
+            str(s["rois"]),
+        )
     console.print(table)
-    result = {"kind": "infer", "machine": info, "load_average_end": os.getloadavg(),
-              "image_size": size, "proposals": args.proposals, "rounds": args.rounds,
-              "summary": summary, "runs": runs, "note": args.note}
+    result = {
+        "kind": "infer",
+        "machine": info,
+        "load_average_end": os.getloadavg(),
+        "image_size": size,
+        "proposals": args.proposals,
+        "rounds": args.rounds,
+        "summary": summary,
+        "runs": runs,
+        "note": args.note,
+    }
     console.print(f"wrote {write_result('infer', result)}")
 
 

@@ -24,13 +24,20 @@ def write_dataset(root, annotations=None, images=None):
     for image in images:
         pixels = torch.zeros(3, image["height"], image["width"], dtype=torch.uint8)
         write_png(pixels, str(root / "img" / image["file_name"]))
-    annotations = annotations if annotations is not None else [
-        {"id": 1, "image_id": 7, "category_id": 9, "bbox": [2, 3, 10, 5], "iscrowd": 0},
-        {"id": 2, "image_id": 7, "category_id": 5, "bbox": [20, 10, 15, 20]},
-        {"id": 3, "image_id": 3, "category_id": 5, "bbox": [0, 0, 40, 30], "iscrowd": 1},
-    ]
-    data = {"images": images, "annotations": annotations,
-            "categories": [{"id": 9, "name": "nine"}, {"id": 5, "name": "five"}]}
+    annotations = (
+        annotations
+        if annotations is not None
+        else [
+            {"id": 1, "image_id": 7, "category_id": 9, "bbox": [2, 3, 10, 5], "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 5, "bbox": [20, 10, 15, 20]},
+            {"id": 3, "image_id": 3, "category_id": 5, "bbox": [0, 0, 40, 30], "iscrowd": 1},
+        ]
+    )
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 9, "name": "nine"}, {"id": 5, "name": "five"}],
+    }
     path = root / "ann.json"
     path.write_text(json.dumps(data))
     return root / "img", path
@@ -79,9 +86,13 @@ def test_missing_image_file_is_named(tmp_path):
 
 
 def test_resolve_data_folder_and_explicit_paths(tmp_path):
-    assert resolve(tmp_path, None, None, "val") == (tmp_path / "val",
-                                                    tmp_path / "annotations" / "val.json")
-    assert resolve(None, "i", "a.json", "train") == (tmp_path.__class__("i"),
-                                                     tmp_path.__class__("a.json"))
+    assert resolve(tmp_path, None, None, "val") == (
+        tmp_path / "val",
+        tmp_path / "annotations" / "val.json",
+    )
+    assert resolve(None, "i", "a.json", "train") == (
+        tmp_path.__class__("i"),
+        tmp_path.__class__("a.json"),
+    )
     with pytest.raises(ReslabError, match="needs --data"):
         resolve(None, "i", None, "train")

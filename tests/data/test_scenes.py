@@ -54,7 +54,7 @@ def test_a_single_item_box_is_tight():
     generator = torch.Generator().manual_seed(0)
     for _ in range(5):
         canvas, objects = render_scene(split.images, split.labels, config, generator)
-        ((x0, y0, x1, y1), label), = objects
+        (((x0, y0, x1, y1), label),) = objects
         ys, xs = torch.nonzero(canvas > BACKGROUND, as_tuple=True)
         assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         assert 0 <= label <= 9
