@@ -29,6 +29,7 @@ from reslab.analysis.gradients import (
     summary_rows,
 )
 from reslab.analysis.summary import block_arithmetic, summarize_name
+from reslab.cli.summary import parse_shape
 from reslab.data import fashion_mnist
 from reslab.errors import ReslabError
 from reslab.models.resnet import IMAGENET_DEPTHS
@@ -143,7 +144,7 @@ def register(subparsers) -> None:
     b.add_argument("--size", type=int, default=56, help="feature map side (default: 56)")
     b.add_argument(
         "--input",
-        type=int_list,
+        type=parse_shape,
         default=(3, 224, 224),
         help="network input C,H,W (default: 3,224,224)",
     )
@@ -253,8 +254,6 @@ def run_degradation(args) -> int:
 
 def run_blocks(args) -> int:
     console = Console()
-    if len(args.input) != 3 or min(args.input) < 1:
-        raise ReslabError(f"--input expects C,H,W with three positive integers, got {args.input}")
     channels, size = args.channels, args.size
     # He et al. 2015, Figure 5: a bottleneck on 256 channels costs about what a basic block on
     # 64 does; the third row shows that pairing
