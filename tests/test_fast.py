@@ -119,3 +119,16 @@ def test_bf16_detection_reads_cpu_flags(monkeypatch):
     assert fast.bf16_supported()
     monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert not fast.bf16_supported()
+
+
+def test_compiled_inference_matches_and_compiles_per_batch_size():
+    """The compiled, frozen fast path gives the eager model's outputs for two batch sizes (each
+    batch size compiles its own static graph)."""
+    model = randomized("resnet20", width=0.25)
+    predictor = fast.prepare_for_inference(model, "fp32", compile=True)
+    for batch in (3, 1):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.inference_mode():
+            expected, got = model(x), predictor(x)
+        assert got.shape == (batch, 10)
+        assert (got - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max().item())

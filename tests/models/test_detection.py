@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from reslab.engine.detection import LOSS_NAMES, coco_evaluate
+from reslab.engine.detection import LOSS_NAMES, coco_evaluate, prepare_detector_for_inference
 from reslab.errors import ReslabError
 from reslab.models.detection import (
     DetectorConfig,
@@ -168,6 +169,31 @@ def test_folding_batch_norm_keeps_the_detections():
         fold_batch_norm(model)
         after = model(image)[0]
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_detector_inference_path_keeps_the_detections():
+    """Folded and channels_last (the path `reslab detect eval|predict` take): same boxes and
+    scores as the model as trained, from a train-mode model."""
+    torch.manual_seed(0)
+    model = build_detector(tiny(frozen_bn=False))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    model.roi_heads.score_thresh = 0.0
+    image = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        before = model(image)[0]
+        model.train()
+        prepare_detector_for_inference(model)
+        after = model(image)[0]
+    assert not model.training
+    assert not any(isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d) for m in model.modules())
+    conv = model.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    torch.testing.assert_close(after["boxes"], before["boxes"], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
 
 

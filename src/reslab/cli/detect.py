@@ -17,6 +17,7 @@ from reslab.engine.detection import (
     detector_from_checkpoint,
     evaluate_detector,
     predict_images,
+    prepare_detector_for_inference,
     train_detector,
 )
 from reslab.engine.distributed import init_world
@@ -248,7 +249,9 @@ def _report(console: Console, metrics: dict, title: str) -> None:
 
 def run_eval(args) -> int:
     _set_threads(args)
-    model = detector_from_checkpoint(load_checkpoint(args.checkpoint))
+    model = prepare_detector_for_inference(
+        detector_from_checkpoint(load_checkpoint(args.checkpoint))
+    )
     dataset = _dataset(args, args.split, eval_transforms())
     metrics = evaluate_detector(model, dataset, args.batch_size, args.bf16)
     _report(Console(), metrics, args.split if args.data else str(args.annotations))
@@ -260,7 +263,7 @@ def run_eval(args) -> int:
 def run_predict(args) -> int:
     _set_threads(args)
     payload = load_checkpoint(args.checkpoint)
-    model = detector_from_checkpoint(payload)
+    model = prepare_detector_for_inference(detector_from_checkpoint(payload))
     records = predict_images(
         model, args.image, payload["class_names"], args.out, args.score_thresh, args.bf16
     )

@@ -7,6 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from reslab.cli.predict import add_inference_flags
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.evaluate import Evaluation
 from reslab.engine.inference import evaluate_checkpoint
@@ -25,6 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data", metavar="FOLDER", help="an ImageFolder tree to evaluate on")
     parser.add_argument("--data-dir", help="where the Fashion-MNIST files are")
     parser.add_argument("--batch-size", type=int, default=500)
+    # fp32 by default: the accuracy then equals the training run's own evaluation
+    add_inference_flags(parser, default_precision="fp32")
     parser.set_defaults(func=run)
 
 
@@ -48,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
         raise ReslabError(f"--batch-size must be >= 1, got {args.batch_size}")
     payload = load_checkpoint(args.checkpoint)
     evaluation, description = evaluate_checkpoint(
-        payload, data=args.data, data_dir=args.data_dir, batch_size=args.batch_size
+        payload,
+        data=args.data,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        compile=args.compile,
     )
     console = Console()
     console.print(f"data: {description}", markup=False, highlight=False)

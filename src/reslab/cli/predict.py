@@ -22,7 +22,23 @@ def register(subparsers) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
     parser.add_argument("images", metavar="IMAGE", nargs="+")
     parser.add_argument("--top-k", type=int, default=3)
+    add_inference_flags(parser, default_precision="auto")
     parser.set_defaults(func=run)
+
+
+def add_inference_flags(parser: argparse.ArgumentParser, default_precision: str) -> None:
+    """--precision and --compile of the inference fast path (batch norm folded, channels_last)."""
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=default_precision,
+        help="auto = bf16 where the CPU has native bf16, else fp32 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model first: pays off only for many images",
+    )
 
 
 def conversion_note(path: str, spec: dict) -> str | None:
@@ -51,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         note = conversion_note(path, payload.get("input", {}))
         if note:
             print(note, file=sys.stderr)
-    results = predict_files(payload, args.images, args.top_k)
+    results = predict_files(payload, args.images, args.top_k, args.precision, args.compile)
     for path, top in zip(args.images, results, strict=True):
         ranked = ", ".join(f"{name} {100 * p:.1f}%" for name, p in top)
         print(f"{path}: {ranked}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from reslab import fast
 from reslab.data.folders import FolderDataset, open_image, scan
 from reslab.data.transforms import InputSpec
 from reslab.engine.checkpoint import model_from_checkpoint
@@ -16,14 +17,17 @@ from reslab.engine.train import open_source
 from reslab.errors import ReslabError
 
 
-def _setup(payload: dict) -> tuple[torch.nn.Module, TrainConfig, InputSpec]:
+def _setup(
+    payload: dict, precision: str, compile: bool
+) -> tuple[torch.nn.Module, TrainConfig, InputSpec]:
+    """The checkpoint's model on the inference fast path (batch norm folded, channels_last,
+    ``precision``: fp32, bf16, or auto = bf16 where the CPU has it), its config and input."""
     for key in ("config", "input", "classes"):
         if key not in payload:
             raise ReslabError(f"the checkpoint has no {key!r}; it was not written by reslab train")
-    model = model_from_checkpoint(payload).eval()
+    model = model_from_checkpoint(payload)
     config = TrainConfig.from_dict(payload["config"])
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = fast.prepare_for_inference(model, precision, fold_bn=True, compile=compile)
     return model, config, InputSpec.from_dict(payload["input"])
 
 
@@ -46,10 +50,18 @@ def _folder_batches(root: Path, classes: list[str], size: int, batch_size: int, 
 
 
 def evaluate_checkpoint(
-    payload: dict, data: str | None = None, data_dir: str | None = None, batch_size: int = 500
+    payload: dict,
+    data: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 500,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> tuple[Evaluation, str]:
-    """Evaluate on ``data`` (a folder), else on the test split of the data it was trained on."""
-    model, config, spec = _setup(payload)
+    """Evaluate on ``data`` (a folder), else on the test split of the data it was trained on.
+
+    fp32 by default, so the numbers equal the training run's own evaluation (folding batch norm
+    changes outputs by float rounding only)."""
+    model, config, spec = _setup(payload, precision, compile)
     classes = payload["classes"]
     if data is not None:
         batches, description = _folder_batches(
@@ -58,18 +70,19 @@ def evaluate_checkpoint(
     else:
         source = open_source(replace(config, data_dir=data_dir or config.data_dir))
         batches, description = source.test_batches(batch_size), source.description
-    evaluation = evaluate(
-        model, batches, spec, len(classes), config.precision, config.channels_last, config.tta
-    )
+    # the prepared model takes fp32 NCHW batches and handles layout and precision itself
+    evaluation = evaluate(model, batches, spec, len(classes), tta=config.tta)
     return evaluation, description
 
 
-def predict_files(payload: dict, paths: list[str], top_k: int = 3) -> list[list[tuple[str, float]]]:
+def predict_files(
+    payload: dict, paths: list[str], top_k: int = 3, precision: str = "auto", compile: bool = False
+) -> list[list[tuple[str, float]]]:
     """Top-k (class, probability) for each image file, read the way training read images."""
-    model, config, spec = _setup(payload)
+    model, config, spec = _setup(payload, precision, compile)
     classes = payload["classes"]
     images = torch.stack([open_image(p, spec.channels, spec.source_size) for p in paths])
-    probs = logits(model, images, spec, config.precision, config.channels_last, config.tta)
+    probs = logits(model, images, spec, tta=config.tta)
     probs = probs.softmax(1)
     top = probs.topk(min(top_k, len(classes)), dim=1)
     return [
