@@ -50,7 +50,9 @@ def main() -> None:
     console = Console()
     rows = []
     for preset in args.presets:
-        overrides = {"out": f"runs/bench-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"}
+        # the process id keeps two runs started in the same second apart
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        overrides = {"out": f"runs/bench-{preset}-{stamp}"}
         if args.epochs:
             overrides["epochs"] = args.epochs
         if args.model:
