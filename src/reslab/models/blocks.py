@@ -109,7 +109,9 @@ class BasicBlock(nn.Module):
         if self.residual:
             # the shortcut takes the block's *input*; applying the projection to the branch's
             # output instead is the bug in the tutorial code this project started from
-            out = out + (x if self.downsample is None else self.downsample(x))
+            # in place, as torchvision does: the batch norm before it does not need its output
+            # for the backward pass, so this saves one activation-sized tensor per block
+            out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
 
