@@ -154,31 +154,14 @@ def test_pretrained_setup_freezes_bn_stem_and_layer1():
     assert all(p.requires_grad for p in model.backbone.layer2.parameters())
 
 
-def test_folding_batch_norm_keeps_the_detections():
+def detections_before_and_after(frozen_bn: bool, prepare) -> tuple[dict, dict, nn.Module, bool]:
+    """A tiny detector whose batch norms are far from identity (a fresh one folds trivially),
+    its detections on one image, then ``prepare(model)`` from train mode and its detections;
+    last, whether ``prepare`` left the model in train mode."""
     torch.manual_seed(0)
-    model = build_detector(tiny(frozen_bn=True))
+    model = build_detector(tiny(frozen_bn=frozen_bn))
     for module in model.modules():
-        if isinstance(module, FrozenBatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    model.eval()
-    model.roi_heads.score_thresh = 0.0
-    image = [torch.rand(3, 64, 64)]
-    with torch.no_grad():
-        before = model(image)[0]
-        fold_batch_norm(model)
-        after = model(image)[0]
-    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
-    torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
-
-
-def test_detector_inference_path_keeps_the_detections():
-    """Folded and channels_last (the path `reslab detect eval|predict` take): same boxes and
-    scores as the model as trained, from a train-mode model."""
-    torch.manual_seed(0)
-    model = build_detector(tiny(frozen_bn=False))
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.BatchNorm2d | FrozenBatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     model.eval()
@@ -187,9 +170,26 @@ def test_detector_inference_path_keeps_the_detections():
     with torch.no_grad():
         before = model(image)[0]
         model.train()
-        prepare_detector_for_inference(model)
+        model = prepare(model) or model
+        left_training = model.training
+        model.eval()
         after = model(image)[0]
-    assert not model.training
+    return before, after, model, left_training
+
+
+def test_folding_batch_norm_keeps_the_detections():
+    before, after, model, _ = detections_before_and_after(True, fold_batch_norm)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_detector_inference_path_keeps_the_detections():
+    """Folded and channels_last (the path `reslab detect eval|predict` take), from a
+    train-mode model with trainable batch norm: the same boxes and scores."""
+    before, after, model, left_training = detections_before_and_after(
+        False, prepare_detector_for_inference
+    )
+    assert not left_training
     assert not any(isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d) for m in model.modules())
     conv = model.backbone.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
