@@ -37,13 +37,17 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from reslab.bench import machine_info
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
-from reslab.engine.detection import DetectTrainConfig, evaluate_detector, train_detector
+from reslab.engine.detection import (
+    DetectTrainConfig,
+    evaluate_detector,
+    prepare_detector_for_inference,
+    train_detector,
+)
 from reslab.models.detection import (
     DetectorConfig,
     RoIHeadsConfig,
     RPNConfig,
     build_detector,
-    fold_batch_norm,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -203,8 +207,7 @@ def run_infer(args, console: Console) -> None:
     )
     ours_fast = build_detector(DetectorConfig.from_dict(ours.spec["kwargs"]))
     ours_fast.load_state_dict(ours.state_dict())
-    fold_batch_norm(ours_fast)
-    ours_fast = ours_fast.to(memory_format=torch.channels_last)
+    ours_fast = prepare_detector_for_inference(ours_fast)  # what `detect eval|predict` run
     variants = {
         "torchvision resnet101 C4 (hand-assembled)": torchvision_c4(91, size, args.proposals),
         "reslab resnet101 C4": ours,

@@ -162,7 +162,13 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     convolution (pre-activation ``bn1``, ``final_norm``) stay: a ReLU between them makes the
     folding inexact. Outputs match the original model's eval outputs within float rounding.
     """
-    model = copy.deepcopy(model).eval()
+    return fold_batchnorm_(copy.deepcopy(model).eval())
+
+
+def fold_batchnorm_(model: nn.Module) -> nn.Module:
+    """:func:`fold_batchnorm` in place, for models too large to copy (a detector); returns
+    ``model``. Only valid for inference: put the model in eval mode (or use frozen batch norm),
+    since a folded network can no longer normalise with batch statistics."""
     for module in list(model.modules()):
         pairs = next(
             (FOLDABLE_PAIRS[cls] for cls in type(module).__mro__ if cls in FOLDABLE_PAIRS),

@@ -10,12 +10,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from reslab.engine.detection import LOSS_NAMES, coco_evaluate, prepare_detector_for_inference
 from reslab.errors import ReslabError
+from reslab.fast import fold_batchnorm_
 from reslab.models.detection import (
     DetectorConfig,
     RoIHeadsConfig,
     RPNConfig,
     build_detector,
-    fold_batch_norm,
     load_backbone_weights,
 )
 
@@ -178,7 +178,7 @@ def detections_before_and_after(frozen_bn: bool, prepare) -> tuple[dict, dict, n
 
 
 def test_folding_batch_norm_keeps_the_detections():
-    before, after, model, _ = detections_before_and_after(True, fold_batch_norm)
+    before, after, model, _ = detections_before_and_after(True, fold_batchnorm_)
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
 

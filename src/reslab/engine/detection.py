@@ -32,7 +32,8 @@ from reslab.data.coco import CocoDetection, collate
 from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from reslab.engine.distributed import World, any_rank, check_batch, wrap
 from reslab.errors import ReslabError
-from reslab.models.detection import SPEC_NAME, DetectorConfig, build_detector, fold_batch_norm
+from reslab.fast import fold_batchnorm_
+from reslab.models.detection import SPEC_NAME, DetectorConfig, build_detector
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
@@ -115,7 +116,7 @@ def prepare_detector_for_inference(model):
     512 pixels with 1000 RoIs: 29 s per image against 44 s unfolded
     (``benchmarks/detection.py infer``)."""
     model.eval()
-    fold_batch_norm(model)
+    fold_batchnorm_(model)
     return model.to(memory_format=torch.channels_last)
 
 
