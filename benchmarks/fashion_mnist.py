@@ -22,6 +22,7 @@ from rich.table import Table
 from reslab.bench import machine_info
 from reslab.engine.config import PRESETS, build_config
 from reslab.engine.train import fit
+from reslab.errors import Interrupted
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,7 +65,13 @@ def main() -> None:
             overrides[key] = json.loads(value)
         config = build_config(preset, **overrides)
         load_before = os.getloadavg()
-        result = fit(config, console=console)
+        try:
+            result = fit(config, console=console)
+        except Interrupted as stop:
+            # Ctrl-C or SIGTERM: keep the epochs finished so far, marked as a partial run
+            rows.append(partial_row(preset, config, stop, load_before))
+            console.print(f"stopped: {stop}")
+            break
         rows.append(
             {
                 "preset": preset,
@@ -84,6 +91,32 @@ def main() -> None:
             }
         )
 
+    write_results(console, rows, args.note)
+
+
+def partial_row(preset: str, config, stop: Exception, load_before) -> dict:
+    """The record of a run stopped before its last epoch, from its metrics.jsonl."""
+    lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
+    history = [json.loads(line) for line in lines if line.strip()]
+    last = history[-1] if history else {}
+    return {
+        "preset": preset,
+        "config": config.to_dict(),
+        "stopped": str(stop),
+        "completed_epochs": len(history),
+        "test_accuracy": last.get("test_acc", float("nan")),  # after the last finished epoch
+        "best_epoch_accuracy": max((r["test_acc"] for r in history), default=float("nan")),
+        "seconds": last.get("elapsed_s", float("nan")),
+        "seconds_to_94": time_to(history, 0.94),
+        "train_img_per_s": sum(r["img_per_s"] for r in history) / max(len(history), 1),
+        "run_dir": str(config.out),
+        "history": history,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
+def write_results(console: Console, rows: list[dict], note: str) -> None:
     info = machine_info()
     table = Table(title=f"Fashion-MNIST, {info['cpu_model']}, {info['cores']} cores")
     for column in ("preset", "model", "epochs", "test acc %", "time", "to 94%", "img/s", "load"):
@@ -93,7 +126,8 @@ def main() -> None:
         table.add_row(
             row["preset"],
             f"{row['config']['model']} {row['config']['model_kwargs']}",
-            str(row["config"]["epochs"]),
+            str(row["config"]["epochs"])
+            + (f" (stopped after {row['completed_epochs']})" if "stopped" in row else ""),
             f"{100 * row['test_accuracy']:.2f}",
             f"{row['seconds'] / 60:.1f} min",
             "-" if to94 is None else f"{to94 / 60:.1f} min",
@@ -103,7 +137,7 @@ def main() -> None:
     console.print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"fashion_mnist-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"machine": info, "note": args.note, "runs": rows}, indent=1) + "\n")
+    path.write_text(json.dumps({"machine": info, "note": note, "runs": rows}, indent=1) + "\n")
     console.print(f"wrote {path}")
 
 
