@@ -76,7 +76,10 @@ def run_train(args, console: Console) -> None:
         num_classes=train.num_classes,
         min_size=args.size,
         max_size=args.size,
-        rpn=RPNConfig(post_nms_top_n_test=args.test_proposals),
+        rpn=RPNConfig(
+            post_nms_top_n_test=args.test_proposals,
+            anchor_sizes=tuple(int(v) for v in args.anchor_sizes.split(",")),
+        ),
         roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
     )
     config = DetectTrainConfig(
@@ -282,6 +285,12 @@ def main() -> None:
     train.add_argument("--width", type=float, default=0.5)
     train.add_argument("--rois-per-image", type=int, default=32)
     train.add_argument("--test-proposals", type=int, default=100)
+    train.add_argument(
+        "--anchor-sizes",
+        default=",".join(map(str, RPNConfig.anchor_sizes)),
+        help="RPN anchor sides in pixels, comma-separated (default %(default)s, detectron2's; "
+        "the 128-pixel scenes hold items of 25-58 pixels)",
+    )
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--lr", type=float, default=0.02)
