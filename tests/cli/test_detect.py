@@ -31,6 +31,12 @@ TINY = [
 ]
 
 
+def train_on_scenes(scenes, out, epochs: int, *extra: str) -> int:
+    """`reslab detect train` on the test scenes with the tiny detector; the exit status."""
+    args = ["--data", str(scenes), "--out", str(out), "--epochs", str(epochs)]
+    return main(["detect", "train", *args, *extra, *TINY])
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
@@ -40,10 +46,7 @@ def scenes(tmp_path_factory):
 
 def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     out = tmp_path / "run"
-    assert (
-        main(["detect", "train", "--data", str(scenes), "--out", str(out), "--epochs", "1", *TINY])
-        == 0
-    )
+    assert train_on_scenes(scenes, out, 1) == 0
     printed = capsys.readouterr().out
     for name in ("objectness", "rpn_box_reg", "classifier", "box_reg", "mAP@.5"):
         assert name in printed
@@ -51,23 +54,7 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     assert first["epoch"] == 1 and first["step"] == 2 and first["task"] == "detection"
     assert first["class_names"][0] == "T-shirt/top"
 
-    assert (
-        main(
-            [
-                "detect",
-                "train",
-                "--data",
-                str(scenes),
-                "--out",
-                str(out),
-                "--epochs",
-                "2",
-                "--resume",
-                *TINY,
-            ]
-        )
-        == 0
-    )
+    assert train_on_scenes(scenes, out, 2, "--resume") == 0
     second = load_checkpoint(out / "last.pt")
     assert second["epoch"] == 2 and second["step"] == 4
     assert len((out / "log.jsonl").read_text().splitlines()) == 4
@@ -165,24 +152,7 @@ def test_backbone_weights_load_and_freeze(scenes, tmp_path, capsys):
     weights = tmp_path / "resnet18.pth"
     torch.save(create_model("resnet18", width=0.25).state_dict(), weights)
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "detect",
-                "train",
-                "--data",
-                str(scenes),
-                "--out",
-                str(out),
-                "--epochs",
-                "1",
-                "--backbone-weights",
-                str(weights),
-                *TINY,
-            ]
-        )
-        == 0
-    )
+    assert train_on_scenes(scenes, out, 1, "--backbone-weights", str(weights)) == 0
     assert "unused: fc.weight, fc.bias" in capsys.readouterr().out
     payload = load_checkpoint(out)
     config = payload["model"]["kwargs"]
