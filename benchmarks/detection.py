@@ -35,6 +35,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from reslab.bench import machine_info
+from reslab.cli.detect import add_anchor_sizes
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
 from reslab.engine.detection import (
@@ -78,7 +79,7 @@ def run_train(args, console: Console) -> None:
         max_size=args.size,
         rpn=RPNConfig(
             post_nms_top_n_test=args.test_proposals,
-            anchor_sizes=tuple(int(v) for v in args.anchor_sizes.split(",")),
+            anchor_sizes=args.anchor_sizes,
         ),
         roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
     )
@@ -285,12 +286,7 @@ def main() -> None:
     train.add_argument("--width", type=float, default=0.5)
     train.add_argument("--rois-per-image", type=int, default=32)
     train.add_argument("--test-proposals", type=int, default=100)
-    train.add_argument(
-        "--anchor-sizes",
-        default=",".join(map(str, RPNConfig.anchor_sizes)),
-        help="RPN anchor sides in pixels, comma-separated (default %(default)s, detectron2's; "
-        "the 128-pixel scenes hold items of 25-58 pixels)",
-    )
+    add_anchor_sizes(train)
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--lr", type=float, default=0.02)

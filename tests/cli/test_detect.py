@@ -46,17 +46,20 @@ def scenes(tmp_path_factory):
 
 def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_on_scenes(scenes, out, 1) == 0
+    assert train_on_scenes(scenes, out, 1, "--anchor-sizes", "8,16,32") == 0
     printed = capsys.readouterr().out
     for name in ("objectness", "rpn_box_reg", "classifier", "box_reg", "mAP@.5"):
         assert name in printed
     first = load_checkpoint(out)
     assert first["epoch"] == 1 and first["step"] == 2 and first["task"] == "detection"
+    # the anchors are part of the model: the checkpoint rebuilds them, and resume keeps them
+    assert tuple(first["model"]["kwargs"]["rpn"]["anchor_sizes"]) == (8, 16, 32)
     assert first["class_names"][0] == "T-shirt/top"
 
     assert train_on_scenes(scenes, out, 2, "--resume") == 0
     second = load_checkpoint(out / "last.pt")
     assert second["epoch"] == 2 and second["step"] == 4
+    assert tuple(second["model"]["kwargs"]["rpn"]["anchor_sizes"]) == (8, 16, 32)
     assert len((out / "log.jsonl").read_text().splitlines()) == 4
 
     metrics = tmp_path / "metrics.json"
@@ -106,6 +109,15 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "unknown category id 99" in err
+
+
+@pytest.mark.parametrize("value", ["16,x", "32,16", "0,16", ""])
+def test_bad_anchor_sizes_name_the_flag_and_what_works(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["detect", "train", "--data", str(tmp_path), "--anchor-sizes", value])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "--anchor-sizes" in err and "such as 16,32,64,128" in err
 
 
 class NaNAfter(nn.Module):

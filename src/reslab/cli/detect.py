@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -97,6 +98,7 @@ def register(subparsers) -> None:
         help="RoIs sampled per training image; res5 runs on each, so this sets "
         "the cost of a step (default %(default)s)",
     )
+    add_anchor_sizes(train)
     train.add_argument(
         "--test-proposals",
         type=int,
@@ -157,6 +159,33 @@ def _dataset(args, split: str, transforms) -> CocoDetection:
     return CocoDetection(images, annotations, transforms)
 
 
+def anchor_sizes(text: str) -> tuple[int, ...]:
+    """argparse type for ``--anchor-sizes``: positive pixel sides, comma-separated, ascending."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) <= 0 or list(sizes) != sorted(set(sizes)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of anchor sides; give positive whole pixels in "
+            "ascending order, comma-separated, such as 16,32,64,128"
+        )
+    return sizes
+
+
+def add_anchor_sizes(parser) -> None:
+    default = ",".join(map(str, RPNConfig.anchor_sizes))
+    parser.add_argument(
+        "--anchor-sizes",
+        type=anchor_sizes,
+        default=RPNConfig.anchor_sizes,
+        metavar="PX,PX,...",
+        help="RPN anchor sides in pixels of the resized image, all on the one stride-16 map "
+        f"(default: detectron2's {default}, made for 800-pixel images; small images with "
+        "small objects want smaller ones: 16,32,64,128 for the 128-pixel scenes)",
+    )
+
+
 def _native_min_size(dataset: CocoDetection) -> int:
     return min(DEFAULT_MIN_SIZE, max(min(i["width"], i["height"]) for i in dataset.images))
 
@@ -189,7 +218,7 @@ def run_train(args) -> int:
             freeze_at=2 if pretrained else 0,
             min_size=args.min_size or _native_min_size(dataset),
             max_size=args.max_size,
-            rpn=RPNConfig(post_nms_top_n_test=args.test_proposals),
+            rpn=RPNConfig(anchor_sizes=args.anchor_sizes, post_nms_top_n_test=args.test_proposals),
             roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
         )
     if detector.num_classes != dataset.num_classes:
