@@ -1,11 +1,13 @@
-"""Fashion-MNIST accuracy and time of the training presets, through `reslab train`'s code path.
+"""Fashion-MNIST accuracy and time of the training presets, through the `reslab train` command.
 
     .venv/bin/python benchmarks/fashion_mnist.py --presets default seed best
 
-Each preset trains with `reslab.engine.train.fit` (what `reslab train --preset P` runs) and is
-scored on the full 10,000-image test set. Prints a table and writes
-benchmarks/results/fashion_mnist-<time>.json with the machine (cores, CPU model, torch
-version) and the load average before and after, because the machine may be shared.
+Each preset runs as `python -m reslab train --preset P --out runs/bench-P-...` (so with its own
+process count, as a user gets it), timed from start to exit, and is scored on the full
+10,000-image test set. Prints a table and writes benchmarks/results/fashion_mnist-<time>.json
+with the machine (cores, CPU model, torch version) and the load average before and after,
+because the machine may be shared. A run stopped by Ctrl-C or SIGTERM is kept as a partial
+record of its finished epochs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,9 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from reslab.bench import machine_info
-from reslab.engine.config import PRESETS, build_config
-from reslab.engine.train import fit
-from reslab.errors import Interrupted
+from reslab.engine.config import PRESETS
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -32,18 +35,57 @@ def time_to(history: list[dict], accuracy: float) -> float | None:
     return next((r["elapsed_s"] for r in history if r["test_acc"] >= accuracy), None)
 
 
+def flags(overrides: dict) -> list[str]:
+    """`reslab train` flags for config overrides: --key value, or --key / --no-key."""
+    out = []
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{key.replace('_', '-')}")
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def run_preset(preset: str, overrides: dict, out: Path) -> tuple[int, float, str]:
+    """Run `reslab train`; (exit status, wall seconds, its data line). Output passes through."""
+    command = [sys.executable, "-m", "reslab", "train", "--preset", preset, "--out", str(out)]
+    command += flags(overrides)
+    print(" ".join(command[1:]), flush=True)
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+    # Ctrl-C reaches the child from the terminal; a SIGTERM sent to this script is passed on
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    data = ""
+    try:
+        for line in child.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ").strip()
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                continue  # the child saves and exits; wait for it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return code, time.perf_counter() - started, data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["default"], choices=sorted(PRESETS))
     parser.add_argument("--epochs", type=int, help="override every preset's epochs")
     parser.add_argument("--model", help="override every preset's model")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
+    parser.add_argument("--threads", type=int, help="CPU threads per process")
     parser.add_argument(
         "--set",
         nargs="*",
         default=[],
         metavar="KEY=JSON",
-        help="override any config field, e.g. --set erasing=0 model_kwargs='{\"width\": 0.5}'",
+        help="override any config field that `reslab train` has a flag for, e.g. --set "
+        "erasing=0 width=0.5 processes=1",
     )
     parser.add_argument("--note", default="", help="free text saved with the results")
     args = parser.parse_args()
@@ -53,67 +95,54 @@ def main() -> None:
     for preset in args.presets:
         # the process id keeps two runs started in the same second apart
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        overrides = {"out": f"runs/bench-{preset}-{stamp}"}
-        if args.epochs:
-            overrides["epochs"] = args.epochs
-        if args.model:
-            overrides["model"] = args.model
-        if args.threads:
-            overrides["threads"] = args.threads
+        out = Path(f"runs/bench-{preset}-{stamp}")
+        overrides = {}
+        for key in ("epochs", "model", "threads"):
+            if getattr(args, key):
+                overrides[key] = getattr(args, key)
         for item in args.set:
             key, _, value = item.partition("=")
             overrides[key] = json.loads(value)
-        config = build_config(preset, **overrides)
         load_before = os.getloadavg()
-        try:
-            result = fit(config, console=console)
-        except Interrupted as stop:
-            # Ctrl-C or SIGTERM: keep the epochs finished so far, marked as a partial run
-            rows.append(partial_row(preset, config, stop, load_before))
-            console.print(f"stopped: {stop}")
+        code, seconds, data = run_preset(preset, overrides, out)
+        row = result_row(preset, out, code, seconds, data, load_before)
+        rows.append(row)
+        if "stopped" in row:
+            console.print(f"stopped: {row['stopped']}")
             break
-        rows.append(
-            {
-                "preset": preset,
-                "config": config.to_dict(),
-                "test_accuracy": result.test_accuracy,
-                "best_epoch_accuracy": result.best_accuracy,
-                "seconds": result.seconds,
-                "seconds_to_94": time_to(result.history, 0.94),
-                "train_img_per_s": sum(r["img_per_s"] for r in result.history)
-                / len(result.history),
-                "test_images": int(result.evaluation.confusion.sum()),
-                "data": result.source,
-                "run_dir": str(result.run_dir),
-                "history": result.history,
-                "load_average_before": load_before,
-                "load_average_after": os.getloadavg(),
-            }
-        )
 
     write_results(console, rows, args.note)
 
 
-def partial_row(preset: str, config, stop: Exception, load_before) -> dict:
-    """The record of a run stopped before its last epoch, from its metrics.jsonl."""
-    lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
+def result_row(preset: str, out: Path, code: int, seconds: float, data: str, load_before) -> dict:
+    """The record of one run, from its config.json and metrics.jsonl; a run that exited early
+    (stopped, or failed) is marked with how, and scored by the epochs it finished."""
+    config = (
+        json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    )
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
     history = [json.loads(line) for line in lines if line.strip()]
     last = history[-1] if history else {}
-    return {
+    row = {
         "preset": preset,
-        "config": config.to_dict(),
-        "stopped": str(stop),
-        "completed_epochs": len(history),
+        "config": config,
+        "exit_status": code,
         "test_accuracy": last.get("test_acc", float("nan")),  # after the last finished epoch
         "best_epoch_accuracy": max((r["test_acc"] for r in history), default=float("nan")),
-        "seconds": last.get("elapsed_s", float("nan")),
+        "seconds": seconds,  # the whole command, start to exit
         "seconds_to_94": time_to(history, 0.94),
         "train_img_per_s": sum(r["img_per_s"] for r in history) / max(len(history), 1),
-        "run_dir": str(config.out),
+        "data": data,
+        "run_dir": str(out),
         "history": history,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
     }
+    if code != 0 or len(history) < config.get("epochs", 0):
+        row["stopped"] = f"exit status {code} after {len(history)} epochs"
+        row["completed_epochs"] = len(history)
+    return row
 
 
 def write_results(console: Console, rows: list[dict], note: str) -> None:
@@ -125,8 +154,8 @@ def write_results(console: Console, rows: list[dict], note: str) -> None:
         to94 = row["seconds_to_94"]
         table.add_row(
             row["preset"],
-            f"{row['config']['model']} {row['config']['model_kwargs']}",
-            str(row["config"]["epochs"])
+            f"{row['config'].get('model', '?')} {row['config'].get('model_kwargs', '')}",
+            str(row["config"].get("epochs", "?"))
             + (f" (stopped after {row['completed_epochs']})" if "stopped" in row else ""),
             f"{100 * row['test_accuracy']:.2f}",
             f"{row['seconds'] / 60:.1f} min",

@@ -20,7 +20,7 @@ from reslab.models import create_model
 
 TINY = [
     "--model=resnet20", "--width=0.25", "--image-size=16", "--epochs=1", "--batch-size=8",
-    "--no-verify", "--threads=1",
+    "--no-verify", "--threads=1", "--processes=1",
 ]  # fmt: skip
 
 

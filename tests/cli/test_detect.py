@@ -177,15 +177,21 @@ def test_backbone_weights_load_and_freeze(scenes, tmp_path, capsys):
     )
 
 
-def test_two_processes_with_torchrun(scenes, tmp_path):
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.parametrize(
+    "launcher, flags", [(TORCHRUN, []), ([], ["--processes", "2"])], ids=["torchrun", "processes"]
+)
+def test_two_processes(scenes, tmp_path, launcher, flags):
     import subprocess
     import sys
 
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        sys.executable, *launcher,
         "-m", "reslab", "detect", "train", "--data", str(scenes), "--out", str(out),
-        "--epochs", "1", "--threads", "1", *TINY,
+        "--epochs", "1", "--threads", "1", *TINY, *flags,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,7 @@ from reslab.engine.evaluate import logits
 
 TINY = [
     "--model", "resnet20", "--width", "0.25", "--image-size", "16", "--epochs", "2",
-    "--batch-size", "8", "--lr", "0.05", "--no-verify",
+    "--batch-size", "8", "--lr", "0.05", "--no-verify", "--processes", "1",
 ]  # fmt: skip
 
 

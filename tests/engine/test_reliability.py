@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -40,7 +42,10 @@ SCRIPT = textwrap.dedent(
     train.fit = lambda config, **kw: original_fit(config, hooks=Crash(), **kw)
     from reslab.cli import main
 
-    sys.exit(main(sys.argv[4:]))
+    # main() reads sys.argv, as `reslab` does, so that `--processes N` starts N copies of this
+    # very script (hooks included) as its ranks
+    sys.argv[1:] = sys.argv[4:]
+    sys.exit(main())
     """
 )
 
@@ -58,6 +63,7 @@ def train_args(data_dir, out, *extra):
         "--lr=0.05",
         "--precision=fp32",
         "--threads=1",
+        "--processes=1",
         f"--out={out}",
         *extra,
     ]
@@ -133,7 +139,15 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(
     assert_same_weights(load_checkpoint(out / "last.pt")["state_dict"], reference["state_dict"])
 
 
-def test_two_processes_match_one_with_the_same_global_batch(fake_fmnist, tmp_path):
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.parametrize(
+    "launcher, flags",
+    [(TORCHRUN, []), ([sys.executable], ["--processes=2"])],
+    ids=["torchrun", "processes"],
+)
+def test_two_processes_match_one_with_the_same_global_batch(fake_fmnist, tmp_path, launcher, flags):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
@@ -142,12 +156,12 @@ def test_two_processes_match_one_with_the_same_global_batch(fake_fmnist, tmp_pat
         tmp_path, -1, "SIGKILL", train_args(fake_fmnist, one / "run", *args), one, [sys.executable]
     )
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     double = run_script(
-        tmp_path, -1, "SIGKILL", train_args(fake_fmnist, two / "run", *args), two, torchrun
+        tmp_path, -1, "SIGKILL", train_args(fake_fmnist, two / "run", *args, *flags), two, launcher
     )
     assert double.returncode == 0, double.stderr[-3000:]
     assert "processes: 2; global batch 8 (4 per process)" in double.stdout
+    assert double.stdout.count("test accuracy") == 1  # rank 1 is silent
     rank0 = torch.load(two / "rank0.pt", weights_only=True)
     rank1 = torch.load(two / "rank1.pt", weights_only=True)
     assert_same_weights(rank0, rank1)
@@ -156,3 +170,35 @@ def test_two_processes_match_one_with_the_same_global_batch(fake_fmnist, tmp_pat
         if value.is_floating_point():
             assert torch.allclose(rank0[key], value, atol=1e-4, rtol=1e-3), key
     assert (two / "run" / "last.pt").is_file() and (two / "run" / "metrics.jsonl").is_file()
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_saved_step(fake_fmnist, tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    args = train_args(fake_fmnist, out, "--processes=2", "--epochs=10000")
+    launcher = subprocess.Popen(
+        [sys.executable, str(script), "-1", "SIGKILL", "-", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)  # rank 0 writes it after the first epoch: both ranks are training
+    launcher.send_signal(signal.SIGTERM)  # to the launcher alone; it passes the signal on
+    stdout, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, stderr[-3000:]
+    assert stderr.count(f"reslab train --resume {out}") == 1 and "Traceback" not in stderr
+    saved = load_checkpoint(out / "last.pt")
+    assert 5 <= saved["step"] < 5 * 10000
+
+
+def test_a_bad_value_is_reported_once_before_any_rank_starts(fake_fmnist, tmp_path, capsys):
+    from reslab.cli import main
+
+    code = main(train_args(fake_fmnist, tmp_path / "run", "--processes=2", "--batch-size=7"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--batch-size 7" in err and "2 processes" in err
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ Each command lives in its own module with ``register(subparsers)``, which adds a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from reslab import __version__
@@ -43,14 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # None: this process's own command line (`reslab train --processes`)
+    # in a multi-process run, rank 0 alone reports; the others would repeat its words
+    say = print if os.environ.get("RANK", "0") == "0" else lambda *a, **k: None
     try:
         return args.func(args) or 0
     except ReslabError as error:
-        print(f"reslab: error: {error}", file=sys.stderr)
+        say(f"reslab: error: {error}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        print(f"reslab: {stop}", file=sys.stderr)
+        say(f"reslab: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
-        print("reslab: interrupted", file=sys.stderr)
+        say("reslab: interrupted", file=sys.stderr)
         return 130

@@ -21,7 +21,14 @@ from reslab.engine.detection import (
     prepare_detector_for_inference,
     train_detector,
 )
-from reslab.engine.distributed import init_world
+from reslab.engine.distributed import (
+    World,
+    check_batch,
+    cpu_cores,
+    in_launched_world,
+    init_world,
+    relaunch,
+)
 from reslab.errors import ReslabError
 from reslab.models.detection import (
     BACKBONES,
@@ -45,7 +52,7 @@ def _add_data(parser) -> None:
 
 def _add_threads(parser) -> None:
     # on a shared machine one thread avoids OpenMP threads spinning against each other
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="CPU threads (per process with --processes)")
 
 
 def _set_threads(args) -> None:
@@ -127,6 +134,14 @@ def register(subparsers) -> None:
     )
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N local processes with DistributedDataParallel (0: one per core), each "
+        "with its share of the cores; --batch-size stays the global batch (default 1)",
+    )
     train.set_defaults(func=run_train)
 
     evaluate = actions.add_parser(
@@ -191,6 +206,12 @@ def _native_min_size(dataset: CocoDetection) -> int:
 
 
 def run_train(args) -> int:
+    if args.processes < 0:
+        raise ReslabError(f"--processes must be >= 0, got {args.processes}")
+    processes = args.processes or cpu_cores()
+    if processes > 1 and not in_launched_world():
+        check_batch(World(size=processes), args.batch_size)
+        return relaunch(processes, args.argv, args.threads or 0)
     _set_threads(args)
     world = init_world()
     console = Console() if world.is_main else Console(quiet=True)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from reslab.engine.config import OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, build_config
+from reslab.engine.config import (
+    OPTIMIZERS,
+    PRECISIONS,
+    PRESETS,
+    SCHEDULES,
+    build_config,
+    validate,
+)
+from reslab.engine.distributed import World, check_batch, cpu_cores, in_launched_world, relaunch
 from reslab.engine.train import fit, resume_config
 from reslab.errors import ReslabError
 
@@ -61,7 +69,15 @@ def register(subparsers) -> None:
     _bool(
         parser, "--channels-last", "NHWC memory layout (oneDNN's preferred layout for convolutions)"
     )
-    add("--threads", type=int, help="CPU threads (default: one per core)")
+    add("--threads", type=int, help="CPU threads per process (default: the cores shared out)")
+    add(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="train in N local processes with DistributedDataParallel, 0 = one per core; the "
+        "global batch and the sequence of updates stay those of one process (default preset: "
+        "0; others: 1)",
+    )
     add("--seed", type=int)
     add("--out", help="run folder (default runs/<date>-<model>, numbered if it exists)")
     parser.add_argument(
@@ -83,7 +99,7 @@ def register(subparsers) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """(config, checkpoint payload or None, run folder or None) from parsed arguments."""
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "preset")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "preset", "argv")}
     if "resume" in given:
         ignored = sorted(set(given) - {"resume", "epochs"})
         if ignored:
@@ -101,5 +117,10 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     config, payload, run_dir = config_from_args(args)
+    processes = config.processes or cpu_cores()
+    if processes > 1 and not in_launched_world():
+        validate(config)  # a user's mistake is reported once, before any process starts
+        check_batch(World(size=processes), config.batch_size)
+        return relaunch(processes, args.argv, config.threads)
     fit(config, payload=payload, run_dir=run_dir)
     return 0

@@ -56,7 +56,11 @@ class TrainConfig:
     precision: str = "fp32"  # bf16 = bfloat16 autocast; fast only where oneDNN has bf16
     channels_last: bool = True
     eval_batch_size: int = 1000
-    threads: int = 0  # intra-op CPU threads; 0 = torch's default (one per core)
+    threads: int = 0  # intra-op CPU threads per process; 0 = the cores shared out evenly
+    # local training processes (DistributedDataParallel over gloo, each with its share of the
+    # cores); 0 = one per core. For machines whose cores one process cannot keep busy; on the
+    # 2-core development machine one process of two threads was faster (README).
+    processes: int = 1
     save_every: int = 0  # also write last.pt every N optimizer steps; 0 = at epoch ends only
     sync_bn: bool = False  # under torchrun: batch-norm statistics over all processes
     # bookkeeping
@@ -174,7 +178,7 @@ def validate(config: TrainConfig) -> None:
         raise ReslabError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
     if config.image_size is not None and config.image_size < 8:
         raise ReslabError(f"--image-size must be at least 8, got {config.image_size}")
-    if config.crop_padding < 0 or config.workers < 0 or config.threads < 0:
-        raise ReslabError("--crop-padding, --workers and --threads must be >= 0")
+    if min(config.crop_padding, config.workers, config.threads, config.processes) < 0:
+        raise ReslabError("--crop-padding, --workers, --threads and --processes must be >= 0")
     if not isinstance(config.save_every, int) or config.save_every < 0:
         raise ReslabError(f"--save-every must be a whole number >= 0, got {config.save_every}")

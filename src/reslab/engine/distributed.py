@@ -1,6 +1,7 @@
 """Training across processes with ``torchrun`` and DistributedDataParallel.
 
-``torchrun`` starts one process per worker and tells each its place through the environment
+``reslab train --processes N`` starts N local processes itself (:func:`launch_local`), in the
+same way. ``torchrun`` starts one process per worker and tells each its place through the environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...; see the torchrun docs); that is
 the launcher's contract, so this module reads it and nothing else does. Gradients are averaged
 by DDP over gloo on CPU and nccl on GPU. Every rank draws the same global batch (same seed, same
@@ -11,6 +12,11 @@ processes follows the same sequence of updates as one process.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -160,3 +166,85 @@ def wrap(model: nn.Module, world: World, sync_bn: bool) -> nn.Module:
     if sync_bn:
         convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(model)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def in_launched_world() -> bool:
+    """True inside a process that torchrun or :func:`launch_local` started."""
+    return "WORLD_SIZE" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def relaunch(processes: int, argv: list[str] | None, threads: int = 0) -> int | None:
+    """Start this command as ``processes`` local ranks and return their exit status; None
+    when it should run right here (one process, or already a rank of a world).
+
+    ``argv`` is what ``reslab.cli.main`` was given: None for this process's own command line,
+    which the ranks repeat exactly (``sys.orig_argv``: interpreter flags and script or -m).
+    """
+    if processes <= 1 or in_launched_world():
+        return None
+    command = sys.orig_argv[1:] if argv is None else ["-m", "reslab", *argv]
+    return launch_local(processes, command, threads)
+
+
+def launch_local(processes: int, command: list[str], threads: int = 0) -> int:
+    """Run ``python *command`` as ``processes`` ranks of one gloo world on this machine.
+
+    Each rank gets torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...) and
+    ``threads`` intra-op threads (0: the cores shared out evenly). SIGINT and SIGTERM are
+    passed on, so every rank saves and stops at the same step. When a rank fails, the others
+    are stopped rather than left waiting for it. Returns rank 0's exit status, or the first
+    failure's when rank 0 succeeded.
+    """
+    per_rank = threads or max(1, cpu_cores() // processes)
+    world = {
+        "WORLD_SIZE": str(processes),
+        "LOCAL_WORLD_SIZE": str(processes),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": str(per_rank),
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, *command],
+            env={**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
+        for rank in range(processes)
+    ]
+
+    def forward(signum, frame):
+        for process in ranks:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        failed_at = None
+        while any(process.poll() is None for process in ranks):
+            if failed_at is None and any(process.poll() not in (None, 0) for process in ranks):
+                failed_at = time.monotonic()
+                forward(signal.SIGTERM, None)
+            elif failed_at is not None and time.monotonic() - failed_at > 30:
+                for process in ranks:
+                    if process.poll() is None:
+                        process.kill()
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    # a rank killed by signal N reports -N; a shell would say 128 + N
+    codes = [code if code >= 0 else 128 - code for code in (p.returncode for p in ranks)]
+    return codes[0] or next((code for code in codes if code), 0)

@@ -450,9 +450,10 @@ def fit(
 
     if state.signal:
         name = signal.Signals(state.signal).name
+        folder = run_dir or "rank 0's run folder"  # only rank 0 knows the folder
         raise Interrupted(
             f"stopped by {name} at step {state.step} (epoch {state.epoch + 1}); saved "
-            f"{run_dir / 'last.pt'}. Resume with: reslab train --resume {run_dir}",
+            f"{folder}/last.pt. Resume with: reslab train --resume {folder}",
             128 + state.signal,
         )
     if not world.is_main:
