@@ -74,9 +74,9 @@ def register(subparsers) -> None:
         "--processes",
         type=int,
         metavar="N",
-        help="train in N local processes with DistributedDataParallel, 0 = one per core; the "
-        "global batch and the sequence of updates stay those of one process (default preset: "
-        "0; others: 1)",
+        help="train in N local processes with DistributedDataParallel (0: one per core), each "
+        "with its share of the cores; the global batch and the sequence of updates stay those "
+        "of one process (default 1)",
     )
     add("--seed", type=int)
     add("--out", help="run folder (default runs/<date>-<model>, numbered if it exists)")
@@ -93,7 +93,7 @@ def register(subparsers) -> None:
         metavar="N",
         help="also save last.pt every N steps (atomically; default: at epoch ends)",
     )
-    _bool(parser, "--sync-bn", "under torchrun, batch-norm statistics over all processes")
+    _bool(parser, "--sync-bn", "with several processes, batch-norm statistics over all of them")
     parser.set_defaults(func=run)
 
 
