@@ -44,6 +44,7 @@ from reslab.engine.detection import (
     prepare_detector_for_inference,
     train_detector,
 )
+from reslab.engine.distributed import cpu_cores, init_world, relaunch
 from reslab.models.detection import (
     DetectorConfig,
     RoIHeadsConfig,
@@ -66,7 +67,15 @@ def run_train(args, console: Console) -> None:
     scenes = Path(args.scenes)
     scene_config = SceneConfig(images=args.images, size=args.size, seed=args.seed)
     if not (scenes / "annotations" / "val.json").is_file():
-        make_scenes(scenes, scene_config)
+        make_scenes(scenes, scene_config)  # before any rank starts, so none of them races
+    # with --processes N this script runs again as N ranks of one DDP world (`reslab detect
+    # train --processes` does the same); rank 0 evaluates and writes the result
+    code = relaunch(args.processes or cpu_cores(), None, args.threads or 0)
+    if code is not None:
+        raise SystemExit(code)
+    world = init_world()
+    if not world.is_main:
+        console = Console(quiet=True)
     train = CocoDetection(
         scenes / "train", scenes / "annotations" / "train.json", train_transforms()
     )
@@ -75,8 +84,9 @@ def run_train(args, console: Console) -> None:
         backbone=args.backbone,
         width=args.width,
         num_classes=train.num_classes,
-        min_size=args.size,
-        max_size=args.size,
+        # the scenes are resized so that their side is --min-size (default: kept as made)
+        min_size=args.min_size or args.size,
+        max_size=args.min_size or args.size,
         rpn=RPNConfig(
             post_nms_top_n_test=args.test_proposals,
             anchor_sizes=args.anchor_sizes,
@@ -95,8 +105,10 @@ def run_train(args, console: Console) -> None:
     torch.manual_seed(args.seed)
     model = build_detector(detector)
     started = time.monotonic()
-    last = train_detector(model, train, config, args.out, console=console)
+    last = train_detector(model, train, config, args.out, console=console, world=world)
     train_s = time.monotonic() - started
+    if not world.is_main:
+        return
     steps = sum(1 for _ in (Path(args.out) / "log.jsonl").open())
     started = time.monotonic()
     metrics = evaluate_detector(model, val, batch_size=8)
@@ -110,6 +122,7 @@ def run_train(args, console: Console) -> None:
         "val_images": len(val),
         "detector": asdict(detector),
         "train": asdict(config),
+        "processes": world.size,
         "steps": steps,
         "train_minutes": train_s / 60,
         "eval_seconds": eval_s,
@@ -281,6 +294,12 @@ def main() -> None:
     train.add_argument("--scenes", default="runs/scenes-bench")
     train.add_argument("--images", type=int, default=2000)
     train.add_argument("--size", type=int, default=128)
+    train.add_argument(
+        "--min-size",
+        type=int,
+        help="side the detector resizes the scenes to (default: --size); 256 doubles the "
+        "stride-16 map's resolution of each item",
+    )
     train.add_argument("--out", default="runs/detect-bench")
     train.add_argument("--backbone", default="resnet18")
     train.add_argument("--width", type=float, default=0.5)
@@ -292,6 +311,12 @@ def main() -> None:
     train.add_argument("--lr", type=float, default=0.02)
     train.add_argument("--warmup-iters", type=int, default=100)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="DDP ranks on this machine, each with its share of the cores (0: one per core)",
+    )
     infer = actions.add_parser("infer", help="ResNet-101-C4 seconds per image")
     infer.add_argument("--size", type=int, default=512)
     infer.add_argument("--proposals", type=int, default=1000)

@@ -109,12 +109,14 @@ PRESETS: dict[str, dict] = {
     # (train 91.7% < test 92.2% with it; 92.53% test without; benchmarks/results/).
     # fp32 in channels_last, not bf16: this machine's CPU has no AVX512-BF16, so bf16
     # convolutions run PyTorch's reference kernels, measured 6x slower than fp32 (README).
+    # 20 epochs at batch 256 (lr 0.2, scaled with the batch): 93.64% in 8.1 min on the idle
+    # 2-core machine at 2,764 img/s; 8 epochs at batch 128 had given 92.41%.
     "default": dict(
         model="resnet18",
         model_kwargs={"stem": "small", "width": 0.25},
-        epochs=8,
-        batch_size=128,
-        lr=0.1,
+        epochs=20,
+        batch_size=256,
+        lr=0.2,
         erasing=0.0,
     ),
     # The highest accuracy within an hour on a 2-core CPU without bf16: full-width ResNet-18
