@@ -107,8 +107,9 @@ PRESETS: dict[str, dict] = {
     # 14x14), SGD with Nesterov momentum on a one-cycle rate, label smoothing, crop and flip on
     # batches, flip test-time augmentation. No random erasing: this small model underfits
     # (train 91.7% < test 92.2% with it; 92.53% test without; benchmarks/results/).
-    # fp32 in channels_last, not bf16: this machine's CPU has no AVX512-BF16, so bf16
-    # convolutions run PyTorch's reference kernels, measured 6x slower than fp32 (README).
+    # fp32 in channels_last, not bf16: on an AVX2-only CPU bf16 convolutions run PyTorch's
+    # reference kernels, measured 6x slower than fp32; on a Xeon with AVX512-BF16 bf16 was
+    # still no faster for this width at 28x28 (2,372 against 2,574 img/s; README).
     # 20 epochs at batch 256 (lr 0.2, scaled with the batch): 93.64% in 8.1 min on the idle
     # 2-core machine at 2,764 img/s; 8 epochs at batch 128 had given 92.41%.
     "default": dict(
@@ -119,16 +120,19 @@ PRESETS: dict[str, dict] = {
         lr=0.2,
         erasing=0.0,
     ),
-    # The highest accuracy within an hour on a 2-core CPU without bf16: full-width ResNet-18
-    # trains at 85 img/s there (6 epochs would take 75 min), half width at about 400 img/s,
-    # which buys 18 epochs (about 50 min). An EMA of the weights (decay 0.998 per step); no
-    # random erasing (half width reached 93.09% in 8 epochs without it). README has the run.
+    # The highest accuracy within an hour on a 2-core CPU: half width trains at about 900 img/s
+    # on the Xeon (full width at 243, 13 epochs an hour), so 36 epochs at batch 256 fit in
+    # 45 min: 94.61% (94% first at epoch 27). 18 epochs at batch 128 had given 94.06%.
+    # An EMA of the weights (decay 0.998 per step). No random erasing: it cost the quarter
+    # width 0.35 points in 8 epochs; this run ends at 96.9% train against 94.6% test, so here
+    # it might pay (not measured). On the slower AVX2 EPYC (about 450 img/s) 36 epochs take
+    # about 85 min: there `--epochs 18 --batch-size 128 --lr 0.1` fits the hour (94.06%).
     "best": dict(
         model="resnet18",
         model_kwargs={"stem": "small", "width": 0.5},
-        epochs=18,
-        batch_size=128,
-        lr=0.1,
+        epochs=36,
+        batch_size=256,
+        lr=0.2,
         ema=0.998,
         erasing=0.0,
     ),
