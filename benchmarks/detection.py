@@ -34,6 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from reslab import fast
 from reslab.bench import machine_info
 from reslab.cli.detect import add_anchor_sizes
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
@@ -190,15 +191,21 @@ class RoICounter:
 
 
 @torch.inference_mode()
-def detect(model: FasterRCNN, image: torch.Tensor, proposals: torch.Tensor) -> dict:
-    """GeneralizedRCNN.forward with the RPN's proposals replaced by fixed ones; times each part."""
+def detect(
+    model: FasterRCNN, image: torch.Tensor, proposals: torch.Tensor, precision: str = "fp32"
+) -> dict:
+    """GeneralizedRCNN.forward with the RPN's proposals replaced by fixed ones; times each part.
+
+    ``precision`` "bf16" runs it under the autocast `detect eval|predict --bf16` use.
+    """
     start = time.perf_counter()
-    images, _ = model.transform([image])
-    features = {"0": model.backbone(images.tensors)}  # (1, 1024, H/16, W/16)
-    rpn_proposals, _ = model.rpn(images, features)
-    trunk_s = time.perf_counter() - start
-    detections, _ = model.roi_heads(features, [proposals], images.image_sizes)
-    model.transform.postprocess(detections, images.image_sizes, [tuple(image.shape[-2:])])
+    with fast.autocast(precision):
+        images, _ = model.transform([image])
+        features = {"0": model.backbone(images.tensors)}  # (1, 1024, H/16, W/16)
+        rpn_proposals, _ = model.rpn(images, features)
+        trunk_s = time.perf_counter() - start
+        detections, _ = model.roi_heads(features, [proposals], images.image_sizes)
+        model.transform.postprocess(detections, images.image_sizes, [tuple(image.shape[-2:])])
     total_s = time.perf_counter() - start
     return {
         "total_s": total_s,
@@ -230,18 +237,23 @@ def run_infer(args, console: Console) -> None:
         "reslab resnet101 C4": ours,
         "reslab resnet101 C4, folded BN + channels_last": ours_fast,
     }
+    precisions = dict.fromkeys(variants, "fp32")
+    if fast.bf16_supported():  # without native bf16 it is many times slower; not worth timing
+        bf16_name = "reslab resnet101 C4, folded BN + channels_last, bf16 (--bf16)"
+        variants[bf16_name] = ours_fast
+        precisions[bf16_name] = "bf16"
     counters = {}
     for name, model in variants.items():
         model.eval()
         counters[name] = RoICounter(model)
     image = torch.rand(3, size, size)
     proposals = fixed_proposals(args.proposals, size)
-    for model in variants.values():  # warm-up: first-call allocations and kernel selection
-        detect(model, image, proposals[:50])
+    for name, model in variants.items():  # warm-up: first-call allocations, kernel selection
+        detect(model, image, proposals[:50], precisions[name])
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name, model in variants.items():
-            run = detect(model, image, proposals)
+            run = detect(model, image, proposals, precisions[name])
             run["rois"] = counters[name].count
             runs[name].append(run)
             console.print(
