@@ -104,11 +104,14 @@ def test_training_autocast_keeps_parameters_fp32():
 
 
 def test_auto_precision_follows_the_cpu(monkeypatch, caplog):
-    monkeypatch.setattr(fast, "bf16_supported", lambda: False)
+    # AVX512-BF16 without AMX: native bf16, but measured slower than fp32, so auto keeps fp32
+    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     with caplog.at_level(logging.WARNING, logger="reslab"):
         assert fast.resolve_precision("auto") == "fp32"
-    assert "no native bf16" in caplog.text
-    monkeypatch.setattr(fast, "bf16_supported", lambda: True)
+    assert "no AMX" in caplog.text
+    monkeypatch.setattr(
+        fast, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_tile", "amx_bf16"})
+    )
     assert fast.resolve_precision("auto") == "bf16"
     with pytest.raises(ReslabError, match="unknown precision"):
         fast.resolve_precision("fp16")

@@ -1,4 +1,4 @@
-"""CPU fast paths: channels_last, bf16 autocast where the CPU has it, folded batch norm.
+"""CPU fast paths: channels_last, bf16 autocast where it pays, folded batch norm.
 
 Training keeps every parameter, batch-norm statistic and the loss in fp32: autocast only runs
 convolutions and matrix products in bf16 (PyTorch's CPU autocast op lists), and callers compute
@@ -9,7 +9,7 @@ read and write of every activation per folded layer.
 
 Typical use::
 
-    model, precision = fast.prepare_for_training(model)       # "auto": bf16 if native
+    model, precision = fast.prepare_for_training(model)       # "auto": bf16 with AMX
     with fast.autocast(precision):
         logits = model(fast.to_input(images))
     loss = F.cross_entropy(logits.float(), labels)
@@ -78,9 +78,25 @@ def bf16_supported() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def bf16_pays() -> bool:
+    """Whether bf16 convolutions can be expected to beat fp32 here: only with AMX-BF16.
+
+    AVX512-BF16 alone doubles a large matrix product's rate, but oneDNN's bf16 convolutions
+    did not follow: on a 2-core Xeon with AVX512-BF16 and no AMX, bf16 autocast was slower
+    than fp32 for ResNet-18 training at 28x28 and 96x96, for its inference at 96x96, and for
+    the ResNet-101-C4 box head (README, "Presets and measured results" and "Detection").
+    """
+    flags = cpu_flags()
+    if flags:
+        return "amx_bf16" in flags
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
+
+
 def resolve_precision(precision: str = "auto", notice: bool = True) -> str:
-    """``"fp32"`` or ``"bf16"``: "auto" picks bf16 where native, otherwise fp32 with a notice
-    (``notice=False`` drops it, for callers where fp32 loses nothing, such as prediction).
+    """``"fp32"`` or ``"bf16"``: "auto" picks bf16 where it pays (`bf16_pays`), otherwise
+    fp32 with a notice (``notice=False`` drops it, for callers where fp32 loses nothing, such
+    as prediction).
 
     An explicit "bf16" is honoured (it is exact enough everywhere, only slow without hardware
     support), with a warning where that is so.
@@ -88,10 +104,10 @@ def resolve_precision(precision: str = "auto", notice: bool = True) -> str:
     if precision not in PRECISIONS:
         raise ReslabError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if precision == "auto":
-        if bf16_supported():
+        if bf16_pays():
             return "bf16"
         if notice:
-            log.warning("reslab: this CPU has no native bf16 (avx512_bf16/amx_bf16); using fp32")
+            log.warning("reslab: bf16 is not faster than fp32 on this CPU (no AMX); using fp32")
         return "fp32"
     if precision == "bf16" and not bf16_supported():
         log.warning("reslab: bf16 requested on a CPU without native bf16; it will be slow")

@@ -124,7 +124,7 @@ def register(subparsers) -> None:
     train.add_argument(
         "--bf16",
         action="store_true",
-        help="bfloat16 autocast; faster only on CPUs with AVX-512 bf16 or AMX",
+        help="bfloat16 autocast; slower than fp32 on CPUs without AMX (measured with AVX512-BF16)",
     )
     train.add_argument(
         "--max-minutes",

@@ -32,7 +32,8 @@ def add_inference_flags(parser: argparse.ArgumentParser, default_precision: str)
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default=default_precision,
-        help="auto = bf16 where the CPU has native bf16, else fp32 (default: %(default)s)",
+        help="auto = bf16 on CPUs with AMX (only there expected to beat fp32), else fp32 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--compile",

@@ -64,7 +64,8 @@ def register(subparsers) -> None:
     add(
         "--precision",
         choices=PRECISIONS,
-        help="bf16 = bfloat16 autocast: fast only on CPUs with native bf16 (AVX512-BF16, AMX)",
+        help="bf16 = bfloat16 autocast: slow without native bf16 (AVX512-BF16, AMX), and measured "
+        "no faster than fp32 on an AVX512-BF16 CPU without AMX",
     )
     _bool(
         parser, "--channels-last", "NHWC memory layout (oneDNN's preferred layout for convolutions)"
