@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/train_step.py --model resnet18 --width 0.5 --threads 1
 
-Times full SGD steps (forward, backward, update) on random 28x28 single-channel batches after
-warm-up steps, and writes benchmarks/results/train_step-<time>.json with the machine, whether
+Times full SGD steps (forward, backward, update) on random single-channel batches (28x28, or
+--size) after warm-up steps, and writes benchmarks/results/train_step-<time>.json with the machine, whether
 the CPU has native bf16, and the load average (the machine may be shared).
 """
 
@@ -24,12 +24,14 @@ from reslab.models import create_model
 RESULTS = Path(__file__).parent / "results"
 
 
-def images_per_second(model_args: dict, precision: str, channels_last: bool, batch: int) -> float:
+def images_per_second(
+    model_args: dict, precision: str, channels_last: bool, batch: int, size: int = 28
+) -> float:
     model = create_model(**model_args)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=layout)
+    x = torch.randn(batch, 1, size, size).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch,))
 
     def step() -> None:
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--stem", default="small")
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=28, help="image side (the seed preset: 96)")
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     args = parser.parse_args()
     if args.threads:
@@ -65,7 +68,9 @@ def main() -> None:
     rows = []
     for precision in ("fp32", "bf16"):
         for channels_last in (False, True):
-            rate = images_per_second(model_args, precision, channels_last, args.batch_size)
+            rate = images_per_second(
+                model_args, precision, channels_last, args.batch_size, args.size
+            )
             rows.append({"precision": precision, "channels_last": channels_last, "img_per_s": rate})
             print(f"{precision} channels_last={channels_last}: {rate:.0f} img/s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -74,6 +79,7 @@ def main() -> None:
         "machine": machine_info(),
         "model": model_args,
         "batch_size": args.batch_size,
+        "image_size": args.size,
         "results": rows,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
