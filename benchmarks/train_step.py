@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/train_step.py --model resnet18 --width 0.5 --threads 1
 
 Times full SGD steps (forward, backward, update) on random single-channel batches (28x28, or
---size) after warm-up steps, and writes benchmarks/results/train_step-<time>.json with the machine, whether
-the CPU has native bf16, and the load average (the machine may be shared).
+--size) after warm-up steps, and writes benchmarks/results/train_step-<time>.json with the
+machine, whether the CPU has native bf16, and the load average (the machine may be shared).
 """
 
 from __future__ import annotations

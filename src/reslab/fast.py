@@ -83,7 +83,8 @@ def bf16_pays() -> bool:
 
     AVX512-BF16 alone doubles a large matrix product's rate, but oneDNN's bf16 convolutions
     did not follow: on a 2-core Xeon with AVX512-BF16 and no AMX, bf16 autocast was slower
-    than fp32 for ResNet-18 training at 28x28 and 96x96 and for the ResNet-101-C4 box head (README, "Presets and measured results" and "Detection").
+    than fp32 for ResNet-18 training at 28x28 and 96x96 and for the ResNet-101-C4 box head
+    (README, "Presets and measured results" and "Detection").
     """
     flags = cpu_flags()
     if flags:
