@@ -67,25 +67,34 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     values = json.loads(metrics.read_text())
     assert 0.0 <= values["mAP"] <= values["mAP50"] <= 1.0 and len(values["per_class"]) == 10
 
+    capsys.readouterr()
+    int8 = tmp_path / "int8.json"
+    evaluate = ["detect", "eval", str(out), "--data", str(scenes), "--json", str(int8)]
+    assert main([*evaluate, "--int8", "--calibration-images", "3"]) == 0
+    # calibrated on the train split's first three images, 50 test proposals each
+    assert "int8 res5 head calibrated on 3 images (150 RoIs)" in capsys.readouterr().out
+    assert 0.0 <= json.loads(int8.read_text())["mAP50"] <= 1.0
+
     image = scenes / "val" / "000000.png"
-    assert (
-        main(
-            [
-                "detect",
-                "predict",
-                str(out),
-                str(image),
-                "--out",
-                str(tmp_path / "pred"),
-                "--score-thresh",
-                "0",
-            ]
-        )
-        == 0
-    )
+    predict = ["detect", "predict", str(out), str(image), "--score-thresh", "0"]
+    assert main([*predict, "--out", str(tmp_path / "pred")]) == 0
     records = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert records[0]["image"] == str(image)
     assert (tmp_path / "pred" / "000000.png").is_file()
+    assert main([*predict, "--out", str(tmp_path / "pred8"), "--int8"]) == 0
+    assert "calibrated on 1 images" in capsys.readouterr().err
+    int8_records = json.loads((tmp_path / "pred8" / "predictions.json").read_text())
+    assert len(int8_records[0]["detections"]) > 0
+
+
+def test_int8_flags_are_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["detect", "eval", str(tmp_path), "--data", str(tmp_path), "--int8", "--bf16"])
+    assert stopped.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    code = main(
+        ["detect", "predict", str(tmp_path / "no.pt"), "x.png", "--calibration-images", "0"]
+    )
+    assert code == 2 and "--calibration-images must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from reslab.engine.distributed import World, any_rank, check_batch, wrap
 from reslab.errors import ReslabError
 from reslab.fast import fold_batchnorm_
 from reslab.models.detection import SPEC_NAME, DetectorConfig, build_detector
+from reslab.quantize import quantize_stage
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
@@ -118,6 +119,41 @@ def prepare_detector_for_inference(model):
     model.eval()
     fold_batchnorm_(model)
     return model.to(memory_format=torch.channels_last)
+
+
+def quantize_detector_head(
+    model,
+    images: Iterable[torch.Tensor],
+    run: Callable[[object, torch.Tensor], object] | None = None,
+) -> int:
+    """Make the res5 box head int8 in place (:mod:`reslab.quantize`), calibrated by running the
+    detector on ``images`` (float CHW in [0, 1]); returns how many RoIs calibrated it.
+
+    ``model`` must come from :func:`prepare_detector_for_inference` (batch norm folded). The
+    trunk and RPN stay fp32: the head, run once per RoI, is where the time goes. ``run(model,
+    image)`` replaces the plain ``model([image])`` (a benchmark feeds fixed proposals).
+    """
+    run = run or (lambda detector, image: detector([image]))
+    head = model.roi_heads.box_head
+    fp32 = head.layer4
+    rois = 0
+
+    def count(module, inputs):
+        nonlocal rois
+        rois += inputs[0].shape[0]
+
+    def calibrate(stage):
+        head.layer4 = stage
+        hook = head.register_forward_pre_hook(count)
+        try:
+            for image in images:
+                run(model, image)
+        finally:
+            hook.remove()
+            head.layer4 = fp32
+
+    head.layer4 = quantize_stage(fp32, calibrate)
+    return rois
 
 
 def train_detector(
@@ -352,6 +388,18 @@ def evaluate_detector(
     return coco_evaluate(dataset.coco, predict_dataset(model, dataset, batch_size, bf16))
 
 
+def read_image(path: str | Path, scale: bool = True) -> torch.Tensor:
+    """An image file as an RGB CHW tensor: float in [0, 1], or uint8 with ``scale=False``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReslabError(f"image {path} does not exist")
+    try:
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise ReslabError(f"cannot decode image {path}: {error}") from None
+    return image.float() / 255 if scale else image
+
+
 @torch.no_grad()
 def predict_images(
     model,
@@ -367,12 +415,7 @@ def predict_images(
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise ReslabError(f"image {path} does not exist")
-        try:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-        except RuntimeError as error:
-            raise ReslabError(f"cannot decode image {path}: {error}") from None
+        image = read_image(path, scale=False)
         with _autocast(bf16):
             output = model([image.float() / 255])[0]
         keep = output["scores"] >= score_thresh
