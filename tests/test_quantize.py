@@ -1,4 +1,4 @@
-"""int8 residual stages and the detector's int8 res5 head."""
+"""int8 residual stages (the detector's int8 head: tests/models/test_detection.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
 
-from reslab.engine.detection import prepare_detector_for_inference, quantize_detector_head
 from reslab.errors import ReslabError
 from reslab.fast import fold_batchnorm
 from reslab.models import create_model
-from reslab.models.detection import DetectorConfig, RPNConfig, build_detector
 from reslab.quantize import Int8Stage, quantize_stage
 
 
@@ -63,31 +61,3 @@ def test_zero_padding_shortcut_is_refused():
     model = fold_batchnorm(create_model("resnet20"))
     with pytest.raises(ReslabError, match="option B/C"):
         quantize_stage(model.layer2, lambda observed: None)
-
-
-def test_detector_int8_head_keeps_the_head_features():
-    torch.manual_seed(0)
-    config = DetectorConfig(
-        backbone="resnet18",
-        width=0.25,
-        num_classes=3,
-        min_size=64,
-        max_size=64,
-        rpn=RPNConfig(pre_nms_top_n_test=300, post_nms_top_n_test=50),
-    )
-    model = prepare_detector_for_inference(with_statistics(build_detector(config)))
-    head = model.roi_heads.box_head
-    pooled = stage_inputs(head.layer4[0].conv1.in_channels, n=8)
-    with torch.inference_mode():
-        expected = head(pooled)
-    g = torch.Generator().manual_seed(2)
-    rois = quantize_detector_head(model, [torch.rand(3, 64, 64, generator=g) for _ in range(2)])
-    assert rois == 100  # 50 proposals from each of the two calibration images
-    assert isinstance(head.layer4, Int8Stage)
-    with torch.inference_mode():
-        got = head(pooled)
-        detections = model([torch.rand(3, 64, 64)])[0]
-    assert got.shape == expected.shape == (8, 512 // 4)
-    assert F.cosine_similarity(got, expected).min() > 0.98
-    assert set(detections) == {"boxes", "scores", "labels"}
-    assert torch.isfinite(detections["boxes"]).all()

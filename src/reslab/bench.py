@@ -98,6 +98,12 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "bf16_native": fast.bf16_supported(),
+        # the flags that decide which precision pays: AVX-512 bf16 and VNNI (int8), AMX
+        "cpu_flags": sorted(
+            f
+            for f in fast.cpu_flags()
+            if f.startswith(("avx512_bf16", "avx512_vnni", "avx_vnni", "amx"))
+        ),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

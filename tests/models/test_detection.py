@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from reslab.engine.detection import LOSS_NAMES, coco_evaluate, prepare_detector_for_inference
+from reslab.engine.detection import (
+    LOSS_NAMES,
+    coco_evaluate,
+    prepare_detector_for_inference,
+    quantize_detector_head,
+)
 from reslab.errors import ReslabError
 from reslab.fast import fold_batchnorm_
 from reslab.models.detection import (
@@ -18,6 +24,7 @@ from reslab.models.detection import (
     build_detector,
     load_backbone_weights,
 )
+from reslab.quantize import Int8Stage
 
 
 def tiny(**overrides) -> DetectorConfig:
@@ -154,16 +161,21 @@ def test_pretrained_setup_freezes_bn_stem_and_layer1():
     assert all(p.requires_grad for p in model.backbone.layer2.parameters())
 
 
+def skewed_batch_norms(model: nn.Module) -> nn.Module:
+    """Batch-norm statistics far from identity (a fresh model folds trivially)."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d | FrozenBatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
 def detections_before_and_after(frozen_bn: bool, prepare) -> tuple[dict, dict, nn.Module, bool]:
     """A tiny detector whose batch norms are far from identity (a fresh one folds trivially),
     its detections on one image, then ``prepare(model)`` from train mode and its detections;
     last, whether ``prepare`` left the model in train mode."""
     torch.manual_seed(0)
-    model = build_detector(tiny(frozen_bn=frozen_bn))
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d | FrozenBatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
+    model = skewed_batch_norms(build_detector(tiny(frozen_bn=frozen_bn)))
     model.eval()
     model.roi_heads.score_thresh = 0.0
     image = [torch.rand(3, 64, 64)]
@@ -195,6 +207,27 @@ def test_detector_inference_path_keeps_the_detections():
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     torch.testing.assert_close(after["boxes"], before["boxes"], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_int8_head_keeps_the_head_features():
+    torch.manual_seed(0)
+    model = prepare_detector_for_inference(skewed_batch_norms(build_detector(tiny())))
+    head = model.roi_heads.box_head
+    g = torch.Generator().manual_seed(1)
+    pooled = torch.rand(8, head.layer4[0].conv1.in_channels, 14, 14, generator=g)
+    with torch.inference_mode():
+        expected = head(pooled)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
+    rois = quantize_detector_head(model, images)
+    assert 0 < rois <= 200  # at most 100 test proposals per image survive NMS
+    assert isinstance(head.layer4, Int8Stage)
+    with torch.inference_mode():
+        got = head(pooled)
+        detections = model([torch.rand(3, 64, 64, generator=g)])[0]
+    assert got.shape == expected.shape == (8, 128)
+    assert F.cosine_similarity(got, expected).min() > 0.98
+    assert set(detections) == {"boxes", "scores", "labels"}
+    assert torch.isfinite(detections["boxes"]).all()
 
 
 def coco_ground_truth():
