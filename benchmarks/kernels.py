@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = ENGINE
+    # quantized tensors are deprecated in favour of torchao; this measures them as they are
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao")
     console = Console()
     info = machine_info()
     rows = {f"matmul {args.size}x{args.size}": matmul_rates(args.size, args.repeats)}

@@ -9,6 +9,9 @@ This is eager-mode static quantization (``torch.ao.quantization``): weights int8
 channel, activations uint8 per tensor, scales from observers that watch calibration inputs.
 Each block becomes conv(+ReLU) modules and one fused add+ReLU, all on quantized tensors; the
 batch norms must be folded first (:func:`reslab.fast.fold_batchnorm_`).
+
+PyTorch 2.14 marks its quantized tensor types deprecated, to be removed in a later release in
+favour of the separate torchao package; this project pins torch 2.14.1, where they work.
 """
 
 from __future__ import annotations
