@@ -10,8 +10,9 @@ assembled by hand from torchvision's own resnet101, in alternating rounds in one
 weights make the RPN's output arbitrary, so both are fed the same 1000 fixed proposals after
 running their RPN: the 1000 RoIs that reach the res5 head, as with trained weights, are what
 costs (a forward hook counts them). Where the CPU has VNNI, ``infer`` also times the int8 res5
-head (`detect eval|predict --int8`) and ``train`` also scores it. Each writes benchmarks/results/detection-<kind>-<time>.json
-with the machine and the load average before and after, because the machine may be shared.
+head (`detect eval|predict --int8`) and ``train`` also scores it. Each writes
+benchmarks/results/detection-<kind>-<time>.json with the machine and the load average before
+and after, because the machine may be shared.
 """
 
 from __future__ import annotations
@@ -247,23 +248,25 @@ def run_infer(args, console: Console) -> None:
             rpn=RPNConfig(post_nms_top_n_test=args.proposals),
         )
     )
-    ours_fast = build_detector(DetectorConfig.from_dict(ours.spec["kwargs"]))
-    ours_fast.load_state_dict(ours.state_dict())
-    ours_fast = prepare_detector_for_inference(ours_fast)  # what `detect eval|predict` run
+
+    def prepared_copy() -> FasterRCNN:  # what `detect eval|predict` run
+        twin = build_detector(DetectorConfig.from_dict(ours.spec["kwargs"]))
+        twin.load_state_dict(ours.state_dict())
+        return prepare_detector_for_inference(twin)
+
+    ours_fast = prepared_copy()
     variants = {
         "torchvision resnet101 C4 (hand-assembled)": torchvision_c4(91, size, args.proposals),
         "reslab resnet101 C4": ours,
         "reslab resnet101 C4, folded BN + channels_last": ours_fast,
     }
-    precisions = dict.fromkeys(variants, "fp32")
+    precisions = {}  # autocast per variant; fp32 where not named
     if fast.bf16_supported():  # without native bf16 it is many times slower; not worth timing
         bf16_name = "reslab resnet101 C4, folded BN + channels_last, bf16 (--bf16)"
         variants[bf16_name] = ours_fast
         precisions[bf16_name] = "bf16"
     if int8_pays() and not args.no_int8:
-        ours_int8 = build_detector(DetectorConfig.from_dict(ours.spec["kwargs"]))
-        ours_int8.load_state_dict(ours.state_dict())
-        ours_int8 = prepare_detector_for_inference(ours_int8)
+        ours_int8 = prepared_copy()
         # calibrated on another random image through the same fixed proposals as the timing
         calibration = fixed_proposals(args.proposals, size, seed=1)
         started = time.perf_counter()
@@ -274,7 +277,6 @@ def run_infer(args, console: Console) -> None:
         )
         console.print(f"int8 head calibrated in {time.perf_counter() - started:.1f} s")
         variants["reslab resnet101 C4, folded BN, int8 res5 head (--int8)"] = ours_int8
-        precisions["reslab resnet101 C4, folded BN, int8 res5 head (--int8)"] = "fp32"
     counters = {}
     for name, model in variants.items():
         model.eval()
@@ -282,11 +284,11 @@ def run_infer(args, console: Console) -> None:
     image = torch.rand(3, size, size)
     proposals = fixed_proposals(args.proposals, size)
     for name, model in variants.items():  # warm-up: first-call allocations, kernel selection
-        detect(model, image, proposals[:50], precisions[name])
+        detect(model, image, proposals[:50], precisions.get(name, "fp32"))
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
         for name, model in variants.items():
-            run = detect(model, image, proposals, precisions[name])
+            run = detect(model, image, proposals, precisions.get(name, "fp32"))
             run["rois"] = counters[name].count
             runs[name].append(run)
             console.print(

@@ -3,7 +3,8 @@
 A C4 detector spends nearly all of its inference time in one place: conv5_x run on every RoI
 (1.62 TFLOP for ResNet-101 with 1000 RoIs). On CPUs with AVX512-VNNI or AVX-VNNI, int8
 convolutions through PyTorch's x86 quantized engine ran about four times as fast as fp32 ones
-(measured on a 2-core Xeon: 1,100-1,300 against 290-350 GOP/s for res5's 3x3 and 1x1 shapes).
+(`benchmarks/kernels.py` on a 2-core Xeon: 1,329-1,551 against 253-408 G(FL)OP/s for res5's
+shapes).
 
 This is eager-mode static quantization (``torch.ao.quantization``): weights int8 per output
 channel, activations uint8 per tensor, scales from observers that watch calibration inputs.
@@ -27,7 +28,7 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub, convert, get_default_qconfig, prepare
 
 from reslab.errors import ReslabError
-from reslab.fast import cpu_flags
+from reslab.fast import NORMS, cpu_flags
 
 ENGINE = "x86"
 
@@ -62,7 +63,7 @@ class Int8Block(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
         if not getattr(block, "residual", False) or any(
-            isinstance(getattr(block, n, None), nn.BatchNorm2d) for n in ("bn1", "bn2", "bn3")
+            isinstance(getattr(block, n, None), NORMS) for n in ("bn1", "bn2", "bn3")
         ):
             raise ReslabError(
                 f"cannot quantize {type(block).__name__}: fold its batch norms first, and only "

@@ -199,9 +199,7 @@ def _add_precision(parser, calibration: str) -> None:
     )
 
 
-def _maybe_quantize(args, model, images: Sequence[torch.Tensor], console: Console) -> None:
-    if not args.int8:
-        return
+def _quantize(model, images: Sequence[torch.Tensor], console: Console) -> None:
     if not int8_pays():
         console.print("note: this CPU has no VNNI; int8 convolutions may be slower than fp32")
     started = time.perf_counter()
@@ -362,7 +360,7 @@ def run_eval(args) -> int:
             images, annotations = resolve(args.data, None, None, "train")
             if annotations.is_file():
                 source = CocoDetection(images, annotations, eval_transforms())
-        _maybe_quantize(args, model, _first_images(source, args.calibration_images), Console())
+        _quantize(model, _first_images(source, args.calibration_images), Console())
     metrics = evaluate_detector(model, dataset, args.batch_size, args.bf16)
     _report(Console(), metrics, args.split if args.data else str(args.annotations))
     if args.json:
@@ -377,7 +375,7 @@ def run_predict(args) -> int:
     model = prepare_detector_for_inference(detector_from_checkpoint(payload))
     if args.int8:
         images = [read_image(path) for path in args.image[: args.calibration_images]]
-        _maybe_quantize(args, model, images, Console(stderr=True))
+        _quantize(model, images, Console(stderr=True))
     records = predict_images(
         model, args.image, payload["class_names"], args.out, args.score_thresh, args.bf16
     )
