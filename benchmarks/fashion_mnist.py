@@ -83,12 +83,23 @@ def main() -> None:
         "--set",
         nargs="*",
         default=[],
-        metavar="KEY=JSON",
+        metavar="KEY=VALUE",
         help="override any config field that `reslab train` has a flag for, e.g. --set "
-        "erasing=0 width=0.5 processes=1",
+        "erasing=0 width=0.5 stem=cifar (values are JSON, else strings)",
     )
     parser.add_argument("--note", default="", help="free text saved with the results")
     args = parser.parse_args()
+
+    overrides = {key: getattr(args, key) for key in ("epochs", "model", "threads")}
+    overrides = {key: value for key, value in overrides.items() if value}
+    for item in args.set:
+        key, equals, value = item.partition("=")
+        if not equals:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:  # a bare word: stem=cifar means the string "cifar"
+            overrides[key] = value
 
     console = Console()
     rows = []
@@ -96,13 +107,6 @@ def main() -> None:
         # the process id keeps two runs started in the same second apart
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         out = Path(f"runs/bench-{preset}-{stamp}")
-        overrides = {}
-        for key in ("epochs", "model", "threads"):
-            if getattr(args, key):
-                overrides[key] = getattr(args, key)
-        for item in args.set:
-            key, _, value = item.partition("=")
-            overrides[key] = json.loads(value)
         load_before = os.getloadavg()
         code, seconds, data = run_preset(preset, overrides, out)
         row = result_row(preset, out, code, seconds, data, load_before)
