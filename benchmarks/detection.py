@@ -97,7 +97,10 @@ def run_train(args, console: Console) -> None:
             post_nms_top_n_test=args.test_proposals,
             anchor_sizes=args.anchor_sizes,
         ),
-        roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
+        roi_heads=RoIHeadsConfig(
+            batch_size_per_image=args.rois_per_image,
+            positive_fraction=args.roi_positive_fraction,
+        ),
     )
     config = DetectTrainConfig(
         epochs=args.epochs,
@@ -351,6 +354,9 @@ def main() -> None:
     train.add_argument("--backbone", default="resnet18")
     train.add_argument("--width", type=float, default=0.5)
     train.add_argument("--rois-per-image", type=int, default=32)
+    train.add_argument(
+        "--roi-positive-fraction", type=float, default=RoIHeadsConfig.positive_fraction
+    )
     train.add_argument("--test-proposals", type=int, default=100)
     add_anchor_sizes(train)
     train.add_argument("--epochs", type=int, default=40)

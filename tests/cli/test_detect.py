@@ -120,6 +120,29 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
     assert err.count("\n") == 1 and "unknown category id 99" in err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rois-per-image", "0"], "--rois-per-image must be >= 1, got 0"),
+        (["--roi-positive-fraction", "0"], "--roi-positive-fraction must be in (0, 1], got 0.0"),
+        (["--roi-positive-fraction", "1.5"], "in (0, 1], got 1.5"),
+    ],
+)
+def test_bad_roi_sampling_names_the_flag(flags, message, scenes, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["detect", "train", "--data", str(scenes), "--out", str(out), *TINY, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not out.exists()  # refused before anything was written
+
+
+def test_roi_positive_fraction_reaches_the_sampler(scenes, tmp_path):
+    out = tmp_path / "run"
+    assert train_on_scenes(scenes, out, 1, "--roi-positive-fraction", "0.5") == 0
+    saved = load_checkpoint(out / "last.pt")["model"]["kwargs"]["roi_heads"]
+    assert saved["positive_fraction"] == 0.5 and saved["batch_size_per_image"] == 16
+
+
 @pytest.mark.parametrize("value", ["16,x", "32,16", "0,16", ""])
 def test_bad_anchor_sizes_name_the_flag_and_what_works(value, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:

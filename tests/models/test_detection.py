@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +146,21 @@ def test_torchvision_state_dict_loads_with_only_fc_left_over(tmp_path):
     assert torch.equal(
         model.roi_heads.box_head.layer4[2].conv3.weight, state["layer4.2.conv3.weight"]
     )
+
+
+@pytest.mark.parametrize(
+    "part, values, message",
+    [
+        ("roi_heads", {"positive_fraction": 0.0}, "RoI positive fraction must be in (0, 1]"),
+        ("rpn", {"positive_fraction": 1.2}, "RPN positive fraction must be in (0, 1]"),
+        ("roi_heads", {"batch_size_per_image": 0}, "RoI samples per image must be a whole"),
+    ],
+)
+def test_bad_sampling_is_refused_before_building(part, values, message):
+    base = tiny()
+    config = replace(base, **{part: replace(getattr(base, part), **values)})
+    with pytest.raises(ReslabError, match=re.escape(message)):
+        build_detector(config)
 
 
 def test_mismatched_state_dict_is_a_one_line_error():

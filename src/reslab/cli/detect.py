@@ -110,6 +110,13 @@ def register(subparsers) -> None:
         help="RoIs sampled per training image; res5 runs on each, so this sets "
         "the cost of a step (default %(default)s)",
     )
+    train.add_argument(
+        "--roi-positive-fraction",
+        type=float,
+        default=RoIHeadsConfig.positive_fraction,
+        help="largest share of the sampled RoIs that may be positive, the rest "
+        "background (default %(default)s, as detectron2)",
+    )
     add_anchor_sizes(train)
     train.add_argument(
         "--test-proposals",
@@ -258,6 +265,12 @@ def _native_min_size(dataset: CocoDetection) -> int:
 def run_train(args) -> int:
     if args.processes < 0:
         raise ReslabError(f"--processes must be >= 0, got {args.processes}")
+    if args.rois_per_image < 1:
+        raise ReslabError(f"--rois-per-image must be >= 1, got {args.rois_per_image}")
+    if not 0 < args.roi_positive_fraction <= 1:
+        raise ReslabError(
+            f"--roi-positive-fraction must be in (0, 1], got {args.roi_positive_fraction}"
+        )
     processes = args.processes or cpu_cores()
     if processes > 1 and not in_launched_world():
         check_batch(World(size=processes), args.batch_size)
@@ -290,7 +303,10 @@ def run_train(args) -> int:
             min_size=args.min_size or _native_min_size(dataset),
             max_size=args.max_size,
             rpn=RPNConfig(anchor_sizes=args.anchor_sizes, post_nms_top_n_test=args.test_proposals),
-            roi_heads=RoIHeadsConfig(batch_size_per_image=args.rois_per_image),
+            roi_heads=RoIHeadsConfig(
+                batch_size_per_image=args.rois_per_image,
+                positive_fraction=args.roi_positive_fraction,
+            ),
         )
     if detector.num_classes != dataset.num_classes:
         raise ReslabError(

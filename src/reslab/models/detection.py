@@ -137,6 +137,20 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+def _check_sampling(config: DetectorConfig) -> None:
+    """What torchvision's samplers would fail on deep in the first step, as one-line errors."""
+    for name, part in (("RPN", config.rpn), ("RoI", config.roi_heads)):
+        if not (isinstance(part.batch_size_per_image, int) and part.batch_size_per_image >= 1):
+            raise ReslabError(
+                f"{name} samples per image must be a whole number >= 1, "
+                f"got {part.batch_size_per_image}"
+            )
+        if not 0 < part.positive_fraction <= 1:
+            raise ReslabError(
+                f"{name} positive fraction must be in (0, 1], got {part.positive_fraction}"
+            )
+
+
 def build_detector(config: DetectorConfig) -> FasterRCNN:
     """A C4 Faster R-CNN; ``model.spec`` holds the config, so checkpoints can rebuild it."""
     if config.backbone not in BACKBONES:
@@ -147,6 +161,7 @@ def build_detector(config: DetectorConfig) -> FasterRCNN:
         raise ReslabError(
             f"num_classes counts the background, so at least 2, got {config.num_classes}"
         )
+    _check_sampling(config)
     resnet = create_model(config.backbone, width=config.width)
     if config.frozen_bn:
         freeze_batch_norm(resnet)
