@@ -125,7 +125,8 @@ PRESETS: dict[str, dict] = {
     # 45 min: 94.61% (94% first at epoch 27). 18 epochs at batch 128 had given 94.06%.
     # An EMA of the weights (decay 0.998 per step). No random erasing: it cost the quarter
     # width 0.35 points in 8 epochs, and this width 0.14 points even with 44 epochs instead of
-    # 36 (94.47% in 52.2 min, against 94.61% in 44.5 min without). The slower AVX2 EPYC ran
+    # 36 (94.47% in 52.2 min, against 94.61% in 44.5 min without); 44 epochs without it gave
+    # 94.49% in 55.4 min, so the last quarter hour buys nothing. The slower AVX2 EPYC ran
     # this width at 376-520 img/s, too slow for 36 epochs in an hour: there `--epochs 18
     # --batch-size 128 --lr 0.1` fits it (94.06% in 44.3 min).
     "best": dict(
