@@ -90,8 +90,9 @@ def main() -> None:
     parser.add_argument("--note", default="", help="free text saved with the results")
     args = parser.parse_args()
 
-    overrides = {key: getattr(args, key) for key in ("epochs", "model", "threads")}
-    overrides = {key: value for key, value in overrides.items() if value}
+    overrides = {
+        key: getattr(args, key) for key in ("epochs", "model", "threads") if getattr(args, key)
+    }
     for item in args.set:
         key, equals, value = item.partition("=")
         if not equals:

@@ -40,6 +40,7 @@ from reslab.models.detection import (
     RoIHeadsConfig,
     RPNConfig,
     build_detector,
+    check_positive_fraction,
     load_backbone_weights,
 )
 from reslab.quantize import int8_pays
@@ -267,10 +268,7 @@ def run_train(args) -> int:
         raise ReslabError(f"--processes must be >= 0, got {args.processes}")
     if args.rois_per_image < 1:
         raise ReslabError(f"--rois-per-image must be >= 1, got {args.rois_per_image}")
-    if not 0 < args.roi_positive_fraction <= 1:
-        raise ReslabError(
-            f"--roi-positive-fraction must be in (0, 1], got {args.roi_positive_fraction}"
-        )
+    check_positive_fraction("--roi-positive-fraction", args.roi_positive_fraction)
     processes = args.processes or cpu_cores()
     if processes > 1 and not in_launched_world():
         check_batch(World(size=processes), args.batch_size)

@@ -137,6 +137,12 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_positive_fraction(name: str, value: float) -> None:
+    """A sampler's positive share must be in (0, 1]; ``name`` is what the user set."""
+    if not 0 < value <= 1:
+        raise ReslabError(f"{name} must be in (0, 1], got {value}")
+
+
 def _check_sampling(config: DetectorConfig) -> None:
     """What torchvision's samplers would fail on deep in the first step, as one-line errors."""
     for name, part in (("RPN", config.rpn), ("RoI", config.roi_heads)):
@@ -145,10 +151,7 @@ def _check_sampling(config: DetectorConfig) -> None:
                 f"{name} samples per image must be a whole number >= 1, "
                 f"got {part.batch_size_per_image}"
             )
-        if not 0 < part.positive_fraction <= 1:
-            raise ReslabError(
-                f"{name} positive fraction must be in (0, 1], got {part.positive_fraction}"
-            )
+        check_positive_fraction(f"{name} positive fraction", part.positive_fraction)
 
 
 def build_detector(config: DetectorConfig) -> FasterRCNN:
