@@ -152,7 +152,10 @@ def result_row(preset: str, out: Path, code: int, seconds: float, data: str, loa
 
 def write_results(console: Console, rows: list[dict], note: str) -> None:
     info = machine_info()
-    table = Table(title=f"Fashion-MNIST, {info['cpu_model']}, {info['cores']} cores")
+    title = f"Fashion-MNIST, {info['cpu_model']}, {info['cores']} cores"
+    if any(row["config"].get("device", "cpu") != "cpu" for row in rows):
+        title += f", trained on {info['gpu']}"
+    table = Table(title=title)
     for column in ("preset", "model", "epochs", "test acc %", "time", "to 94%", "img/s", "load"):
         table.add_column(column, justify="left" if column in ("preset", "model") else "right")
     for row in rows:
@@ -170,7 +173,8 @@ def write_results(console: Console, rows: list[dict], note: str) -> None:
         )
     console.print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"fashion_mnist-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    # the process id keeps results of runs that end in the same second apart
+    path = RESULTS / f"fashion_mnist-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
     path.write_text(json.dumps({"machine": info, "note": note, "runs": rows}, indent=1) + "\n")
     console.print(f"wrote {path}")
 

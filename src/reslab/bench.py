@@ -110,6 +110,8 @@ def machine_info() -> dict:
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
         "load_average_start": os.getloadavg(),
+        # a GPU, where runs were told to use one (--device cuda); None on CPU-only machines
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 

@@ -68,8 +68,8 @@ def test_resume_from_cli_keeps_config(fake_fmnist, tmp_path, capsys):
     run = tmp_path / "run"
     assert train(fake_fmnist, run, "--epochs", "1", "--ema", "0.5") == 0
     assert main(["train", "--resume", str(run), "--epochs", "2", "--lr", "1"]) == 2
-    assert "only --epochs may change (got --lr)" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert "only --epochs and --device may change (got --lr)" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "after epoch 1" in out
     payload = load_checkpoint(run / "last.pt")

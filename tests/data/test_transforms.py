@@ -1,6 +1,13 @@
 import torch
 
-from reslab.data.transforms import InputSpec, augment, random_crop, random_erasing, to_input
+from reslab.data.transforms import (
+    InputSpec,
+    augment,
+    cutmix,
+    random_crop,
+    random_erasing,
+    to_input,
+)
 
 
 def gen(seed=0):
@@ -44,3 +51,28 @@ def test_to_input_normalises_and_resizes():
     assert x.shape == (2, 1, 14, 14) and x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x, torch.full_like(x, 2.0))
     assert InputSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_cutmix_pastes_one_box_from_the_shuffled_batch():
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 1, 12, 12) + 1
+    for seed in range(5):
+        out, order, lam = cutmix(x, 1.0, gen(seed))
+        assert sorted(order.tolist()) == list(range(8))
+        for i in range(8):
+            pasted = out[i, 0] == x[order[i], 0]
+            kept = out[i, 0] == x[i, 0]
+            assert (pasted | kept).all()
+            if order[i] != i:  # the pasted pixels are one box whose area matches lam
+                assert abs(pasted.float().mean().item() - (1 - lam)) < 1e-6
+                rows, cols = pasted.any(1).nonzero(), pasted.any(0).nonzero()
+                box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+                assert pasted.sum() == (box if pasted.any() else 0)
+        assert torch.equal(out, cutmix(x, 1.0, gen(seed))[0])
+
+
+def test_cutmix_off_leaves_the_batch_and_the_draws_alone():
+    x = torch.rand(4, 1, 8, 8)
+    g = gen()
+    out, order, lam = cutmix(x, 0.0, g)
+    assert out is x and lam == 1.0 and order.tolist() == [0, 1, 2, 3]
+    assert torch.equal(g.get_state(), gen().get_state())

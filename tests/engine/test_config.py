@@ -17,6 +17,9 @@ from reslab.errors import ReslabError
         ({"model": "resnet19"}, "unknown model 'resnet19'"),
         ({"optimizer": "lion"}, "--optimizer must be one of"),
         ({"val_fraction": 1.0}, "--val-fraction"),
+        ({"cutmix": 1.5}, "--cutmix must be between 0 and 1"),
+        ({"device": "gpu"}, "--device must be cpu, cuda or cuda:N, got 'gpu'"),
+        ({"device": "cuda:x"}, "--device must be cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_values_are_one_line_errors(override, message):
@@ -46,3 +49,16 @@ def test_unknown_preset_and_key():
         build_config("fastest")
     with pytest.raises(ReslabError, match="unknown config key"):
         TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_cuda_device_needs_a_gpu_and_one_process(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ReslabError, match="--device cuda: this PyTorch sees no CUDA GPU"):
+        build_config("default", device="cuda")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(ReslabError, match=r"--device cuda:1: only 1 GPU\(s\) are visible"):
+        build_config("default", device="cuda:1")
+    with pytest.raises(ReslabError, match="--device cuda trains in one process"):
+        build_config("default", device="cuda", processes=2)
+    assert build_config("default", device="cuda:0").device == "cuda:0"

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -40,6 +41,14 @@ def test_loss_goes_down(fake_fmnist, tmp_path):
     losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < 0.7 * losses[0]
     assert len(result.history) == 4 and result.history[-1]["step"] == 4 * (40 // 8)
+
+
+def test_cutmix_run_learns(fake_fmnist, tmp_path):
+    config = tiny(fake_fmnist, tmp_path / "run", epochs=4, cutmix=1.0, label_smoothing=0.0)
+    result = fit(config, console=quiet())
+    losses = [r["train_loss"] for r in result.history]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cutmix"] == 1.0
 
 
 def test_run_folder_contents(fake_fmnist, tmp_path):

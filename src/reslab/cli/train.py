@@ -59,8 +59,19 @@ def register(subparsers) -> None:
     add("--label-smoothing", type=float)
     _bool(parser, "--augment", "random crop with padding, flip and random erasing on batches")
     add("--erasing", type=float, help="random-erasing probability per image")
+    add(
+        "--cutmix",
+        type=float,
+        metavar="P",
+        help="CutMix: paste a box from another image of the batch into a share P of the "
+        "batches, mixing the labels by area (default 0 = off)",
+    )
     add("--ema", type=float, help="weight-averaging decay per step, 0 = off")
     _bool(parser, "--tta", "average predictions over each test image and its mirror image")
+    add(
+        "--device",
+        help="cpu (default), or cuda / cuda:N for an NVIDIA GPU; fp32 stays fp32 there (no TF32)",
+    )
     add(
         "--precision",
         choices=PRECISIONS,
@@ -102,14 +113,14 @@ def config_from_args(args: argparse.Namespace):
     """(config, checkpoint payload or None, run folder or None) from parsed arguments."""
     given = {k: v for k, v in vars(args).items() if k not in ("func", "preset", "argv")}
     if "resume" in given:
-        ignored = sorted(set(given) - {"resume", "epochs"})
+        ignored = sorted(set(given) - {"resume", "epochs", "device"})
         if ignored:
             flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
             raise ReslabError(
-                f"--resume continues with the run's saved config; only --epochs may change "
-                f"(got {flags})"
+                f"--resume continues with the run's saved config; only --epochs and --device "
+                f"may change (got {flags})"
             )
-        return resume_config(given["resume"], given.get("epochs"))
+        return resume_config(given["resume"], given.get("epochs"), given.get("device"))
     model_kwargs = {k: given.pop(k) for k in ("stem", "width") if k in given}
     config = build_config(args.preset, **given)
     config.model_kwargs = {**config.model_kwargs, **model_kwargs}

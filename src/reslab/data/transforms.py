@@ -3,7 +3,8 @@
 On 2 CPU cores a per-sample PIL pipeline costs more than the network (DESIGN.md, "Data"), so
 augmentation draws one random number per sample and applies it to the whole batch with tensor
 indexing. Every random draw comes from a ``torch.Generator`` the caller seeds, so a run's
-augmentation is a function of (seed, epoch).
+augmentation is a function of (seed, epoch). The draws are made on the CPU and moved to the
+batch's device, so a batch on a GPU is augmented exactly as the same batch on the CPU.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def to_input(images: torch.Tensor, spec: InputSpec, channels_last: bool = False)
         x = F.interpolate(
             x, size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False
         )
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
     x = (x - mean) / std
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -61,12 +62,13 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (N, 1, 1, W)
     batch = torch.arange(n)[:, None, None, None]
     chans = torch.arange(x.shape[1])[None, :, None, None]
-    return padded[batch, chans, rows, cols]  # (N, C, H, W)
+    index = (i.to(x.device) for i in (batch, chans, rows, cols))
+    return padded[tuple(index)]  # (N, C, H, W)
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(x.shape[0], generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return torch.where(flip[:, None, None, None].to(x.device), x.flip(3), x)
 
 
 def random_erasing(x: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
@@ -93,7 +95,7 @@ def random_erasing(x: torch.Tensor, probability: float, generator: torch.Generat
     in_rows = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])  # (N, H)
     in_cols = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (N, W)
     mask = in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None]  # (N, H, W)
-    return x.masked_fill(mask[:, None], 0.0)
+    return x.masked_fill(mask[:, None].to(x.device), 0.0)
 
 
 def augment(
@@ -103,3 +105,27 @@ def augment(
     x = random_crop(x, padding, generator)
     x = random_flip(x, generator)
     return random_erasing(x, erasing, generator)
+
+
+def cutmix(
+    x: torch.Tensor, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """CutMix on a batch (Yun et al. 2019, "CutMix"): with ``probability``, paste one box of a
+    shuffled copy of the batch into every image. The box's area is a fraction 1 - lam of the
+    image, lam ~ Beta(1, 1) = uniform, its centre uniform and its sides clipped to the image.
+    Returns (images, the shuffled order, lam after clipping); the target is lam of each image's
+    label plus 1 - lam of the pasted image's. Unmixed batches return lam = 1."""
+    n, _, h, w = x.shape
+    identity = torch.arange(n)
+    if probability == 0 or torch.rand(1, generator=generator).item() >= probability:
+        return x, identity, 1.0
+    lam = torch.rand(1, generator=generator).item()
+    order = torch.randperm(n, generator=generator)
+    cut = (1 - lam) ** 0.5
+    cy, cx = (torch.rand(2, generator=generator) * torch.tensor([h, w])).long().tolist()
+    half_h, half_w = round(h * cut / 2), round(w * cut / 2)
+    y0, y1 = max(cy - half_h, 0), min(cy + half_h, h)
+    x0, x1 = max(cx - half_w, 0), min(cx + half_w, w)
+    mixed = x.clone()
+    mixed[:, :, y0:y1, x0:x1] = x[order.to(x.device), :, y0:y1, x0:x1]
+    return mixed, order, 1 - (y1 - y0) * (x1 - x0) / (h * w)

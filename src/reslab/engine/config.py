@@ -7,7 +7,10 @@ start and saved as ``config.json`` in the run folder, and every checkpoint carri
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
 
 from reslab.errors import ReslabError
 from reslab.models import list_models, model_defaults
@@ -50,9 +53,15 @@ class TrainConfig:
     augment: bool = True
     crop_padding: int = 2
     erasing: float = 0.25
+    # CutMix (Yun et al. 2019): the share of batches whose images get a box pasted from a
+    # shuffled copy of the batch, the loss mixing the two labels by area; 0 = off
+    cutmix: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     tta: bool = True  # average the logits of each test image and its mirror image
     # speed
+    # cpu, or cuda / cuda:N for an NVIDIA GPU. On a GPU fp32 means fp32: TF32 is switched off,
+    # so a run there follows the CPU run's numerics and augmentation draws
+    device: str = "cpu"
     precision: str = "fp32"  # bf16 = bfloat16 autocast; fast only where oneDNN has bf16
     channels_last: bool = True
     eval_batch_size: int = 1000
@@ -157,6 +166,23 @@ def _finite_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ReslabError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def check_device(device: str) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``; a GPU must be visible to PyTorch."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ReslabError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ReslabError(
+            f"--device {device}: this PyTorch sees no CUDA GPU "
+            f"(torch {torch.__version__}); train with --device cpu"
+        )
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ReslabError(
+            f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible "
+            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+        )
+
+
 def validate(config: TrainConfig) -> None:
     """One-line errors for values that cannot work, before any data is read."""
     if config.model not in list_models():
@@ -182,6 +208,14 @@ def validate(config: TrainConfig) -> None:
         _finite_positive(name.replace("_", "-"), value, allow_zero=True)
         if value >= 1:
             raise ReslabError(f"--{name.replace('_', '-')} must be below 1, got {value}")
+    if config.cutmix != 0 and not 0 < config.cutmix <= 1:
+        raise ReslabError(f"--cutmix must be between 0 and 1, got {config.cutmix}")
+    check_device(config.device)
+    if config.device != "cpu" and config.processes != 1:
+        raise ReslabError(
+            f"--device {config.device} trains in one process; pass --processes 1 "
+            f"(got {config.processes})"
+        )
     if not 0 < config.val_fraction < 1:
         raise ReslabError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
     if config.image_size is not None and config.image_size < 8:

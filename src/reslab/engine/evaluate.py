@@ -25,8 +25,9 @@ class Evaluation:
         return self.confusion.diag().double() / counts
 
 
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()
@@ -39,13 +40,15 @@ def logits(
     tta: bool = False,
 ) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 logits (N, K). With ``tta`` the logits of each image and
-    its mirror image are averaged (flip test-time augmentation)."""
-    x = to_input(images, spec, channels_last)
-    with autocast(precision):
+    its mirror image are averaged (flip test-time augmentation). The images go to the model's
+    device; the logits come back on the CPU."""
+    device = next(model.parameters()).device
+    x = to_input(images.to(device), spec, channels_last)
+    with autocast(precision, device):
         out = model(x).float()
         if tta:
             out = (out + model(x.flip(3)).float()) / 2
-    return out
+    return out.cpu()
 
 
 def evaluate(

@@ -28,7 +28,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from reslab.data.folders import DEFAULT_SIZE, FolderSource
 from reslab.data.sources import Source, fashion_mnist_source
-from reslab.data.transforms import InputSpec, augment, to_input
+from reslab.data.transforms import InputSpec, augment, cutmix, to_input
 from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from reslab.engine.config import TrainConfig, validate
 from reslab.engine.distributed import (
@@ -233,7 +233,7 @@ def checkpoint_payload(state: TrainState, evaluation: Evaluation | None) -> dict
 def build_state(config: TrainConfig, source: Source, run_dir: Path) -> TrainState:
     kwargs = {**config.model_kwargs, "in_channels": source.channels}
     kwargs["num_classes"] = len(source.classes)
-    model = create_model(config.model, **kwargs)
+    model = create_model(config.model, **kwargs).to(config.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = None
@@ -280,8 +280,11 @@ def restore(state: TrainState, payload: dict) -> None:
         state.history = [r for r in records if r["epoch"] <= state.epoch]
 
 
-def resume_config(path: str, epochs: int | None = None) -> tuple[TrainConfig, dict, Path]:
-    """The saved config of a run (``epochs`` may be raised), its checkpoint and its folder."""
+def resume_config(
+    path: str, epochs: int | None = None, device: str | None = None
+) -> tuple[TrainConfig, dict, Path]:
+    """The saved config of a run (``epochs`` may be raised, ``device`` changed), its
+    checkpoint and its folder."""
     payload = load_checkpoint(path)
     if "config" not in payload or "optimizer" not in payload:
         raise ReslabError(f"{path} holds weights only (no training state); cannot resume")
@@ -289,6 +292,8 @@ def resume_config(path: str, epochs: int | None = None) -> tuple[TrainConfig, di
     config.resume = str(path)
     if epochs is not None:
         config.epochs = epochs
+    if device is not None:
+        config.device = device
     validate(config)
     if payload["epoch"] >= config.epochs:
         raise ReslabError(
@@ -342,6 +347,15 @@ def fit(
     check_batch(world, config.batch_size)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.device != "cpu":
+        # fp32 on a GPU as on the CPU: no TF32 rounding of convolution and matmul inputs
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        console.print(
+            f"device: {config.device} ({torch.cuda.get_device_name(config.device)})",
+            markup=False,
+            soft_wrap=True,
+        )
     torch.manual_seed(config.seed)
     source = open_source(config)
     if config.precision == "bf16" and not bf16_supported():
@@ -512,15 +526,24 @@ def train_epoch(
     for index, (images, labels) in enumerate(source.train_batches(config.batch_size, order)):
         if index < skip:
             continue
+        images, labels = images.to(config.device), labels.to(config.device)
         x = to_input(images, state.spec)
+        lam, pasted = 1.0, None
         if config.augment:
             x = augment(x, config.crop_padding, config.erasing, state.draws)
+            x, shuffled, lam = cutmix(x, config.cutmix, state.draws)
+            if lam < 1:
+                pasted = labels[shuffled.to(config.device)]  # the labels of the pasted boxes
         x, labels = world.shard(x), world.shard(labels)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(config.precision):
+        with autocast(config.precision, config.device):
             out = model(x)
             loss = F.cross_entropy(out.float(), labels, label_smoothing=config.label_smoothing)
+            if pasted is not None:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(
+                    out.float(), world.shard(pasted), label_smoothing=config.label_smoothing
+                )
         non_finite, signalled = any_rank(world, not torch.isfinite(loss), bool(state.signal))
         if non_finite:
             last = state.run_dir / "last.pt"
