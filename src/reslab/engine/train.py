@@ -538,11 +538,11 @@ def train_epoch(
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(config.precision, config.device):
-            out = model(x)
-            loss = F.cross_entropy(out.float(), labels, label_smoothing=config.label_smoothing)
+            out = model(x).float()
+            loss = F.cross_entropy(out, labels, label_smoothing=config.label_smoothing)
             if pasted is not None:
                 loss = lam * loss + (1 - lam) * F.cross_entropy(
-                    out.float(), world.shard(pasted), label_smoothing=config.label_smoothing
+                    out, world.shard(pasted), label_smoothing=config.label_smoothing
                 )
         non_finite, signalled = any_rank(world, not torch.isfinite(loss), bool(state.signal))
         if non_finite:
