@@ -39,7 +39,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from reslab import fast
 from reslab.bench import machine_info
-from reslab.cli.detect import add_anchor_sizes
+from reslab.cli.detect import add_anchor_sizes, add_train_proposals
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
 from reslab.engine.detection import (
@@ -94,6 +94,8 @@ def run_train(args, console: Console) -> None:
         min_size=args.min_size or args.size,
         max_size=args.min_size or args.size,
         rpn=RPNConfig(
+            pre_nms_top_n_train=args.train_pre_nms,
+            post_nms_top_n_train=args.train_proposals,
             post_nms_top_n_test=args.test_proposals,
             anchor_sizes=args.anchor_sizes,
         ),
@@ -359,6 +361,7 @@ def main() -> None:
     )
     train.add_argument("--test-proposals", type=int, default=100)
     add_anchor_sizes(train)
+    add_train_proposals(train)
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--lr", type=float, default=0.02)

@@ -14,6 +14,7 @@ from reslab.data.coco import CocoDetection
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import DetectTrainConfig, NonFiniteLoss, train_detector
 from reslab.models import create_model
+from reslab.models.detection import RPNConfig
 
 TINY = [
     "--backbone",
@@ -126,6 +127,9 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
         (["--rois-per-image", "0"], "--rois-per-image must be >= 1, got 0"),
         (["--roi-positive-fraction", "0"], "--roi-positive-fraction must be in (0, 1], got 0.0"),
         (["--roi-positive-fraction", "1.5"], "in (0, 1], got 1.5"),
+        (["--train-pre-nms", "0"], "--train-pre-nms must be >= 1, got 0"),
+        (["--train-proposals", "-3"], "--train-proposals must be >= 1, got -3"),
+        (["--test-proposals", "0"], "--test-proposals must be >= 1, got 0"),
     ],
 )
 def test_bad_roi_sampling_names_the_flag(flags, message, scenes, tmp_path, capsys):
@@ -141,6 +145,14 @@ def test_roi_positive_fraction_reaches_the_sampler(scenes, tmp_path):
     assert train_on_scenes(scenes, out, 1, "--roi-positive-fraction", "0.5") == 0
     saved = load_checkpoint(out / "last.pt")["model"]["kwargs"]["roi_heads"]
     assert saved["positive_fraction"] == 0.5 and saved["batch_size_per_image"] == 16
+
+
+def test_training_proposal_flags_reach_the_rpn(scenes, tmp_path):
+    out = tmp_path / "run"
+    assert train_on_scenes(scenes, out, 1, "--train-pre-nms", "60", "--train-proposals", "30") == 0
+    rpn = load_checkpoint(out / "last.pt")["model"]["kwargs"]["rpn"]
+    assert (rpn["pre_nms_top_n_train"], rpn["post_nms_top_n_train"]) == (60, 30)
+    assert rpn["pre_nms_top_n_test"] == RPNConfig.pre_nms_top_n_test  # test side untouched
 
 
 @pytest.mark.parametrize("value", ["16,x", "32,16", "0,16", ""])

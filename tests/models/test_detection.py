@@ -154,6 +154,8 @@ def test_torchvision_state_dict_loads_with_only_fc_left_over(tmp_path):
         ("roi_heads", {"positive_fraction": 0.0}, "RoI positive fraction must be in (0, 1]"),
         ("rpn", {"positive_fraction": 1.2}, "RPN positive fraction must be in (0, 1]"),
         ("roi_heads", {"batch_size_per_image": 0}, "RoI samples per image must be a whole"),
+        ("rpn", {"pre_nms_top_n_train": 0}, "RPN pre-NMS boxes in training must be a whole"),
+        ("rpn", {"post_nms_top_n_test": 2.5}, "RPN proposals at test must be a whole"),
     ],
 )
 def test_bad_sampling_is_refused_before_building(part, values, message):
@@ -161,6 +163,22 @@ def test_bad_sampling_is_refused_before_building(part, values, message):
     config = replace(base, **{part: replace(getattr(base, part), **values)})
     with pytest.raises(ReslabError, match=re.escape(message)):
         build_detector(config)
+
+
+def test_training_proposal_counts_cap_what_the_rpn_returns():
+    images, targets = scene_batch()
+    counts = {}
+    for pre, post in ((300, 100), (40, 7)):
+        model = build_detector(
+            tiny(rpn=replace(tiny().rpn, pre_nms_top_n_train=pre, post_nms_top_n_train=post))
+        ).train()
+        torch.manual_seed(0)
+        image_list, targets_t = model.transform(images, targets)
+        features = {"0": model.backbone(image_list.tensors)}
+        proposals, _ = model.rpn(image_list, features, targets_t)
+        counts[post] = [len(p) for p in proposals]
+    assert all(7 < n <= 100 for n in counts[100])  # NMS leaves more than 7 of the 300
+    assert counts[7] == [7, 7]
 
 
 def test_mismatched_state_dict_is_a_one_line_error():

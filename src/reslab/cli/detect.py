@@ -119,6 +119,7 @@ def register(subparsers) -> None:
         "background (default %(default)s, as detectron2)",
     )
     add_anchor_sizes(train)
+    add_train_proposals(train)
     train.add_argument(
         "--test-proposals",
         type=int,
@@ -259,6 +260,26 @@ def add_anchor_sizes(parser) -> None:
     )
 
 
+def add_train_proposals(parser) -> None:
+    parser.add_argument(
+        "--train-pre-nms",
+        type=int,
+        default=RPNConfig.pre_nms_top_n_train,
+        metavar="N",
+        help="RPN boxes, by objectness, that enter NMS per training image (default "
+        "%(default)s, detectron2's; NMS over a few thousand boxes can be a third of a "
+        "small-image step)",
+    )
+    parser.add_argument(
+        "--train-proposals",
+        type=int,
+        default=RPNConfig.post_nms_top_n_train,
+        metavar="N",
+        help="proposals kept after NMS per training image, from which the RoIs are "
+        "sampled (default %(default)s)",
+    )
+
+
 def _native_min_size(dataset: CocoDetection) -> int:
     return min(DEFAULT_MIN_SIZE, max(min(i["width"], i["height"]) for i in dataset.images))
 
@@ -266,8 +287,10 @@ def _native_min_size(dataset: CocoDetection) -> int:
 def run_train(args) -> int:
     if args.processes < 0:
         raise ReslabError(f"--processes must be >= 0, got {args.processes}")
-    if args.rois_per_image < 1:
-        raise ReslabError(f"--rois-per-image must be >= 1, got {args.rois_per_image}")
+    for flag in ("rois_per_image", "train_pre_nms", "train_proposals", "test_proposals"):
+        if getattr(args, flag) < 1:
+            name = "--" + flag.replace("_", "-")
+            raise ReslabError(f"{name} must be >= 1, got {getattr(args, flag)}")
     check_positive_fraction("--roi-positive-fraction", args.roi_positive_fraction)
     processes = args.processes or cpu_cores()
     if processes > 1 and not in_launched_world():
@@ -300,7 +323,12 @@ def run_train(args) -> int:
             freeze_at=2 if pretrained else 0,
             min_size=args.min_size or _native_min_size(dataset),
             max_size=args.max_size,
-            rpn=RPNConfig(anchor_sizes=args.anchor_sizes, post_nms_top_n_test=args.test_proposals),
+            rpn=RPNConfig(
+                anchor_sizes=args.anchor_sizes,
+                pre_nms_top_n_train=args.train_pre_nms,
+                post_nms_top_n_train=args.train_proposals,
+                post_nms_top_n_test=args.test_proposals,
+            ),
             roi_heads=RoIHeadsConfig(
                 batch_size_per_image=args.rois_per_image,
                 positive_fraction=args.roi_positive_fraction,

@@ -152,6 +152,15 @@ def _check_sampling(config: DetectorConfig) -> None:
                 f"got {part.batch_size_per_image}"
             )
         check_positive_fraction(f"{name} positive fraction", part.positive_fraction)
+    rpn = config.rpn
+    for name, value in (
+        ("RPN pre-NMS boxes in training", rpn.pre_nms_top_n_train),
+        ("RPN proposals in training", rpn.post_nms_top_n_train),
+        ("RPN pre-NMS boxes at test", rpn.pre_nms_top_n_test),
+        ("RPN proposals at test", rpn.post_nms_top_n_test),
+    ):
+        if not (isinstance(value, int) and value >= 1):
+            raise ReslabError(f"{name} must be a whole number >= 1, got {value}")
 
 
 def build_detector(config: DetectorConfig) -> FasterRCNN:
