@@ -11,6 +11,7 @@ processes follows the same sequence of updates as one process.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -54,7 +55,16 @@ def init_world() -> World:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        # leave the group before the interpreter tears down: left to exit-time destructors,
+        # gloo's threads sometimes aborted a rank that had finished its work ("terminate
+        # called without an active exception"), and the launcher then reported a failure
+        atexit.register(_leave)
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_batch(world: World, batch_size: int) -> None:
@@ -86,11 +96,6 @@ def sum_over_ranks(world: World, *values: torch.Tensor) -> list[torch.Tensor]:
 def barrier(world: World) -> None:
     if world.active:
         dist.barrier()
-
-
-def shutdown(world: World) -> None:
-    if world.active and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class _AllReduceSum(torch.autograd.Function):
