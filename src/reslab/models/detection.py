@@ -145,22 +145,20 @@ def check_positive_fraction(name: str, value: float) -> None:
 
 def _check_sampling(config: DetectorConfig) -> None:
     """What torchvision's samplers would fail on deep in the first step, as one-line errors."""
-    for name, part in (("RPN", config.rpn), ("RoI", config.roi_heads)):
-        if not (isinstance(part.batch_size_per_image, int) and part.batch_size_per_image >= 1):
-            raise ReslabError(
-                f"{name} samples per image must be a whole number >= 1, "
-                f"got {part.batch_size_per_image}"
-            )
-        check_positive_fraction(f"{name} positive fraction", part.positive_fraction)
-    rpn = config.rpn
-    for name, value in (
+    rpn, roi = config.rpn, config.roi_heads
+    counts = (
+        ("RPN samples per image", rpn.batch_size_per_image),
+        ("RoI samples per image", roi.batch_size_per_image),
         ("RPN pre-NMS boxes in training", rpn.pre_nms_top_n_train),
         ("RPN proposals in training", rpn.post_nms_top_n_train),
         ("RPN pre-NMS boxes at test", rpn.pre_nms_top_n_test),
         ("RPN proposals at test", rpn.post_nms_top_n_test),
-    ):
+    )
+    for name, value in counts:
         if not (isinstance(value, int) and value >= 1):
             raise ReslabError(f"{name} must be a whole number >= 1, got {value}")
+    check_positive_fraction("RPN positive fraction", rpn.positive_fraction)
+    check_positive_fraction("RoI positive fraction", roi.positive_fraction)
 
 
 def build_detector(config: DetectorConfig) -> FasterRCNN:
