@@ -39,7 +39,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from reslab import fast
 from reslab.bench import machine_info
-from reslab.cli.detect import add_anchor_sizes, add_train_proposals
+from reslab.cli.detect import add_anchor_sizes, add_train_proposals, report_metrics
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
 from reslab.engine.detection import (
@@ -131,6 +131,12 @@ def run_train(args, console: Console) -> None:
         started = time.monotonic()
         metrics_int8 = evaluate_detector(fast_model, val, batch_size=8)
         metrics_int8["eval_seconds"] = time.monotonic() - started
+    metrics_flip = None
+    if args.flip:  # what `detect eval --flip` scores: fp32, the head averaged with the mirror
+        fast_model = prepare_detector_for_inference(copy.deepcopy(model))
+        started = time.monotonic()
+        metrics_flip = evaluate_detector(fast_model, val, batch_size=8, flip=True)
+        metrics_flip["eval_seconds"] = time.monotonic() - started
     result = {
         "kind": "train",
         "machine": info,
@@ -147,25 +153,27 @@ def run_train(args, console: Console) -> None:
         "last_losses": last,
         "metrics": metrics,
         "metrics_int8_head": metrics_int8,
+        "metrics_flip": metrics_flip,
         "note": args.note,
     }
-    table = Table(
-        title=f"C4 detector from scratch, {args.backbone} x{args.width}, "
-        f"{train_s / 60:.1f} min, {steps} steps"
+    report_metrics(
+        console,
+        metrics,
+        f"C4 detector from scratch, {args.backbone} x{args.width}, "
+        f"{train_s / 60:.1f} min, {steps} steps",
     )
-    for column in ("class", "AP@[.5:.95]"):
-        table.add_column(column)
-    for name, ap in metrics["per_class"].items():
-        table.add_row(name, f"{ap:.3f}")
-    table.add_section()
-    table.add_row("mAP@[.5:.95]", f"{metrics['mAP']:.3f}")
-    table.add_row("mAP@.5", f"{metrics['mAP50']:.3f}")
-    console.print(table)
     if metrics_int8:
         console.print(
             f"int8 res5 head (`detect eval --int8`): mAP {metrics_int8['mAP']:.3f}, "
             f"mAP@.5 {metrics_int8['mAP50']:.3f}; eval {metrics_int8['eval_seconds']:.0f} s "
             f"against {eval_s:.0f} s in fp32 (unfolded)"
+        )
+    if metrics_flip:
+        report_metrics(
+            console,
+            metrics_flip,
+            f"the same, mirror-averaged head (`detect eval --flip`), "
+            f"{metrics_flip['eval_seconds']:.0f} s",
         )
     console.print(f"wrote {write_result('train', result)}")
 
@@ -360,6 +368,11 @@ def main() -> None:
         "--roi-positive-fraction", type=float, default=RoIHeadsConfig.positive_fraction
     )
     train.add_argument("--test-proposals", type=int, default=100)
+    train.add_argument(
+        "--flip",
+        action="store_true",
+        help="also evaluate with the box head averaged over each val image and its mirror",
+    )
     add_anchor_sizes(train)
     add_train_proposals(train)
     train.add_argument("--epochs", type=int, default=40)

@@ -67,8 +67,11 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     assert main(["detect", "eval", str(out), "--data", str(scenes), "--json", str(metrics)]) == 0
     values = json.loads(metrics.read_text())
     assert 0.0 <= values["mAP"] <= values["mAP50"] <= 1.0 and len(values["per_class"]) == 10
+    val = json.loads((scenes / "annotations" / "val.json").read_text())
+    assert values["objects"] == len(val["annotations"])
+    assert 0 <= values["found"] <= values["objects"]
+    assert f"{values['found']:,} of {values['objects']:,} objects found" in capsys.readouterr().out
 
-    capsys.readouterr()
     int8 = tmp_path / "int8.json"
     evaluate = ["detect", "eval", str(out), "--data", str(scenes), "--json", str(int8)]
     assert main([*evaluate, "--int8", "--calibration-images", "3"]) == 0
@@ -86,6 +89,11 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     assert "calibrated on 1 images" in capsys.readouterr().err
     int8_records = json.loads((tmp_path / "pred8" / "predictions.json").read_text())
     assert len(int8_records[0]["detections"]) > 0
+    # the mirror-averaged head: boxes inside the 64-pixel image, labels from the scenes
+    assert main([*predict, "--out", str(tmp_path / "flip"), "--flip"]) == 0
+    flipped = json.loads((tmp_path / "flip" / "predictions.json").read_text())[0]["detections"]
+    assert flipped and all(0 <= v <= 64 for d in flipped for v in d["box_xyxy"])
+    assert {d["label"] for d in flipped} <= set(first["class_names"])
 
 
 def test_int8_flags_are_checked(tmp_path, capsys):

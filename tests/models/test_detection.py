@@ -25,6 +25,7 @@ from reslab.models.detection import (
     RoIHeadsConfig,
     RPNConfig,
     build_detector,
+    detect_flip_averaged,
     load_backbone_weights,
 )
 from reslab.quantize import Int8Stage
@@ -301,3 +302,72 @@ def test_coco_eval_perfect_predictions_give_ap_one_and_shifted_less():
     assert worse["mAP"] < 0.5
     assert 0 < worse["mAP50"] <= 1.0
     assert coco_evaluate(gt, [])["mAP"] == 0.0
+
+
+def test_error_breakdown_separates_finding_from_naming():
+    gt = coco_ground_truth()
+    perfect = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+        }
+        for a in gt["annotations"]
+    ]
+    metrics = coco_evaluate(gt, perfect)
+    assert metrics["class_agnostic_mAP50"] == pytest.approx(1.0)
+    assert (metrics["found"], metrics["objects"], metrics["label_accuracy"]) == (4, 4, 1.0)
+    assert metrics["confusion"] == {}
+
+    # every box right, every label wrong: found, not named
+    swapped = [{**d, "category_id": 3 - d["category_id"]} for d in perfect]
+    metrics = coco_evaluate(gt, swapped)
+    assert metrics["mAP50"] == pytest.approx(0.0)
+    assert metrics["class_agnostic_mAP50"] == pytest.approx(1.0)
+    assert metrics["label_accuracy"] == 0.0
+    assert metrics["confusion"] == {"a": {"b": 2}, "b": {"a": 2}}
+
+    # a lower-scored second label on the same box is a duplicate, not a new find; the
+    # higher-scored label is the one judged; an object left out is not found
+    doubled = [*perfect[1:], *({**d, "score": 0.5} for d in swapped[1:])]
+    metrics = coco_evaluate(gt, doubled)
+    # 3 of 4 objects at precision 1: COCO's 101 recall points 0, 0.01, ..., 0.75 score 1
+    assert metrics["class_agnostic_mAP50"] == pytest.approx(76 / 101)
+    assert (metrics["found"], metrics["label_accuracy"], metrics["confusion"]) == (3, 1.0, {})
+    assert coco_evaluate(gt, [])["found"] == 0
+
+
+def mirror(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+
+
+def test_flip_averaged_detection_is_the_same_on_the_mirror_image(monkeypatch):
+    """Averaging over an image and its mirror is symmetric: on the mirror image, with the
+    mirrored proposals, it gives the mirrored boxes with the same labels and scores. A wrong
+    sign of the mirrored x shift or a proposal mirrored wrong breaks this."""
+    torch.manual_seed(0)
+    model = build_detector(tiny()).eval()
+    image = scene_batch(1)[0][0]
+    g = torch.Generator().manual_seed(1)
+    corner = torch.rand(30, 2, generator=g) * 40
+    proposals = torch.cat([corner, corner + 8 + torch.rand(30, 2, generator=g) * 16], 1)
+    given = [proposals]
+    monkeypatch.setattr(model.rpn, "forward", lambda images, features, targets=None: (given, {}))
+    averaged = detect_flip_averaged(model, [image])[0]
+    with torch.no_grad():
+        one_view = model([image])[0]
+    given[0] = mirror(proposals, 64)
+    on_mirror = detect_flip_averaged(model, [image.flip(-1)])[0]
+
+    assert len(averaged["scores"]) > 0
+    assert len(on_mirror["scores"]) == len(averaged["scores"])
+    back = mirror(on_mirror["boxes"], 64)
+    for box, score, label in zip(*averaged.values(), strict=True):
+        same = (on_mirror["labels"] == label) & ((on_mirror["scores"] - score).abs() < 1e-4)
+        assert same.any() and (back[same] - box).abs().amax(1).min() < 1e-3
+    # and the mirror view changed what the one-view detector gives
+    plain, both = one_view["scores"], averaged["scores"]
+    assert plain.shape != both.shape or not torch.allclose(plain, both)
+    with pytest.raises(ReslabError, match="eval mode"):
+        detect_flip_averaged(model.train(), [image])

@@ -168,6 +168,7 @@ def register(subparsers) -> None:
     _add_precision(
         evaluate, "the train split's first N images with --data, else the first N evaluated"
     )
+    _add_flip(evaluate)
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here")
     evaluate.set_defaults(func=run_eval)
 
@@ -181,8 +182,18 @@ def register(subparsers) -> None:
     predict.add_argument("--out", default="predictions", help="default %(default)s")
     predict.add_argument("--score-thresh", type=float, default=0.5)
     _add_precision(predict, "the first N of the given images")
+    _add_flip(predict)
     _add_threads(predict)
     predict.set_defaults(func=run_predict)
+
+
+def _add_flip(parser) -> None:
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="average the box head over each image and its mirror image (class probabilities "
+        "and box shifts per proposal): test-time flip averaging; the trunk and head run twice",
+    )
 
 
 def _add_precision(parser, calibration: str) -> None:
@@ -367,7 +378,7 @@ def run_train(args) -> int:
     console.print("last step: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
     console.print(f"checkpoint: {Path(args.out) / 'last.pt'}")
     if args.data is not None and world.is_main:
-        _report(
+        report_metrics(
             console,
             evaluate_detector(
                 model, _dataset(args, "val", eval_transforms()), config.batch_size, config.bf16
@@ -377,7 +388,7 @@ def run_train(args) -> int:
     return 0
 
 
-def _report(console: Console, metrics: dict, title: str) -> None:
+def report_metrics(console: Console, metrics: dict, title: str) -> None:
     table = Table(title=f"COCO box AP ({title}, {metrics['detections']} detections)")
     table.add_column("class")
     table.add_column("AP@[.5:.95]", justify="right")
@@ -387,6 +398,29 @@ def _report(console: Console, metrics: dict, title: str) -> None:
     table.add_row("mAP@[.5:.95]", f"{metrics['mAP']:.3f}")
     table.add_row("mAP@.5", f"{metrics['mAP50']:.3f}")
     console.print(table)
+    console.print(errors_line(metrics), soft_wrap=True)
+
+
+def errors_line(metrics: dict, top: int = 3) -> str:
+    """Finding against naming, from :func:`error_breakdown`'s keys, in one line."""
+    pairs = sorted(
+        (
+            (count, truth, label)
+            for truth, row in metrics["confusion"].items()
+            for label, count in row.items()
+        ),
+        key=lambda pair: -pair[0],
+    )
+    line = (
+        f"class-agnostic mAP@.5 {metrics['class_agnostic_mAP50']:.3f}: "
+        f"{metrics['found']:,} of {metrics['objects']:,} objects found at IoU 0.5, "
+        f"{metrics['label_accuracy']:.1%} of them with the right label"
+    )
+    if pairs:
+        line += "; most confused: " + ", ".join(
+            f"{truth} as {label} {count}" for count, truth, label in pairs[:top]
+        )
+    return line
 
 
 def run_eval(args) -> int:
@@ -403,8 +437,8 @@ def run_eval(args) -> int:
             if annotations.is_file():
                 source = CocoDetection(images, annotations, eval_transforms())
         _quantize(model, _first_images(source, args.calibration_images), Console())
-    metrics = evaluate_detector(model, dataset, args.batch_size, args.bf16)
-    _report(Console(), metrics, args.split if args.data else str(args.annotations))
+    metrics = evaluate_detector(model, dataset, args.batch_size, args.bf16, args.flip)
+    report_metrics(Console(), metrics, args.split if args.data else str(args.annotations))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=1))
     return 0
@@ -419,7 +453,13 @@ def run_predict(args) -> int:
         images = [read_image(path) for path in args.image[: args.calibration_images]]
         _quantize(model, images, Console(stderr=True))
     records = predict_images(
-        model, args.image, payload["class_names"], args.out, args.score_thresh, args.bf16
+        model,
+        args.image,
+        payload["class_names"],
+        args.out,
+        args.score_thresh,
+        args.bf16,
+        args.flip,
     )
     path = Path(args.out) / "predictions.json"
     path.write_text(json.dumps(records, indent=1))

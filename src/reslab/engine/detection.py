@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.ops import box_iou, nms
 from torchvision.utils import draw_bounding_boxes
 
 from reslab.data.coco import CocoDetection, collate
@@ -33,7 +34,12 @@ from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpo
 from reslab.engine.distributed import World, any_rank, check_batch, wrap
 from reslab.errors import ReslabError
 from reslab.fast import fold_batchnorm_
-from reslab.models.detection import SPEC_NAME, DetectorConfig, build_detector
+from reslab.models.detection import (
+    SPEC_NAME,
+    DetectorConfig,
+    build_detector,
+    detect_flip_averaged,
+)
 from reslab.quantize import quantize_stage
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
@@ -317,16 +323,22 @@ def train_detector(
 
 
 @torch.no_grad()
+def _detect(model, images: list[torch.Tensor], bf16: bool, flip: bool) -> list[dict]:
+    with _autocast(bf16):
+        return detect_flip_averaged(model, images) if flip else model(images)
+
+
 def predict_dataset(
-    model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False
+    model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False, flip: bool = False
 ) -> list[dict]:
-    """Detections over a dataset in COCO results format (original category ids, xywh boxes)."""
+    """Detections over a dataset in COCO results format (original category ids, xywh boxes);
+    ``flip``: the box head averaged over each image and its mirror
+    (:func:`~reslab.models.detection.detect_flip_averaged`)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     results = []
     for images, targets in loader:
-        with _autocast(bf16):
-            outputs = model(list(images))
+        outputs = _detect(model, list(images), bf16, flip)
         for output, target in zip(outputs, targets, strict=True):
             boxes = output["boxes"].float()
             boxes[:, 2:] -= boxes[:, :2]
@@ -347,48 +359,113 @@ def predict_dataset(
     return results
 
 
-def coco_evaluate(ground_truth: dict, results: Sequence[dict]) -> dict:
-    """COCO box AP through pycocotools ``COCOeval``: mAP@[.5:.95], mAP@.5 and AP per class."""
+def _cocoeval(ground_truth: dict, results: Sequence[dict]) -> COCOeval | None:
+    if not results:
+        return None
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         gt = COCO()
         gt.dataset = copy.deepcopy(ground_truth)
         gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(list(results)), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def coco_evaluate(ground_truth: dict, results: Sequence[dict]) -> dict:
+    """COCO box AP through pycocotools ``COCOeval``: mAP@[.5:.95], mAP@.5 and AP per class,
+    with :func:`error_breakdown`'s keys beside them."""
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
-    if not results:
-        return {
+    evaluator = _cocoeval(ground_truth, results)
+    if evaluator is None:
+        metrics = {
             "mAP": 0.0,
             "mAP50": 0.0,
             "mAP75": 0.0,
             "per_class": dict.fromkeys(names.values(), 0.0),
-            "detections": 0,
         }
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(list(results))
-        evaluator = COCOeval(gt, dt, iouType="bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    # precision: (IoU thresholds, recall points, categories, area ranges, max detections)
-    precision = evaluator.eval["precision"]
-    per_class = {}
-    for k, category_id in enumerate(evaluator.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        per_class[names[category_id]] = float(np.mean(p)) if p.size else float("nan")
-    stats = evaluator.stats
+    else:
+        # precision: (IoU thresholds, recall points, categories, area ranges, max detections)
+        precision = evaluator.eval["precision"]
+        per_class = {}
+        for k, category_id in enumerate(evaluator.params.catIds):
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            per_class[names[category_id]] = float(np.mean(p)) if p.size else float("nan")
+        stats = evaluator.stats
+        metrics = {
+            "mAP": float(stats[0]),
+            "mAP50": float(stats[1]),
+            "mAP75": float(stats[2]),
+            "per_class": per_class,
+        }
+    return {**metrics, "detections": len(results), **error_breakdown(ground_truth, results)}
+
+
+def _xyxy(boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+    out = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    out[:, 2:] += out[:, :2]
+    return out
+
+
+def error_breakdown(ground_truth: dict, results: Sequence[dict]) -> dict:
+    """Whether a detector's misses come from finding the objects or from naming them.
+
+    - ``class_agnostic_mAP50``: AP@.5 with every box and object of one class, after NMS at
+      IoU 0.5 across classes in each image (an object boxed under two labels counts once);
+    - ``label_accuracy``: of the objects some detection overlaps at IoU >= 0.5, the share whose
+      highest-scoring such detection has the right label; ``found``, ``objects``;
+    - ``confusion``: true class -> predicted class -> objects, wrong labels only.
+    """
+    names = {c["id"]: c["name"] for c in ground_truth["categories"]}
+    objects: dict[int, list[dict]] = {}
+    for ann in ground_truth["annotations"]:
+        if not ann.get("iscrowd", 0):
+            objects.setdefault(ann["image_id"], []).append(ann)
+    detections: dict[int, list[dict]] = {}
+    for det in results:
+        detections.setdefault(det["image_id"], []).append(det)
+    kept, found, right = [], 0, 0
+    confusion: dict[str, dict[str, int]] = {}
+    for image_id, dets in detections.items():
+        boxes = _xyxy([d["bbox"] for d in dets])
+        scores = torch.tensor([d["score"] for d in dets], dtype=torch.float32)
+        kept += [{**dets[k], "category_id": 1} for k in nms(boxes, scores, 0.5).tolist()]
+        anns = objects.get(image_id, [])
+        if not anns:
+            continue
+        overlaps = box_iou(_xyxy([a["bbox"] for a in anns]), boxes) >= 0.5
+        for ann, hits in zip(anns, overlaps, strict=True):
+            if not hits.any():
+                continue
+            found += 1
+            best = dets[int(torch.where(hits, scores, -1.0).argmax())]
+            if best["category_id"] == ann["category_id"]:
+                right += 1
+            else:
+                row = confusion.setdefault(names[ann["category_id"]], {})
+                label = names[best["category_id"]]
+                row[label] = row.get(label, 0) + 1
+    one_class = {
+        "images": ground_truth["images"],
+        "annotations": [{**a, "category_id": 1} for a in ground_truth["annotations"]],
+        "categories": [{"id": 1, "name": "object"}],
+    }
+    evaluator = _cocoeval(one_class, kept)
     return {
-        "mAP": float(stats[0]),
-        "mAP50": float(stats[1]),
-        "mAP75": float(stats[2]),
-        "per_class": per_class,
-        "detections": len(results),
+        "class_agnostic_mAP50": 0.0 if evaluator is None else float(evaluator.stats[1]),
+        "objects": sum(len(anns) for anns in objects.values()),
+        "found": found,
+        "label_accuracy": right / found if found else 0.0,
+        "confusion": confusion,
     }
 
 
 def evaluate_detector(
-    model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False
+    model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False, flip: bool = False
 ) -> dict:
-    return coco_evaluate(dataset.coco, predict_dataset(model, dataset, batch_size, bf16))
+    return coco_evaluate(dataset.coco, predict_dataset(model, dataset, batch_size, bf16, flip))
 
 
 def read_image(path: str | Path, scale: bool = True) -> torch.Tensor:
@@ -411,6 +488,7 @@ def predict_images(
     out: str | Path,
     score_thresh: float = 0.5,
     bf16: bool = False,
+    flip: bool = False,
 ) -> list[dict]:
     """Detect on image files; write ``out/<name>.png`` with boxes drawn and return the records."""
     model.eval()
@@ -419,8 +497,7 @@ def predict_images(
     records = []
     for path in map(Path, paths):
         image = read_image(path, scale=False)
-        with _autocast(bf16):
-            output = model([image.float() / 255])[0]
+        output = _detect(model, [image.float() / 255], bf16, flip)[0]
         keep = output["scores"] >= score_thresh
         boxes = output["boxes"][keep].float()
         labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]

@@ -247,3 +247,47 @@ def load_backbone_weights(model: FasterRCNN, state_dict: Mapping[str, torch.Tens
             f"missing {result.missing_keys[:4]}, unexpected {unexpected[:4]}"
         )
     return list(result.unexpected_keys)
+
+
+@torch.no_grad()
+def detect_flip_averaged(model: FasterRCNN, images: list[torch.Tensor]) -> list[dict]:
+    """Detections with the box head's outputs averaged over the image and its mirror image.
+
+    The RPN proposes on the image as given; each proposal is pooled from the trunk's map of the
+    image and, mirrored, from the map of the mirrored image; the head's class probabilities are
+    averaged and so are its box deltas (the mirrored x shift negated), then torchvision's
+    usual per-class NMS picks the boxes. The flip test-time averaging of image classifiers,
+    applied per RoI: the trunk and the head run twice, the RPN once. Eval mode only.
+    """
+    if model.training:
+        raise ReslabError("flip-averaged detection needs the model in eval mode")
+    original_sizes = [tuple(image.shape[-2:]) for image in images]
+    batch, _ = model.transform(images)
+    features = {"0": model.backbone(batch.tensors)}
+    proposals, _ = model.rpn(batch, features)
+    heads = model.roi_heads
+    width = batch.tensors.shape[-1]  # the padded batch is mirrored whole
+    mirrored = [
+        torch.stack([width - p[:, 2], p[:, 1], width - p[:, 0], p[:, 3]], dim=1) for p in proposals
+    ]
+    mirrored_features = {"0": model.backbone(batch.tensors.flip(-1))}
+
+    def head(maps: dict, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = heads.box_roi_pool(maps, boxes, batch.image_sizes)
+        logits, deltas = heads.box_predictor(heads.box_head(pooled))
+        return logits.float().softmax(-1), deltas.float()
+
+    probs, deltas = head(features, proposals)
+    mirror_probs, mirror_deltas = head(mirrored_features, mirrored)
+    mirror_deltas = mirror_deltas.view(len(mirror_deltas), -1, 4)
+    mirror_deltas[:, :, 0].neg_()  # a shift right in the mirror is a shift left here
+    logits = ((probs + mirror_probs) / 2).clamp_min(1e-12).log()  # softmax gives them back
+    deltas = (deltas + mirror_deltas.view_as(deltas)) / 2
+    boxes, scores, labels = heads.postprocess_detections(
+        logits, deltas, proposals, batch.image_sizes
+    )
+    detections = [
+        {"boxes": b, "scores": s, "labels": label}
+        for b, s, label in zip(boxes, scores, labels, strict=True)
+    ]
+    return model.transform.postprocess(detections, batch.image_sizes, original_sizes)
