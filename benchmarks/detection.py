@@ -42,6 +42,7 @@ from reslab.bench import machine_info
 from reslab.cli.detect import add_anchor_sizes, add_train_proposals, report_metrics
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
+from reslab.engine.box_pretrain import box_crops, crop_accuracy, pretrain_box_classifier
 from reslab.engine.detection import (
     DetectTrainConfig,
     evaluate_detector,
@@ -49,7 +50,7 @@ from reslab.engine.detection import (
     quantize_detector_head,
     train_detector,
 )
-from reslab.engine.distributed import cpu_cores, init_world, relaunch
+from reslab.engine.distributed import cpu_cores, in_launched_world, init_world, relaunch
 from reslab.models.detection import (
     DetectorConfig,
     RoIHeadsConfig,
@@ -76,20 +77,11 @@ def run_train(args, console: Console) -> None:
         make_scenes(scenes, scene_config)  # before any rank starts, so none of them races
     # with --processes N this script runs again as N ranks of one DDP world (`reslab detect
     # train --processes` does the same); rank 0 evaluates and writes the result
-    code = relaunch(args.processes or cpu_cores(), None, args.threads or 0)
-    if code is not None:
-        raise SystemExit(code)
-    world = init_world()
-    if not world.is_main:
-        console = Console(quiet=True)
-    train = CocoDetection(
-        scenes / "train", scenes / "annotations" / "train.json", train_transforms()
-    )
-    val = CocoDetection(scenes / "val", scenes / "annotations" / "val.json", eval_transforms())
+    train_json = scenes / "annotations" / "train.json"
     detector = DetectorConfig(
         backbone=args.backbone,
         width=args.width,
-        num_classes=train.num_classes,
+        num_classes=CocoDetection(scenes / "train", train_json).num_classes,
         # the scenes are resized so that their side is --min-size (default: kept as made)
         min_size=args.min_size or args.size,
         max_size=args.min_size or args.size,
@@ -104,17 +96,53 @@ def run_train(args, console: Console) -> None:
             positive_fraction=args.roi_positive_fraction,
         ),
     )
+    warm_start = Path(args.out) / "pretrained.pt"
+    if args.pretrain_minutes and not in_launched_world():
+        # in one process with every core, before any rank starts; the weights and the time it
+        # took go to a file the ranks read
+        torch.manual_seed(args.seed)
+        model = build_detector(detector)
+        pretrain = pretrain_box_classifier(
+            model,
+            CocoDetection(scenes / "train", train_json),
+            args.pretrain_minutes,
+            seed=args.seed,
+            console=console,
+        )
+        # outside the budget, like the evaluation at the end
+        val_crops = box_crops(CocoDetection(scenes / "val", scenes / "annotations" / "val.json"))
+        pretrain["val_crop_accuracy"] = crop_accuracy(model, *val_crops)
+        console.print(
+            f"pretrained classifier: {pretrain['val_crop_accuracy']:.1%} of the val scenes' "
+            "ground-truth crops named right"
+        )
+        warm_start.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "pretrain": pretrain}, warm_start)
+    code = relaunch(args.processes or cpu_cores(), None, args.threads or 0)
+    if code is not None:
+        raise SystemExit(code)
+    world = init_world()
+    if not world.is_main:
+        console = Console(quiet=True)
+    train = CocoDetection(scenes / "train", train_json, train_transforms())
+    val = CocoDetection(scenes / "val", scenes / "annotations" / "val.json", eval_transforms())
+    torch.manual_seed(args.seed)
+    model = build_detector(detector)
+    pretrain = None
+    if args.pretrain_minutes:
+        saved = torch.load(warm_start, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        pretrain = saved["pretrain"]
     config = DetectTrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_iters=args.warmup_iters,
-        max_minutes=args.minutes,
+        # the pretraining's minutes, the crops' making included, come out of the budget
+        max_minutes=args.minutes - (pretrain["seconds"] / 60 if pretrain else 0.0),
         seed=args.seed,
     )
     console.print(f"detector: {asdict(detector)}\ntraining: {asdict(config)}")
-    torch.manual_seed(args.seed)
-    model = build_detector(detector)
     started = time.monotonic()
     last = train_detector(model, train, config, args.out, console=console, world=world)
     train_s = time.monotonic() - started
@@ -154,6 +182,7 @@ def run_train(args, console: Console) -> None:
         "metrics": metrics,
         "metrics_int8_head": metrics_int8,
         "metrics_flip": metrics_flip,
+        "pretrain": pretrain,
         "note": args.note,
     }
     report_metrics(
@@ -369,6 +398,13 @@ def main() -> None:
     )
     train.add_argument("--test-proposals", type=int, default=100)
     train.add_argument(
+        "--pretrain-minutes",
+        type=float,
+        default=0.0,
+        help="first train the trunk, res5 head and class scores as a classifier on crops "
+        "around the training boxes for this long, within --minutes (reslab.engine.box_pretrain)",
+    )
+    train.add_argument(
         "--flip",
         action="store_true",
         help="also evaluate with the box head averaged over each val image and its mirror",
@@ -399,6 +435,11 @@ def main() -> None:
         # thread can then be several times faster than two
         sub.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.action == "train" and not 0 <= args.pretrain_minutes < args.minutes:
+        parser.error(
+            f"--pretrain-minutes must be at least 0 and less than --minutes ({args.minutes:g}),"
+            f" got {args.pretrain_minutes:g}"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()

@@ -1,0 +1,68 @@
+"""Warm start of the C4 detector's classifier on ground-truth crops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+from reslab.data.coco import CocoDetection
+from reslab.engine.box_pretrain import box_crops, crop_accuracy, pretrain_box_classifier
+from reslab.errors import ReslabError
+from reslab.models.detection import DetectorConfig, build_detector
+
+
+def write_bars(root, count: int = 16, size: int = 64) -> CocoDetection:
+    """One white bar per black image: wide ones are class 1, tall ones class 2."""
+    g = torch.Generator().manual_seed(0)
+    images, annotations = [], []
+    for i in range(count):
+        label = 1 + i % 2
+        w, h = (24, 8) if label == 1 else (8, 24)
+        x, y = (int(v) for v in torch.randint(0, size - 24, (2,), generator=g))
+        pixels = torch.zeros(3, size, size, dtype=torch.uint8)
+        pixels[:, y : y + h, x : x + w] = 255
+        write_png(pixels, str(root / f"{i}.png"))
+        images.append({"id": i, "file_name": f"{i}.png", "width": size, "height": size})
+        annotations.append({"id": i + 1, "image_id": i, "category_id": label, "bbox": [x, y, w, h]})
+    categories = [{"id": 1, "name": "wide"}, {"id": 2, "name": "tall"}]
+    data = {"images": images, "annotations": annotations, "categories": categories}
+    (root / "ann.json").write_text(json.dumps(data))
+    return CocoDetection(root, root / "ann.json")
+
+
+def test_crops_centre_each_box_with_a_margin(tmp_path):
+    crops, boxes, labels = box_crops(write_bars(tmp_path, 4), side=64, margin=0.25)
+    assert crops.shape == (4, 3, 64, 64) and crops.dtype == torch.uint8
+    assert labels.tolist() == [1, 2, 1, 2]
+    # the 24-pixel side fills 64 / 1.5 of the crop, centred; the 8-pixel side a third of that
+    long, short = 64 / 1.5, 64 / 1.5 / 3
+    wide = torch.tensor([32 - long / 2, 32 - short / 2, 32 + long / 2, 32 + short / 2])
+    torch.testing.assert_close(boxes[0], wide, atol=1e-3, rtol=0)
+    torch.testing.assert_close(boxes[1], wide[[1, 0, 3, 2]], atol=1e-3, rtol=0)
+    x1, y1, x2, y2 = (int(v) for v in boxes[0])
+    assert crops[0, :, y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].min() > 200  # the bar
+    assert crops[0, :, : y1 - 2].max() < 30 and crops[0, :, y2 + 2 :].max() < 30  # around it
+
+
+def test_pretraining_teaches_the_head_to_name_the_boxes(tmp_path):
+    dataset = write_bars(tmp_path)
+    torch.manual_seed(0)
+    model = build_detector(
+        DetectorConfig(backbone="resnet18", width=0.25, num_classes=3, min_size=64, max_size=64)
+    )
+    crops, boxes, labels = box_crops(dataset)
+    before = crop_accuracy(model, crops, boxes, labels)
+    result = pretrain_box_classifier(model, dataset, minutes=5, batch_size=8, lr=0.05, max_steps=40)
+    assert result["steps"] == 40 and result["crops"] == 16
+    assert crop_accuracy(model, crops, boxes, labels) == 1.0 > before
+    assert model.training
+
+
+def test_no_boxes_is_a_one_line_error(tmp_path):
+    dataset = write_bars(tmp_path, 2)
+    dataset.annotations = {key: [] for key in dataset.annotations}
+    with pytest.raises(ReslabError, match="no boxes"):
+        box_crops(dataset)
