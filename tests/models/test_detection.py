@@ -283,9 +283,9 @@ def coco_ground_truth():
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def test_coco_eval_perfect_predictions_give_ap_one_and_shifted_less():
-    gt = coco_ground_truth()
-    perfect = [
+def perfect_detections(gt: dict) -> list[dict]:
+    """Every ground-truth box as a detection of its own class, score 0.9."""
+    return [
         {
             "image_id": a["image_id"],
             "category_id": a["category_id"],
@@ -294,6 +294,11 @@ def test_coco_eval_perfect_predictions_give_ap_one_and_shifted_less():
         }
         for a in gt["annotations"]
     ]
+
+
+def test_coco_eval_perfect_predictions_give_ap_one_and_shifted_less():
+    gt = coco_ground_truth()
+    perfect = perfect_detections(gt)
     metrics = coco_evaluate(gt, perfect)
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["mAP50"] == pytest.approx(1.0)
     assert metrics["per_class"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
@@ -306,15 +311,7 @@ def test_coco_eval_perfect_predictions_give_ap_one_and_shifted_less():
 
 def test_error_breakdown_separates_finding_from_naming():
     gt = coco_ground_truth()
-    perfect = [
-        {
-            "image_id": a["image_id"],
-            "category_id": a["category_id"],
-            "bbox": a["bbox"],
-            "score": 0.9,
-        }
-        for a in gt["annotations"]
-    ]
+    perfect = perfect_detections(gt)
     metrics = coco_evaluate(gt, perfect)
     assert metrics["class_agnostic_mAP50"] == pytest.approx(1.0)
     assert (metrics["found"], metrics["objects"], metrics["label_accuracy"]) == (4, 4, 1.0)
