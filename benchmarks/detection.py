@@ -39,10 +39,21 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from reslab import fast
 from reslab.bench import machine_info
-from reslab.cli.detect import add_anchor_sizes, add_train_proposals, report_metrics
+from reslab.cli.detect import (
+    add_anchor_sizes,
+    add_train_proposals,
+    proposal_configs,
+    report_metrics,
+)
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
-from reslab.engine.box_pretrain import box_crops, crop_accuracy, pretrain_box_classifier
+from reslab.engine.box_pretrain import (
+    box_crops,
+    crop_accuracy,
+    load_warm_start,
+    pretrain_box_classifier,
+    save_warm_start,
+)
 from reslab.engine.detection import (
     DetectTrainConfig,
     evaluate_detector,
@@ -85,18 +96,8 @@ def run_train(args, console: Console) -> None:
         # the scenes are resized so that their side is --min-size (default: kept as made)
         min_size=args.min_size or args.size,
         max_size=args.min_size or args.size,
-        rpn=RPNConfig(
-            pre_nms_top_n_train=args.train_pre_nms,
-            post_nms_top_n_train=args.train_proposals,
-            post_nms_top_n_test=args.test_proposals,
-            anchor_sizes=args.anchor_sizes,
-        ),
-        roi_heads=RoIHeadsConfig(
-            batch_size_per_image=args.rois_per_image,
-            positive_fraction=args.roi_positive_fraction,
-        ),
+        **proposal_configs(args),
     )
-    warm_start = Path(args.out) / "pretrained.pt"
     if args.pretrain_minutes and not in_launched_world():
         # in one process with every core, before any rank starts; the weights and the time it
         # took go to a file the ranks read
@@ -116,8 +117,7 @@ def run_train(args, console: Console) -> None:
             f"pretrained classifier: {pretrain['val_crop_accuracy']:.1%} of the val scenes' "
             "ground-truth crops named right"
         )
-        warm_start.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "pretrain": pretrain}, warm_start)
+        save_warm_start(model, args.out, pretrain)
     code = relaunch(args.processes or cpu_cores(), None, args.threads or 0)
     if code is not None:
         raise SystemExit(code)
@@ -130,9 +130,7 @@ def run_train(args, console: Console) -> None:
     model = build_detector(detector)
     pretrain = None
     if args.pretrain_minutes:
-        saved = torch.load(warm_start, weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        pretrain = saved["pretrain"]
+        pretrain = load_warm_start(model, args.out)
     config = DetectTrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -14,7 +14,7 @@ from reslab.data.coco import CocoDetection
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import DetectTrainConfig, NonFiniteLoss, train_detector
 from reslab.models import create_model
-from reslab.models.detection import RPNConfig
+from reslab.models.detection import DetectorConfig, RPNConfig, build_detector
 
 TINY = [
     "--backbone",
@@ -138,6 +138,12 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
         (["--train-pre-nms", "0"], "--train-pre-nms must be >= 1, got 0"),
         (["--train-proposals", "-3"], "--train-proposals must be >= 1, got -3"),
         (["--test-proposals", "0"], "--test-proposals must be >= 1, got 0"),
+        (["--pretrain-minutes", "-1"], "--pretrain-minutes must be >= 0, got -1"),
+        (["--pretrain-minutes", "1", "--resume"], "--resume continues one: give one"),
+        (
+            ["--pretrain-minutes", "5", "--max-minutes", "5"],
+            "--pretrain-minutes (5) must be less than --max-minutes (5)",
+        ),
     ],
 )
 def test_bad_roi_sampling_names_the_flag(flags, message, scenes, tmp_path, capsys):
@@ -153,6 +159,24 @@ def test_roi_positive_fraction_reaches_the_sampler(scenes, tmp_path):
     assert train_on_scenes(scenes, out, 1, "--roi-positive-fraction", "0.5") == 0
     saved = load_checkpoint(out / "last.pt")["model"]["kwargs"]["roi_heads"]
     assert saved["positive_fraction"] == 0.5 and saved["batch_size_per_image"] == 16
+
+
+def test_pretraining_warm_starts_the_detector(scenes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_on_scenes(scenes, out, 1, "--pretrain-minutes", "0.01") == 0
+    boxes = len(json.loads((scenes / "annotations" / "train.json").read_text())["annotations"])
+    assert f"pretraining the box classifier on {boxes:,} ground-truth crops" in (
+        capsys.readouterr().out
+    )
+    saved = torch.load(out / "pretrained.pt", weights_only=True)
+    assert saved["pretrain"]["crops"] == boxes and saved["pretrain"]["steps"] > 0
+    # detection training started from the pretrained weights, not from a fresh seeded model
+    name = "backbone.conv1.weight"
+    trained = load_checkpoint(out / "last.pt")["state_dict"][name]
+    torch.manual_seed(0)
+    fresh = build_detector(DetectorConfig.from_dict(load_checkpoint(out)["model"]["kwargs"]))
+    from_pretrained = (trained - saved["state_dict"][name]).abs().max()
+    assert from_pretrained < (trained - fresh.state_dict()[name]).abs().max()
 
 
 def test_training_proposal_flags_reach_the_rpn(scenes, tmp_path):

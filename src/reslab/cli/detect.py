@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from reslab.data.coco import CocoDetection, eval_transforms, resolve, train_transforms
+from reslab.engine.box_pretrain import load_warm_start, pretrain_box_classifier, save_warm_start
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import (
     DetectTrainConfig,
@@ -147,6 +148,15 @@ def register(subparsers) -> None:
         help="stop after the epoch that passes this time (0: no limit)",
     )
     train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument(
+        "--pretrain-minutes",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help="first train trunk, res5 head and class layer as a classifier on crops around the "
+        "training boxes for M minutes, part of --max-minutes (default 0: none; 6 of 30 "
+        "raised mAP@.5 from 0.865 to 0.877 on the scenes)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument(
         "--processes",
@@ -295,7 +305,7 @@ def _native_min_size(dataset: CocoDetection) -> int:
     return min(DEFAULT_MIN_SIZE, max(min(i["width"], i["height"]) for i in dataset.images))
 
 
-def run_train(args) -> int:
+def _check_train_args(args) -> None:
     if args.processes < 0:
         raise ReslabError(f"--processes must be >= 0, got {args.processes}")
     for flag in ("rois_per_image", "train_pre_nms", "train_proposals", "test_proposals"):
@@ -303,53 +313,55 @@ def run_train(args) -> int:
             name = "--" + flag.replace("_", "-")
             raise ReslabError(f"{name} must be >= 1, got {getattr(args, flag)}")
     check_positive_fraction("--roi-positive-fraction", args.roi_positive_fraction)
-    processes = args.processes or cpu_cores()
-    if processes > 1 and not in_launched_world():
-        check_batch(World(size=processes), args.batch_size)
-        return relaunch(processes, args.argv, args.threads or 0)
-    _set_threads(args)
-    world = init_world()
-    console = Console() if world.is_main else Console(quiet=True)
-    dataset = _dataset(args, "train", train_transforms())
-    config = DetectTrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_iters=args.warmup_iters,
-        bf16=args.bf16,
-        seed=args.seed,
-        max_minutes=args.max_minutes,
-    )
+    if args.pretrain_minutes < 0:
+        raise ReslabError(f"--pretrain-minutes must be >= 0, got {args.pretrain_minutes:g}")
+    if args.pretrain_minutes and args.resume:
+        raise ReslabError("--pretrain-minutes starts a run; --resume continues one: give one")
+    if args.pretrain_minutes and 0 < args.max_minutes <= args.pretrain_minutes:
+        raise ReslabError(
+            f"--pretrain-minutes ({args.pretrain_minutes:g}) must be less than --max-minutes "
+            f"({args.max_minutes:g}), whose budget it shares"
+        )
+
+
+def _detector_config(args, dataset: CocoDetection) -> DetectorConfig:
     if args.resume:
-        detector = DetectorConfig.from_dict(
+        return DetectorConfig.from_dict(
             load_checkpoint(Path(args.out) / "last.pt")["model"]["kwargs"]
         )
-    else:
-        pretrained = args.backbone_weights is not None
-        detector = DetectorConfig(
-            backbone=args.backbone,
-            width=args.width,
-            num_classes=dataset.num_classes,
-            frozen_bn=pretrained,
-            freeze_at=2 if pretrained else 0,
-            min_size=args.min_size or _native_min_size(dataset),
-            max_size=args.max_size,
-            rpn=RPNConfig(
-                anchor_sizes=args.anchor_sizes,
-                pre_nms_top_n_train=args.train_pre_nms,
-                post_nms_top_n_train=args.train_proposals,
-                post_nms_top_n_test=args.test_proposals,
-            ),
-            roi_heads=RoIHeadsConfig(
-                batch_size_per_image=args.rois_per_image,
-                positive_fraction=args.roi_positive_fraction,
-            ),
-        )
-    if detector.num_classes != dataset.num_classes:
-        raise ReslabError(
-            f"the checkpoint has {detector.num_classes - 1} classes, the data "
-            f"{dataset.num_classes - 1}"
-        )
+    pretrained = args.backbone_weights is not None
+    return DetectorConfig(
+        backbone=args.backbone,
+        width=args.width,
+        num_classes=dataset.num_classes,
+        frozen_bn=pretrained,
+        freeze_at=2 if pretrained else 0,
+        min_size=args.min_size or _native_min_size(dataset),
+        max_size=args.max_size,
+        **proposal_configs(args),
+    )
+
+
+def proposal_configs(args) -> dict:
+    """``rpn`` and ``roi_heads`` for DetectorConfig from the anchor, proposal and RoI sampling
+    flags that `detect train` and the detection benchmark share."""
+    return {
+        "rpn": RPNConfig(
+            anchor_sizes=args.anchor_sizes,
+            pre_nms_top_n_train=args.train_pre_nms,
+            post_nms_top_n_train=args.train_proposals,
+            post_nms_top_n_test=args.test_proposals,
+        ),
+        "roi_heads": RoIHeadsConfig(
+            batch_size_per_image=args.rois_per_image,
+            positive_fraction=args.roi_positive_fraction,
+        ),
+    }
+
+
+def _build(args, detector: DetectorConfig, console: Console):
+    """The detector, seeded, with --backbone-weights loaded when given for a new run."""
+    torch.manual_seed(args.seed)
     model = build_detector(detector)
     if args.backbone_weights and not args.resume:
         path = Path(args.backbone_weights)
@@ -363,6 +375,55 @@ def run_train(args) -> int:
             ) from None
         skipped = load_backbone_weights(model, state.get("state_dict", state))
         console.print(f"loaded {path} into trunk and head (unused: {', '.join(skipped)})")
+    return model
+
+
+def _pretrain(args) -> None:
+    """--pretrain-minutes, in this process with all its threads, before any rank starts."""
+    console = Console()
+    dataset = _dataset(args, "train", None)
+    model = _build(args, _detector_config(args, dataset), console)
+    record = pretrain_box_classifier(
+        model, dataset, args.pretrain_minutes, seed=args.seed, console=console
+    )
+    save_warm_start(model, args.out, record)
+
+
+def run_train(args) -> int:
+    _check_train_args(args)
+    processes = args.processes or cpu_cores()
+    if processes > 1 and not in_launched_world():
+        check_batch(World(size=processes), args.batch_size)
+    if args.pretrain_minutes and not in_launched_world():
+        _set_threads(args)
+        _pretrain(args)
+    if processes > 1 and not in_launched_world():
+        return relaunch(processes, args.argv, args.threads or 0)
+    _set_threads(args)
+    world = init_world()
+    console = Console() if world.is_main else Console(quiet=True)
+    dataset = _dataset(args, "train", train_transforms())
+    detector = _detector_config(args, dataset)
+    if detector.num_classes != dataset.num_classes:
+        raise ReslabError(
+            f"the checkpoint has {detector.num_classes - 1} classes, the data "
+            f"{dataset.num_classes - 1}"
+        )
+    model = _build(args, detector, console)
+    max_minutes = args.max_minutes
+    if args.pretrain_minutes:
+        record = load_warm_start(model, args.out)
+        if max_minutes:  # the pretraining, crops' making included, came out of the budget
+            max_minutes -= record["seconds"] / 60
+    config = DetectTrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_iters=args.warmup_iters,
+        bf16=args.bf16,
+        seed=args.seed,
+        max_minutes=max_minutes,
+    )
     console.print(f"detector: {asdict(detector)}")
     console.print(
         f"training: {asdict(config)}; {len(dataset)} images, {dataset.num_classes - 1} classes"

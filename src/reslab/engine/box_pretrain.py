@@ -11,6 +11,7 @@ classifier learns is the path detection uses.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from rich.console import Console
 from torchvision.ops import roi_align
 
 from reslab.data.coco import CocoDetection
+from reslab.engine.checkpoint import save_checkpoint
 from reslab.engine.detection import lr_factor
 from reslab.errors import ReslabError
 
@@ -140,3 +142,20 @@ def pretrain_box_classifier(
         "loss": loss,
         "accuracy": accuracy,
     }
+
+
+WARM_START = "pretrained.pt"
+
+
+def save_warm_start(model, out: str | Path, record: dict) -> Path:
+    """The pretrained weights and the pretraining's record, for the ranks that train next."""
+    path = Path(out) / WARM_START
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(path, {"state_dict": model.state_dict(), "pretrain": record})
+
+
+def load_warm_start(model, out: str | Path) -> dict:
+    """Load :func:`save_warm_start`'s weights into ``model``; the pretraining's record."""
+    saved = torch.load(Path(out) / WARM_START, map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["state_dict"])
+    return saved["pretrain"]
