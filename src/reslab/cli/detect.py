@@ -392,14 +392,14 @@ def _pretrain(args) -> None:
 def run_train(args) -> int:
     _check_train_args(args)
     processes = args.processes or cpu_cores()
-    if processes > 1 and not in_launched_world():
+    launcher = processes > 1 and not in_launched_world()
+    if launcher:
         check_batch(World(size=processes), args.batch_size)
-    if args.pretrain_minutes and not in_launched_world():
-        _set_threads(args)
-        _pretrain(args)
-    if processes > 1 and not in_launched_world():
-        return relaunch(processes, args.argv, args.threads or 0)
     _set_threads(args)
+    if args.pretrain_minutes and not in_launched_world():
+        _pretrain(args)
+    if launcher:
+        return relaunch(processes, args.argv, args.threads or 0)
     world = init_world()
     console = Console() if world.is_main else Console(quiet=True)
     dataset = _dataset(args, "train", train_transforms())

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from torchvision.ops import roi_align
+from torchvision.ops import box_convert, roi_align
 
 from reslab.data.coco import CocoDetection
 from reslab.engine.checkpoint import save_checkpoint
 from reslab.engine.detection import lr_factor
 from reslab.errors import ReslabError
+from reslab.models.detection import mirror_boxes
 
 
 def box_crops(
@@ -45,9 +46,7 @@ def box_crops(
         image = dataset.load_image(index).float().unsqueeze(0)
         crops.append(roi_align(image, [squares], side, aligned=True).round().to(torch.uint8))
         scale = side / (2 * half)
-        inside = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1) - squares[:, :2].repeat(
-            1, 2
-        )
+        inside = box_convert(xywh, "xywh", "xyxy") - squares[:, :2].repeat(1, 2)
         boxes.append(inside * scale)
         labels += [dataset.label_of[a["category_id"]] for a in anns]
     if not labels:
@@ -120,9 +119,7 @@ def pretrain_box_classifier(
             x, box = crops[index], boxes[index].clone()
             mirror = torch.rand(len(index), generator=generator) < 0.5
             x[mirror] = x[mirror].flip(-1)
-            box[mirror] = torch.stack(
-                [side - box[mirror, 2], box[mirror, 1], side - box[mirror, 0], box[mirror, 3]], 1
-            )
+            box[mirror] = mirror_boxes(box[mirror], side)
             logits = crop_logits(model, x, box)
             batch_loss = F.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image, write_png
-from torchvision.ops import box_iou, nms
+from torchvision.ops import box_convert, box_iou, nms
 from torchvision.utils import draw_bounding_boxes
 
 from reslab.data.coco import CocoDetection, collate
@@ -404,9 +404,7 @@ def coco_evaluate(ground_truth: dict, results: Sequence[dict]) -> dict:
 
 
 def _xyxy(boxes: Sequence[Sequence[float]]) -> torch.Tensor:
-    out = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    out[:, 2:] += out[:, :2]
-    return out
+    return box_convert(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "xywh", "xyxy")
 
 
 def error_breakdown(ground_truth: dict, results: Sequence[dict]) -> dict:

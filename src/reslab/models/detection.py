@@ -249,6 +249,11 @@ def load_backbone_weights(model: FasterRCNN, state_dict: Mapping[str, torch.Tens
     return list(result.unexpected_keys)
 
 
+def mirror_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """xyxy boxes of an image ``width`` pixels wide, in its left-right mirror image."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+
+
 @torch.no_grad()
 def detect_flip_averaged(model: FasterRCNN, images: list[torch.Tensor]) -> list[dict]:
     """Detections with the box head's outputs averaged over the image and its mirror image.
@@ -267,9 +272,7 @@ def detect_flip_averaged(model: FasterRCNN, images: list[torch.Tensor]) -> list[
     proposals, _ = model.rpn(batch, features)
     heads = model.roi_heads
     width = batch.tensors.shape[-1]  # the padded batch is mirrored whole
-    mirrored = [
-        torch.stack([width - p[:, 2], p[:, 1], width - p[:, 0], p[:, 3]], dim=1) for p in proposals
-    ]
+    mirrored = [mirror_boxes(p, width) for p in proposals]
     mirrored_features = {"0": model.backbone(batch.tensors.flip(-1))}
 
     def head(maps: dict, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
