@@ -35,6 +35,9 @@ probe() {
 }
 
 probe best
+probe epochs48 epochs=48
+probe width0.375 width=0.375
+probe epochs24 epochs=24
 probe seed1 seed=1
 probe cutmix0.5 cutmix=0.5
 probe cutmix1 cutmix=1.0

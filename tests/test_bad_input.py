@@ -54,6 +54,7 @@ def test_unknown_model_lists_close_matches(capsys):
         ("--batch-size=0", "--batch-size"),
         ("--lr=nan", "--lr"),
         ("--save-every=-5", "--save-every"),
+        ("--max-minutes=-1", "--max-minutes"),
     ],
 )
 def test_out_of_range_flags(capsys, flag, needle):

@@ -138,3 +138,42 @@ def test_schedules_start_and_end(schedule):
     assert factors[-1] <= factors[0] or schedule == "onecycle"
     if schedule != "none":
         assert factors[-1] < 0.05
+
+
+def test_epochs_within_counts_whole_epochs_up_to_the_cap():
+    assert train_module.epochs_within(100.0, 30.0, 10) == 3
+    assert train_module.epochs_within(100.0, 30.0, 2) == 2
+    assert train_module.epochs_within(20.0, 30.0, 5) == 0
+    assert train_module.epochs_within(-5.0, 30.0, 5) == 0
+
+
+def test_epoch_estimate_is_positive_and_leaves_the_random_state(fake_fmnist, tmp_path):
+    config = tiny(fake_fmnist, None, ema=0.9)
+    source = train_module.open_source(config)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    seconds = train_module.seconds_per_epoch(config, source, train_module.World())
+    assert math.isfinite(seconds) and seconds > 0
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_max_minutes_plans_the_epochs_that_fit(fake_fmnist, tmp_path, monkeypatch):
+    # one epoch "takes" 10 s and the budget is 30 s: 97% of it holds 2 of the 5 epochs asked
+    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
+    config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5)
+    result = fit(config, console=quiet())
+    assert len(result.history) == 2 and result.history[-1]["lr"] == pytest.approx(0.0)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
+    # the same run with no budget trains all five
+    full = fit(tiny(fake_fmnist, tmp_path / "full", epochs=5), console=quiet())
+    assert full.history[-1]["epoch"] == 5
+
+
+def test_max_minutes_too_short_for_one_epoch_is_an_error_before_the_run_folder(
+    fake_fmnist, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 100.0)
+    config = tiny(fake_fmnist, tmp_path / "run", max_minutes=1)
+    with pytest.raises(ReslabError, match=r"--max-minutes 1: one epoch takes about 1m 40s"):
+        fit(config, console=quiet())
+    assert not (tmp_path / "run").exists()

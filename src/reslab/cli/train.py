@@ -51,6 +51,14 @@ def register(subparsers) -> None:
     add("--workers", type=int, help="DataLoader workers decoding image-folder files")
     _bool(parser, "--strict", "stop on an unreadable image-folder file (default: skip, warn)")
     add("--epochs", type=int)
+    add(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="fit the run to M minutes of wall time: a few steps are timed first and "
+        "min(--epochs, what fits) epochs are trained, the schedule made for that many "
+        "(default 0 = no limit; the best preset: 57)",
+    )
     add("--batch-size", type=int)
     add("--lr", type=float, help="peak learning rate")
     add("--optimizer", choices=OPTIMIZERS)

@@ -9,6 +9,8 @@ run after the current step with a checkpoint (the place for signal handling).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import signal
@@ -40,7 +42,7 @@ from reslab.engine.distributed import (
     sum_over_ranks,
     wrap,
 )
-from reslab.engine.evaluate import Evaluation, autocast, evaluate
+from reslab.engine.evaluate import Evaluation, autocast, evaluate, logits
 from reslab.engine.plots import plot_confusion, plot_curves
 from reslab.errors import Interrupted, ReslabError
 from reslab.fast import bf16_supported
@@ -261,6 +263,86 @@ def steps_per_epoch(config: TrainConfig, source: Source) -> int:
     return max(source.train_size // config.batch_size, 1)
 
 
+# --max-minutes: steps timed (after two untimed ones) to estimate an epoch, and the share of
+# the budget that the planned epochs may fill (the rest absorbs the estimate's error, the
+# final plots and the process start)
+TIMED_STEPS = 12
+BUDGET_SHARE = 0.97
+
+
+def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> float:
+    """Estimated wall seconds of one epoch of ``config`` on this machine: training, timed over
+    a few steps of a throwaway model on real batches, plus the evaluation after it, timed on
+    one test batch and scaled. The global random state is left as it was."""
+    devices = [] if config.device == "cpu" else [config.device]
+    with torch.random.fork_rng(devices=devices):
+        probe = build_state(config, source, Path("."))
+        probe.world = world
+        model = wrap(probe.model, world, config.sync_bn)
+        probe.draws = epoch_generator(config.seed, 0, 1)
+        batches = itertools.chain.from_iterable(
+            source.train_batches(config.batch_size, epoch_generator(config.seed, e, 0))
+            for e in itertools.count()
+        )
+        for index, (images, labels) in enumerate(itertools.islice(batches, TIMED_STEPS + 2)):
+            if index == 2:
+                started = time.perf_counter()
+            _, _, loss = batch_loss(probe, model, images, labels)
+            probe.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            probe.optimizer.step()
+            if probe.ema is not None:
+                probe.ema.update_parameters(probe.model)
+            loss.item()  # waits for a GPU to finish the step
+        train = (time.perf_counter() - started) / TIMED_STEPS * steps_per_epoch(config, source)
+        images, _ = next(iter(source.test_batches(config.eval_batch_size)))
+        test = functools.partial(
+            logits,
+            probe.eval_model,
+            images,
+            probe.spec,
+            config.precision,
+            config.channels_last,
+            tta=config.tta,
+        )
+        test()
+        started = time.perf_counter()
+        test()
+        batches = math.ceil(source.test_size / len(images))
+        return train + (time.perf_counter() - started) * batches
+
+
+def epochs_within(seconds: float, epoch_seconds: float, most: int) -> int:
+    """How many epochs of ``epoch_seconds`` fit in ``seconds``, at most ``most`` (may be 0)."""
+    return max(0, min(most, math.floor(seconds / epoch_seconds)))
+
+
+def fit_to_budget(
+    config: TrainConfig, source: Source, world: World, started: float, console: Console
+) -> None:
+    """Lower ``config.epochs`` to what fits in ``config.max_minutes`` from ``started``."""
+    estimate = seconds_per_epoch(config, source, world)
+    # every process must plan the same number of epochs: they share one estimate
+    (total,) = sum_over_ranks(world, torch.tensor(estimate, dtype=torch.float64))
+    estimate = total.item() / world.size
+    left = config.max_minutes * 60 * BUDGET_SHARE - (time.perf_counter() - started)
+    epochs = epochs_within(left, estimate, config.epochs)
+    if epochs == 0:
+        raise ReslabError(
+            f"--max-minutes {config.max_minutes:g}: one epoch takes about "
+            f"{format_time(estimate)} on this machine (measured), more than the budget leaves "
+            "for training; give a larger --max-minutes, or a smaller --width or --batch-size"
+        )
+    console.print(
+        f"time budget {config.max_minutes:g} min: one epoch takes about {format_time(estimate)} "
+        f"here (measured), so {epochs} of {config.epochs} epochs",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    config.epochs = epochs
+
+
 def restore(state: TrainState, payload: dict) -> None:
     raw = payload.get("train_state_dict", payload["state_dict"])
     state.model.load_state_dict(raw)
@@ -374,6 +456,8 @@ def fit(
             markup=False,
             soft_wrap=True,
         )
+    if config.max_minutes and payload is None:
+        fit_to_budget(config, source, world, start, console)
     if world.is_main:
         run_dir = run_dir or new_run_dir(config)
     state = build_state(config, source, run_dir or Path("."))
@@ -495,6 +579,33 @@ def fit(
     )
 
 
+def batch_loss(
+    state: TrainState, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One global uint8 batch augmented with ``state.draws``: this process's logits, its
+    labels and the loss (CutMix mixes the pasted boxes' labels in by area)."""
+    config, world = state.config, state.world
+    images, labels = images.to(config.device), labels.to(config.device)
+    x = to_input(images, state.spec)
+    lam, pasted = 1.0, None
+    if config.augment:
+        x = augment(x, config.crop_padding, config.erasing, state.draws)
+        x, shuffled, lam = cutmix(x, config.cutmix, state.draws)
+        if lam < 1:
+            pasted = labels[shuffled.to(config.device)]  # the labels of the pasted boxes
+    x, labels = world.shard(x), world.shard(labels)
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(config.precision, config.device):
+        out = model(x).float()
+        loss = F.cross_entropy(out, labels, label_smoothing=config.label_smoothing)
+        if pasted is not None:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(
+                out, world.shard(pasted), label_smoothing=config.label_smoothing
+            )
+    return out, labels, loss
+
+
 def train_epoch(
     state: TrainState, source: Source, epoch: int, hooks: Hooks, progress: Progress, task
 ) -> tuple[float, float, float]:
@@ -526,24 +637,7 @@ def train_epoch(
     for index, (images, labels) in enumerate(source.train_batches(config.batch_size, order)):
         if index < skip:
             continue
-        images, labels = images.to(config.device), labels.to(config.device)
-        x = to_input(images, state.spec)
-        lam, pasted = 1.0, None
-        if config.augment:
-            x = augment(x, config.crop_padding, config.erasing, state.draws)
-            x, shuffled, lam = cutmix(x, config.cutmix, state.draws)
-            if lam < 1:
-                pasted = labels[shuffled.to(config.device)]  # the labels of the pasted boxes
-        x, labels = world.shard(x), world.shard(labels)
-        if config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(config.precision, config.device):
-            out = model(x).float()
-            loss = F.cross_entropy(out, labels, label_smoothing=config.label_smoothing)
-            if pasted is not None:
-                loss = lam * loss + (1 - lam) * F.cross_entropy(
-                    out, world.shard(pasted), label_smoothing=config.label_smoothing
-                )
+        out, labels, loss = batch_loss(state, model, images, labels)
         non_finite, signalled = any_rank(world, not torch.isfinite(loss), bool(state.signal))
         if non_finite:
             last = state.run_dir / "last.pt"
