@@ -42,6 +42,10 @@ def test_presets_build_and_round_trip():
         96,
     )
     assert seed.model_kwargs == {"stem": "imagenet"} and not seed.augment
+    # the wall-time limits, with room for the process start and the final plots
+    assert 0 < build_config("default").max_minutes < 10
+    assert 0 < build_config("best").max_minutes < 60
+    assert seed.max_minutes == 0  # the reference recipe runs all its epochs
 
 
 def test_unknown_preset_and_key():

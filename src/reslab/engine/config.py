@@ -124,11 +124,14 @@ PRESETS: dict[str, dict] = {
     # reference kernels, measured 6x slower than fp32; on a Xeon with AVX512-BF16 bf16 was
     # still no faster for this width at 28x28 (2,372 against 2,574 img/s; README).
     # 20 epochs at batch 256 (lr 0.2, scaled with the batch): 93.64% in 8.1 min on the idle
-    # 2-core machine at 2,764 img/s; 8 epochs at batch 128 had given 92.41%.
+    # 2-core Xeon at 2,764 img/s; 8 epochs at batch 128 had given 92.41%. At most 9.5
+    # minutes (max_minutes), so that `reslab train` keeps to its 10 minutes on a slower CPU
+    # too, with fewer epochs there (README).
     "default": dict(
         model="resnet18",
         model_kwargs={"stem": "small", "width": 0.25},
         epochs=20,
+        max_minutes=9.5,
         batch_size=256,
         lr=0.2,
         erasing=0.0,
