@@ -9,8 +9,9 @@ mAP on the val split. ``infer`` times ResNet-101-C4 on a 512x512 image next to t
 assembled by hand from torchvision's own resnet101, in alternating rounds in one process. Random
 weights make the RPN's output arbitrary, so both are fed the same 1000 fixed proposals after
 running their RPN: the 1000 RoIs that reach the res5 head, as with trained weights, are what
-costs (a forward hook counts them). Where the CPU has VNNI, ``infer`` also times the int8 res5
-head (`detect eval|predict --int8`) and ``train`` also scores it. Each writes
+costs (a forward hook counts them). Where the CPU has VNNI (or with ``--int8 yes``), ``infer``
+also times the int8 res5 head (`detect eval|predict --int8`); where it has VNNI ``train`` also
+scores it. Each writes
 benchmarks/results/detection-<kind>-<time>.json with the machine and the load average before
 and after, because the machine may be shared.
 """
@@ -305,7 +306,7 @@ def run_infer(args, console: Console) -> None:
         bf16_name = "reslab resnet101 C4, folded BN + channels_last, bf16 (--bf16)"
         variants[bf16_name] = ours_fast
         precisions[bf16_name] = "bf16"
-    if int8_pays() and not args.no_int8:
+    if args.int8 == "yes" or (args.int8 == "auto" and int8_pays()):
         ours_int8 = prepared_copy()
         # calibrated on another random image through the same fixed proposals as the timing
         calibration = fixed_proposals(args.proposals, size, seed=1)
@@ -425,7 +426,11 @@ def main() -> None:
     infer.add_argument("--proposals", type=int, default=1000)
     infer.add_argument("--rounds", type=int, default=3)
     infer.add_argument(
-        "--no-int8", action="store_true", help="skip the int8 head (timed where the CPU has VNNI)"
+        "--int8",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="also time the int8 res5 head: auto = where the CPU has VNNI (default), yes = "
+        "also without it (AVX2's 8-bit multiply-adds), no = never",
     )
     for sub in (train, infer):
         sub.add_argument("--note", default="", help="free text saved with the results")
