@@ -3,10 +3,12 @@ import json
 import torch
 from PIL import Image
 
-from reslab.cli import main
+from reslab.cli import build_parser, main
+from reslab.cli.train import config_from_args
 from reslab.data.sources import fashion_mnist_source
 from reslab.data.transforms import InputSpec
 from reslab.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from reslab.engine.config import PRESETS
 from reslab.engine.evaluate import logits
 
 TINY = [
@@ -113,3 +115,14 @@ def test_image_folder_training(tmp_path, capsys):
     assert (run / "confusion.png").is_file()
     assert main(["eval", str(run), "--data", str(tmp_path / "set")]) == 0
     assert "(4 images)" in capsys.readouterr().out
+
+
+def test_typed_epochs_drop_the_presets_time_budget():
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["train", *argv]))[0]
+
+    assert config().max_minutes == PRESETS["default"]["max_minutes"] > 0
+    assert config("--preset", "best").max_minutes == PRESETS["best"]["max_minutes"] > 0
+    assert (config("--epochs", "30").epochs, config("--epochs", "30").max_minutes) == (30, 0)
+    both = config("--preset", "best", "--epochs", "60", "--max-minutes", "20")
+    assert (both.epochs, both.max_minutes) == (60, 20)
