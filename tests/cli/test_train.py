@@ -106,9 +106,10 @@ def test_image_folder_training(tmp_path, capsys):
                 )
     run = tmp_path / "run"
     args = ["train", *TINY, "--data", str(tmp_path / "set"), "--out", str(run), "--workers", "0"]
-    assert main(args) == 0
+    assert main([*args, "--max-minutes", "5"]) == 0  # the budget's probe on a folder too
     out = capsys.readouterr().out
     assert "data: image folder" in out and "16 train and 4 validation images" in out
+    assert "time budget 5 min: one epoch takes about" in out and "so 2 of 2 epochs" in out
     payload = load_checkpoint(run / "best.pt")
     assert payload["classes"] == ["dark", "light"] and payload["input"]["channels"] == 3
     assert torch.is_tensor(payload["rng"]["torch"])
