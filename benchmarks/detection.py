@@ -110,6 +110,7 @@ def run_train(args, console: Console) -> None:
             args.pretrain_minutes,
             seed=args.seed,
             console=console,
+            jitter=args.pretrain_jitter,
         )
         # outside the budget, like the evaluation at the end
         val_crops = box_crops(CocoDetection(scenes / "val", scenes / "annotations" / "val.json"))
@@ -404,6 +405,12 @@ def main() -> None:
         "around the training boxes for this long, within --minutes (reslab.engine.box_pretrain)",
     )
     train.add_argument(
+        "--pretrain-jitter",
+        type=float,
+        default=0.0,
+        help="move each crop box's edges at random by up to this share of its size",
+    )
+    train.add_argument(
         "--flip",
         action="store_true",
         help="also evaluate with the box head averaged over each val image and its mirror",
@@ -442,6 +449,10 @@ def main() -> None:
         parser.error(
             f"--pretrain-minutes must be at least 0 and less than --minutes ({args.minutes:g}),"
             f" got {args.pretrain_minutes:g}"
+        )
+    if args.action == "train" and not 0 <= args.pretrain_jitter < 0.5:
+        parser.error(
+            f"--pretrain-jitter must be at least 0 and below 0.5, got {args.pretrain_jitter:g}"
         )
     if args.threads:
         torch.set_num_threads(args.threads)

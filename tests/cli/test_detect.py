@@ -139,6 +139,7 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
         (["--train-proposals", "-3"], "--train-proposals must be >= 1, got -3"),
         (["--test-proposals", "0"], "--test-proposals must be >= 1, got 0"),
         (["--pretrain-minutes", "-1"], "--pretrain-minutes must be >= 0, got -1"),
+        (["--pretrain-jitter", "0.5"], "--pretrain-jitter must be at least 0 and below 0.5"),
         (["--pretrain-minutes", "1", "--resume"], "--resume continues one: give one"),
         (
             ["--pretrain-minutes", "5", "--max-minutes", "5"],
@@ -163,7 +164,10 @@ def test_roi_positive_fraction_reaches_the_sampler(scenes, tmp_path):
 
 def test_pretraining_warm_starts_the_detector(scenes, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_on_scenes(scenes, out, 1, "--pretrain-minutes", "0.01") == 0
+    assert (
+        train_on_scenes(scenes, out, 1, "--pretrain-minutes", "0.01", "--pretrain-jitter", "0.1")
+        == 0
+    )
     boxes = len(json.loads((scenes / "annotations" / "train.json").read_text())["annotations"])
     assert f"pretraining the box classifier on {boxes:,} ground-truth crops" in (
         capsys.readouterr().out

@@ -7,9 +7,15 @@ import json
 import pytest
 import torch
 from torchvision.io import write_png
+from torchvision.ops import box_iou
 
 from reslab.data.coco import CocoDetection
-from reslab.engine.box_pretrain import box_crops, crop_accuracy, pretrain_box_classifier
+from reslab.engine.box_pretrain import (
+    box_crops,
+    crop_accuracy,
+    jitter_boxes,
+    pretrain_box_classifier,
+)
 from reslab.errors import ReslabError
 from reslab.models.detection import DetectorConfig, build_detector
 
@@ -66,3 +72,20 @@ def test_no_boxes_is_a_one_line_error(tmp_path):
     dataset.annotations = {key: [] for key in dataset.annotations}
     with pytest.raises(ReslabError, match="no boxes"):
         box_crops(dataset)
+
+
+def test_jittered_boxes_stay_near_their_box_and_inside_the_crop():
+    boxes = torch.tensor(
+        [[10.0, 20.0, 50.0, 30.0], [0.0, 0.0, 64.0, 64.0], [30.0, 30.0, 31.0, 31.0]]
+    )
+    g = torch.Generator().manual_seed(0)
+    moved = torch.cat([jitter_boxes(boxes, 0.1, 64, g) for _ in range(200)])
+    again = boxes.repeat(200, 1)
+    assert not torch.equal(moved, again)  # they do move
+    assert moved.min() >= 0 and moved.max() <= 64
+    assert (moved[:, 2:] - moved[:, :2] >= 1 - 1e-6).all()
+    # each edge moves at most a tenth of its side, so IoU with the box stays high
+    size = (again[:, 2:] - again[:, :2]).repeat(1, 2)
+    assert ((moved - again).abs() <= 0.1 * size + 1e-5).all()
+    assert box_iou(moved[:3], boxes).diag().min() > 0.6
+    assert torch.equal(jitter_boxes(boxes, 0.0, 64, g), boxes)

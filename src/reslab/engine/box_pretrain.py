@@ -69,6 +69,19 @@ def crop_logits(model, crops: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor
     return heads.box_predictor.cls_score(heads.box_head(pooled))
 
 
+def jitter_boxes(
+    boxes: torch.Tensor, amount: float, side: int, generator: torch.Generator
+) -> torch.Tensor:
+    """xyxy boxes in ``side``-pixel crops with each edge moved by up to ``amount`` of the box's
+    width (x) or height (y), uniformly and independently, kept inside the crop and at least a
+    pixel wide: boxes like the proposals near an object that detection's head is given."""
+    size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    noise = (torch.rand(boxes.shape, generator=generator) * 2 - 1) * amount * size
+    moved = (boxes + noise).clamp(0, side)
+    moved[:, 2:] = torch.maximum(moved[:, 2:], moved[:, :2] + 1)
+    return moved
+
+
 @torch.no_grad()
 def crop_accuracy(model, crops: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> float:
     """The share of crops whose highest class score (background left out) is their label."""
@@ -92,10 +105,12 @@ def pretrain_box_classifier(
     seed: int = 0,
     console: Console | None = None,
     max_steps: int = 0,
+    jitter: float = 0.0,
 ) -> dict:
     """Train the detector's trunk, res5 head and class scores on :func:`box_crops` for
     ``minutes`` (the crops' making included), with SGD, a short warm-up, a cosine decay to
-    zero over the budget and random mirroring; ``max_steps`` (0: none) stops it sooner.
+    zero over the budget and random mirroring; ``jitter`` > 0 moves each box's edges at random
+    (:func:`jitter_boxes`) every time it is drawn; ``max_steps`` (0: none) stops it sooner.
     Returns steps, seconds, crops and the last batch's loss and accuracy (training mode)."""
     console = console or Console()
     started = time.monotonic()
@@ -120,6 +135,8 @@ def pretrain_box_classifier(
             mirror = torch.rand(len(index), generator=generator) < 0.5
             x[mirror] = x[mirror].flip(-1)
             box[mirror] = mirror_boxes(box[mirror], side)
+            if jitter:
+                box = jitter_boxes(box, jitter, side, generator)
             logits = crop_logits(model, x, box)
             batch_loss = F.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)

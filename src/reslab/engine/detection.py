@@ -241,7 +241,8 @@ def train_detector(
             console=console,
             transient=False,
         ) as progress,
-        (out / "log.jsonl").open("a", buffering=1)
+        # a resumed run adds to its log; a new one in a used folder starts it afresh
+        (out / "log.jsonl").open("a" if resume else "w", buffering=1)
         if world.is_main
         else open(os.devnull, "w") as log,
     ):
