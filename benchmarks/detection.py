@@ -50,6 +50,7 @@ from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
 from reslab.engine.box_pretrain import (
     box_crops,
+    check_jitter,
     crop_accuracy,
     load_warm_start,
     pretrain_box_classifier,
@@ -63,6 +64,7 @@ from reslab.engine.detection import (
     train_detector,
 )
 from reslab.engine.distributed import cpu_cores, in_launched_world, init_world, relaunch
+from reslab.errors import ReslabError
 from reslab.models.detection import (
     DetectorConfig,
     RoIHeadsConfig,
@@ -450,10 +452,11 @@ def main() -> None:
             f"--pretrain-minutes must be at least 0 and less than --minutes ({args.minutes:g}),"
             f" got {args.pretrain_minutes:g}"
         )
-    if args.action == "train" and not 0 <= args.pretrain_jitter < 0.5:
-        parser.error(
-            f"--pretrain-jitter must be at least 0 and below 0.5, got {args.pretrain_jitter:g}"
-        )
+    if args.action == "train":
+        try:
+            check_jitter(args.pretrain_jitter)
+        except ReslabError as error:
+            parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()

@@ -14,7 +14,12 @@ from rich.console import Console
 from rich.table import Table
 
 from reslab.data.coco import CocoDetection, eval_transforms, resolve, train_transforms
-from reslab.engine.box_pretrain import load_warm_start, pretrain_box_classifier, save_warm_start
+from reslab.engine.box_pretrain import (
+    check_jitter,
+    load_warm_start,
+    pretrain_box_classifier,
+    save_warm_start,
+)
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import (
     DetectTrainConfig,
@@ -323,10 +328,7 @@ def _check_train_args(args) -> None:
     check_positive_fraction("--roi-positive-fraction", args.roi_positive_fraction)
     if args.pretrain_minutes < 0:
         raise ReslabError(f"--pretrain-minutes must be >= 0, got {args.pretrain_minutes:g}")
-    if not 0 <= args.pretrain_jitter < 0.5:
-        raise ReslabError(
-            f"--pretrain-jitter must be at least 0 and below 0.5, got {args.pretrain_jitter:g}"
-        )
+    check_jitter(args.pretrain_jitter)
     if args.pretrain_minutes and args.resume:
         raise ReslabError("--pretrain-minutes starts a run; --resume continues one: give one")
     if args.pretrain_minutes and 0 < args.max_minutes <= args.pretrain_minutes:

@@ -69,6 +69,12 @@ def crop_logits(model, crops: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor
     return heads.box_predictor.cls_score(heads.box_head(pooled))
 
 
+def check_jitter(amount: float) -> None:
+    """--pretrain-jitter's range: an edge moved by half the side could cross the other edge."""
+    if not 0 <= amount < 0.5:
+        raise ReslabError(f"--pretrain-jitter must be at least 0 and below 0.5, got {amount:g}")
+
+
 def jitter_boxes(
     boxes: torch.Tensor, amount: float, side: int, generator: torch.Generator
 ) -> torch.Tensor:
