@@ -49,6 +49,10 @@ probe full-width width=1
 probe epochs100 epochs=100
 probe epochs100-cutmix0.5 epochs=100 cutmix=0.5
 probe full-width-epochs100-cutmix0.5 width=1 epochs=100 cutmix=0.5
+probe ema0.999 epochs=48 ema=0.999
+probe ls0.2 epochs=48 label_smoothing=0.2
+probe wd2.5e-4 epochs=48 weight_decay=0.00025
+probe lr0.3 epochs=48 lr=0.3
 wait
 
 "$python" - "$marker" <<'EOF'
