@@ -96,6 +96,15 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     assert {d["label"] for d in flipped} <= set(first["class_names"])
 
 
+def test_a_new_run_in_a_used_folder_starts_its_own_log(scenes, tmp_path):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 99}\n' * 5)  # an earlier run's steps
+    assert train_on_scenes(scenes, out, 1) == 0
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
 def test_int8_flags_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["detect", "eval", str(tmp_path), "--data", str(tmp_path), "--int8", "--bf16"])
