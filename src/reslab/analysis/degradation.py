@@ -189,11 +189,11 @@ def final_rows(result: dict) -> list[dict]:
 
 def plot_degradation(result: dict, path: str | Path) -> Path:
     """He et al. 2015, Figure 6: thin dashed = training error, bold = test error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from reslab.engine.plots import pyplot
+
+    plt = pyplot()
 
     depths = result["config"]["depths"]
     colours = dict(zip(depths, plt.get_cmap("tab10").colors, strict=False))

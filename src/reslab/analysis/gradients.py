@@ -165,11 +165,11 @@ def summary_rows(result: dict) -> list[dict]:
 
 def plot_gradients(result: dict, path: str | Path) -> Path:
     """Log gradient norm against layer index; solid = residual, dashed = plain."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from reslab.engine.plots import pyplot
+
+    plt = pyplot()
 
     pairs = list(dict.fromkeys(run["pair"] for run in result["runs"]))
     colours = dict(zip(pairs, plt.get_cmap("tab10").colors, strict=False))

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only; no display on a training machine
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display on a training machine), imported
+    when a figure is drawn: importing it takes about a second, which every command, `--help`
+    included, would otherwise pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss and accuracy per epoch, train vs test."""
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "test"):
@@ -30,6 +39,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def plot_confusion(confusion: torch.Tensor, classes: tuple[str, ...], path: Path) -> None:
     """Counts with true class as rows, predictions as columns, each row's share as colour."""
+    plt = pyplot()
     k = len(classes)
     shares = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.6 * k))
