@@ -281,36 +281,42 @@ def anchor_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def add_anchor_sizes(parser) -> None:
-    default = ",".join(map(str, RPNConfig.anchor_sizes))
+def add_anchor_sizes(parser, default: tuple[int, ...] = RPNConfig.anchor_sizes) -> None:
+    """--anchor-sizes; ``default`` other than detectron2's for a caller with its own recipe."""
+    whose = ", detectron2's, made for 800-pixel images" if default == RPNConfig.anchor_sizes else ""
     parser.add_argument(
         "--anchor-sizes",
         type=anchor_sizes,
-        default=RPNConfig.anchor_sizes,
+        default=default,
         metavar="PX,PX,...",
         help="RPN anchor sides in pixels of the resized image, all on the one stride-16 map "
-        f"(default: detectron2's {default}, made for 800-pixel images; small images with "
-        "small objects want smaller ones: 16,32,64,128 for the 128-pixel scenes)",
+        f"(default {','.join(map(str, default))}{whose}; small images with small objects want "
+        "smaller ones: 16,32,64,128 for the 128-pixel scenes)",
     )
 
 
-def add_train_proposals(parser) -> None:
+def add_train_proposals(
+    parser,
+    pre_nms: int = RPNConfig.pre_nms_top_n_train,
+    proposals: int = RPNConfig.post_nms_top_n_train,
+) -> None:
+    """--train-pre-nms and --train-proposals, by default detectron2's 12000 and 2000."""
+    whose = ", detectron2's" if pre_nms == RPNConfig.pre_nms_top_n_train else ""
     parser.add_argument(
         "--train-pre-nms",
         type=int,
-        default=RPNConfig.pre_nms_top_n_train,
+        default=pre_nms,
         metavar="N",
-        help="RPN boxes, by objectness, that enter NMS per training image (default "
-        "%(default)s, detectron2's; NMS over a few thousand boxes can be a third of a "
-        "small-image step)",
+        help=f"RPN boxes, by objectness, that enter NMS per training image (default {pre_nms}"
+        f"{whose}; NMS over a few thousand boxes can be a third of a small-image step)",
     )
     parser.add_argument(
         "--train-proposals",
         type=int,
-        default=RPNConfig.post_nms_top_n_train,
+        default=proposals,
         metavar="N",
         help="proposals kept after NMS per training image, from which the RoIs are "
-        "sampled (default %(default)s)",
+        f"sampled (default {proposals})",
     )
 
 
