@@ -404,8 +404,8 @@ def main() -> None:
         "--min-size",
         type=int,
         default=256,
-        help="side the detector resizes the scenes to (default %(default)s; 0: --size); 256 doubles the "
-        "stride-16 map's resolution of each item",
+        help="side the detector resizes the scenes to (default %(default)s; 0: --size); 256 "
+        "doubles the stride-16 map's resolution of each item",
     )
     train.add_argument("--out", default="runs/detect-bench")
     train.add_argument("--backbone", default="resnet18")
