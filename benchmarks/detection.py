@@ -93,8 +93,9 @@ def run_train(args, console: Console) -> None:
     made = json.loads(val_json.read_text()).get("info", {}).get("config")
     if made != asdict(scene_config):
         raise SystemExit(
-            f"detection.py: error: {scenes} holds scenes made with {made}, not {asdict(scene_config)}"
-            " as --images, --size and --seed ask; give another --scenes or remove that folder"
+            f"detection.py: error: {scenes} holds scenes made with {made}, not "
+            f"{asdict(scene_config)} as --images, --size and --seed ask; give another --scenes "
+            "or remove that folder"
         )
     # with --processes N this script runs again as N ranks of one DDP world (`reslab detect
     # train --processes` does the same); rank 0 evaluates and writes the result
