@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reslab.engine.plots import pyplot
 from reslab.errors import ReslabError
 from reslab.models.resnet import CIFAR_DEPTHS, create_model
 
@@ -190,8 +191,6 @@ def final_rows(result: dict) -> list[dict]:
 def plot_degradation(result: dict, path: str | Path) -> Path:
     """He et al. 2015, Figure 6: thin dashed = training error, bold = test error."""
     from matplotlib.ticker import MaxNLocator
-
-    from reslab.engine.plots import pyplot
 
     plt = pyplot()
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reslab.analysis.degradation import normalize
+from reslab.engine.plots import pyplot
 from reslab.errors import ReslabError
 from reslab.models.resnet import MODELS, create_model
 
@@ -166,8 +167,6 @@ def summary_rows(result: dict) -> list[dict]:
 def plot_gradients(result: dict, path: str | Path) -> Path:
     """Log gradient norm against layer index; solid = residual, dashed = plain."""
     from matplotlib.ticker import MaxNLocator
-
-    from reslab.engine.plots import pyplot
 
     plt = pyplot()
 
