@@ -14,6 +14,7 @@ from reslab.engine.evaluate import logits
 TINY = [
     "--model", "resnet20", "--width", "0.25", "--image-size", "16", "--epochs", "2",
     "--batch-size", "8", "--lr", "0.05", "--no-verify", "--processes", "1",
+    "--precision", "fp32",
 ]  # fmt: skip
 
 

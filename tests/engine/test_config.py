@@ -46,6 +46,9 @@ def test_presets_build_and_round_trip():
     assert 0 < build_config("default").max_minutes < 10
     assert 0 < build_config("best").max_minutes < 60
     assert seed.max_minutes == 0  # the reference recipe runs all its epochs
+    # the tuned presets time bf16 against fp32 where bf16 is native; the reference stays fp32
+    assert seed.precision == "fp32"
+    assert build_config("default").precision == build_config("best").precision == "auto"
 
 
 def test_unknown_preset_and_key():

@@ -21,6 +21,7 @@ def tiny(data_dir, out, **overrides):
         image_size=16,
         epochs=2,
         max_minutes=0.0,  # exactly `epochs`, no timing probe before them
+        precision="fp32",  # not the preset's auto: the same numerics on every CPU
         batch_size=8,
         lr=0.05,
         eval_batch_size=8,
@@ -168,6 +169,55 @@ def test_max_minutes_plans_the_epochs_that_fit(fake_fmnist, tmp_path, monkeypatc
     # the same run with no budget trains all five
     full = fit(tiny(fake_fmnist, tmp_path / "full", epochs=5), console=quiet())
     assert full.history[-1]["epoch"] == 5
+
+
+def fake_epochs(monkeypatch, fp32: float, bf16: float, native: bool = True) -> list[str]:
+    """Epoch timings by precision instead of measured ones; returns the precisions timed."""
+    timed = []
+
+    def seconds(config, *args):
+        timed.append(config.precision)
+        return {"fp32": fp32, "bf16": bf16}[config.precision]
+
+    monkeypatch.setattr(train_module, "seconds_per_epoch", seconds)
+    monkeypatch.setattr(train_module, "bf16_supported", lambda: native)
+    return timed
+
+
+@pytest.mark.parametrize(
+    ("fp32", "bf16", "chosen"), [(10.0, 5.0, "bf16"), (10.0, 9.0, "fp32"), (10.0, 20.0, "fp32")]
+)
+def test_auto_precision_keeps_bf16_only_when_timed_clearly_faster(
+    fake_fmnist, monkeypatch, fp32, bf16, chosen
+):
+    timed = fake_epochs(monkeypatch, fp32, bf16)
+    config = tiny(fake_fmnist, None, precision="auto")
+    source = train_module.open_source(config)
+    estimate = train_module.choose_precision(config, source, train_module.World(), quiet())
+    assert config.precision == chosen and timed == ["fp32", "bf16"]
+    assert estimate == {"fp32": fp32, "bf16": bf16}[chosen]
+
+
+def test_auto_precision_without_native_bf16_is_fp32_untimed(fake_fmnist, monkeypatch):
+    timed = fake_epochs(monkeypatch, 10.0, 1.0, native=False)
+    config = tiny(fake_fmnist, None, precision="auto")
+    source = train_module.open_source(config)
+    assert train_module.choose_precision(config, source, train_module.World(), quiet()) is None
+    assert config.precision == "fp32" and timed == []
+
+
+def test_auto_precision_is_resolved_before_the_run_and_its_timing_plans_the_budget(
+    fake_fmnist, tmp_path, monkeypatch
+):
+    # bf16 "takes" 10 s an epoch, fp32 20 s, the budget 30 s: bf16, and 97% of 30 s holds 2 of
+    # its epochs, planned from the choice's own timing (no third probe)
+    timed = fake_epochs(monkeypatch, 20.0, 10.0)
+    config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5, precision="auto")
+    result = fit(config, console=quiet())
+    assert timed == ["fp32", "bf16"] and len(result.history) == 2
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["precision"] == "bf16" and saved["epochs"] == 2
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["precision"] == "bf16"
 
 
 def test_max_minutes_too_short_for_one_epoch_is_an_error_before_the_run_folder(

@@ -13,7 +13,7 @@ from reslab.engine.config import (
     validate,
 )
 from reslab.engine.distributed import World, check_batch, cpu_cores, in_launched_world, relaunch
-from reslab.engine.train import fit, resume_config
+from reslab.engine.train import BF16_MIN_SPEEDUP, fit, resume_config
 from reslab.errors import ReslabError
 
 
@@ -89,7 +89,9 @@ def register(subparsers) -> None:
         "--precision",
         choices=PRECISIONS,
         help="bf16 = bfloat16 autocast: slow without native bf16 (AVX512-BF16, AMX), and measured "
-        "no faster than fp32 on an AVX512-BF16 CPU without AMX",
+        "no faster than fp32 on an AVX512-BF16 CPU without AMX; auto = time an epoch in both "
+        f"where bf16 is native and keep bf16 if {BF16_MIN_SPEEDUP:g}x faster, else fp32 "
+        "(presets: default and best auto, seed fp32)",
     )
     _bool(
         parser, "--channels-last", "NHWC memory layout (oneDNN's preferred layout for convolutions)"

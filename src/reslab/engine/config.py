@@ -17,7 +17,7 @@ from reslab.models import list_models, model_defaults
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass
@@ -66,7 +66,10 @@ class TrainConfig:
     # cpu, or cuda / cuda:N for an NVIDIA GPU. On a GPU fp32 means fp32: TF32 is switched off,
     # so a run there follows the CPU run's numerics and augmentation draws
     device: str = "cpu"
-    precision: str = "fp32"  # bf16 = bfloat16 autocast; fast only where oneDNN has bf16
+    # bf16 = bfloat16 autocast, fast only where oneDNN has bf16 kernels; auto = bf16 where an
+    # epoch is timed at least 1.15x faster in it, else fp32 (resolved before the run starts,
+    # so config.json says which)
+    precision: str = "fp32"
     channels_last: bool = True
     eval_batch_size: int = 1000
     threads: int = 0  # intra-op CPU threads per process; 0 = the cores shared out evenly
@@ -120,9 +123,11 @@ PRESETS: dict[str, dict] = {
     # 14x14), SGD with Nesterov momentum on a one-cycle rate, label smoothing, crop and flip on
     # batches, flip test-time augmentation. No random erasing: this small model underfits
     # (train 91.7% < test 92.2% with it; 92.53% test without; benchmarks/results/).
-    # fp32 in channels_last, not bf16: on an AVX2-only CPU bf16 convolutions run PyTorch's
-    # reference kernels, measured 6x slower than fp32; on a Xeon with AVX512-BF16 bf16 was
-    # still no faster for this width at 28x28 (2,372 against 2,574 img/s; README).
+    # channels_last, and the precision timed on the machine at hand (auto): on an AVX2-only
+    # CPU bf16 convolutions run PyTorch's reference kernels, measured 6x slower than fp32, so
+    # auto keeps fp32 there untimed; on a Xeon with AVX512-BF16 bf16 was no faster for this
+    # width at 28x28 (2,372 against 2,574 img/s; README), so auto keeps fp32 there too; where
+    # bf16 is 1.15x faster or more (the issue measured 2.1x), auto takes it.
     # 20 epochs at batch 256 (lr 0.2, scaled with the batch): 93.64% in 8.1 min on the idle
     # 2-core Xeon at 2,764 img/s; 8 epochs at batch 128 had given 92.41%. At most 9.5
     # minutes (max_minutes), so that `reslab train` keeps to its 10 minutes on a slower CPU
@@ -135,6 +140,7 @@ PRESETS: dict[str, dict] = {
         batch_size=256,
         lr=0.2,
         erasing=0.0,
+        precision="auto",
     ),
     # The highest accuracy within an hour on a 2-core CPU: ResNet-18 at 1/4 width with the
     # "cifar" stem, so stage 1 works at the full 28x28 (widths 16/32/64/128), batch 256 with an
@@ -156,6 +162,7 @@ PRESETS: dict[str, dict] = {
         lr=0.2,
         ema=0.998,
         erasing=0.0,
+        precision="auto",
     ),
 }
 

@@ -317,14 +317,70 @@ def epochs_within(seconds: float, epoch_seconds: float, most: int) -> int:
     return max(0, min(most, math.floor(seconds / epoch_seconds)))
 
 
-def fit_to_budget(
-    config: TrainConfig, source: Source, world: World, started: float, console: Console
-) -> None:
-    """Lower ``config.epochs`` to what fits in ``config.max_minutes`` from ``started``."""
+def shared_epoch_estimate(config: TrainConfig, source: Source, world: World) -> float:
+    """:func:`seconds_per_epoch` averaged over the processes, so that every process plans the
+    same: the same precision, the same number of epochs."""
     estimate = seconds_per_epoch(config, source, world)
-    # every process must plan the same number of epochs: they share one estimate
     (total,) = sum_over_ranks(world, torch.tensor(estimate, dtype=torch.float64))
-    estimate = total.item() / world.size
+    return total.item() / world.size
+
+
+# --precision auto keeps bf16 only when its epoch is timed at least this much faster than
+# fp32's: bf16 rounds every convolution's inputs, which a gain inside the timing noise does not
+# pay for. The issue that set the training targets measured 2.1x for ResNet-18 with bf16
+# autocast on a CPU with AVX512-BF16; a 2-core Xeon with AVX512-BF16 measured 0.9x (README).
+BF16_MIN_SPEEDUP = 1.15
+
+
+def choose_precision(
+    config: TrainConfig, source: Source, world: World, console: Console
+) -> float | None:
+    """Resolve ``config.precision == "auto"`` to fp32 or bf16 for this machine.
+
+    On a CPU with native bf16 an epoch is timed in each (:func:`seconds_per_epoch`) and bf16
+    is kept if it is at least ``BF16_MIN_SPEEDUP`` times faster; a CPU without native bf16
+    and a GPU (whose runs keep the CPU runs' fp32 numerics) get fp32 untimed. Returns the
+    chosen precision's epoch estimate, None when nothing was timed.
+    """
+    if config.device != "cpu" or not bf16_supported():
+        config.precision = "fp32"
+        why = (
+            "a GPU run keeps the CPU runs' fp32 numerics"
+            if config.device != "cpu"
+            else "this CPU has no native bf16 (AVX512-BF16 or AMX)"
+        )
+        console.print(f"precision auto: fp32, {why}", markup=False, soft_wrap=True)
+        return None
+    estimates = {}
+    for precision in ("fp32", "bf16"):
+        config.precision = precision
+        estimates[precision] = shared_epoch_estimate(config, source, world)
+    speedup = estimates["fp32"] / estimates["bf16"]
+    config.precision = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    console.print(
+        f"precision auto: {config.precision}; an epoch takes about "
+        f"{format_time(estimates['fp32'])} in fp32 and {format_time(estimates['bf16'])} in bf16 "
+        f"here (measured, bf16 {speedup:.2f}x), and bf16 is kept only when at least "
+        f"{BF16_MIN_SPEEDUP:g}x faster",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    return estimates[config.precision]
+
+
+def fit_to_budget(
+    config: TrainConfig,
+    source: Source,
+    world: World,
+    started: float,
+    console: Console,
+    estimate: float | None = None,
+) -> None:
+    """Lower ``config.epochs`` to what fits in ``config.max_minutes`` from ``started``;
+    ``estimate``: an epoch's seconds if already measured (:func:`shared_epoch_estimate`)."""
+    if estimate is None:
+        estimate = shared_epoch_estimate(config, source, world)
     left = config.max_minutes * 60 * BUDGET_SHARE - (time.perf_counter() - started)
     epochs = epochs_within(left, estimate, config.epochs)
     if epochs == 0:
@@ -456,8 +512,11 @@ def fit(
             markup=False,
             soft_wrap=True,
         )
+    estimate = None
+    if config.precision == "auto":
+        estimate = choose_precision(config, source, world, console)
     if config.max_minutes and payload is None:
-        fit_to_budget(config, source, world, start, console)
+        fit_to_budget(config, source, world, start, console, estimate)
     if world.is_main:
         run_dir = run_dir or new_run_dir(config)
     state = build_state(config, source, run_dir or Path("."))
