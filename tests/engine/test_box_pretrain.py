@@ -13,6 +13,7 @@ from reslab.data.coco import CocoDetection
 from reslab.engine.box_pretrain import (
     box_crops,
     crop_accuracy,
+    detector_scale,
     jitter_boxes,
     pretrain_box_classifier,
 )
@@ -51,6 +52,23 @@ def test_crops_centre_each_box_with_a_margin(tmp_path):
     x1, y1, x2, y2 = (int(v) for v in boxes[0])
     assert crops[0, :, y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].min() > 200  # the bar
     assert crops[0, :, : y1 - 2].max() < 30 and crops[0, :, y2 + 2 :].max() < 30  # around it
+
+
+def test_crops_at_the_detectors_scale_keep_each_objects_size(tmp_path):
+    dataset = write_bars(tmp_path, 2)  # 64-pixel images, a 24x8 bar and an 8x24 one
+    # a detector at 128 pixels doubles the images: a 128-pixel crop is a 64-pixel window of
+    # the image, the bar 48x16 in its middle, black around it
+    crops, boxes, _ = box_crops(dataset, side=128, size=(128, 128))
+    middle = torch.tensor([40.0, 56.0, 88.0, 72.0])
+    torch.testing.assert_close(boxes[0], middle, atol=1e-3, rtol=0)
+    torch.testing.assert_close(boxes[1], middle[[1, 0, 3, 2]], atol=1e-3, rtol=0)
+    assert crops[0, :, 58:70, 42:86].min() > 200 and crops[0, :, :54].max() < 30
+    # an object larger than that window is fitted into the crop with its margin, as without size
+    _, fitted, _ = box_crops(dataset, side=16, size=(64, 64))
+    torch.testing.assert_close(fitted, box_crops(dataset, side=16)[1])
+    # torchvision's rule: the short side to min_size unless the long side passes max_size
+    assert detector_scale(100, 200, (50, 1000)) == 0.5
+    assert detector_scale(100, 200, (50, 80)) == 0.4
 
 
 def test_pretraining_teaches_the_head_to_name_the_boxes(tmp_path):

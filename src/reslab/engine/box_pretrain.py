@@ -24,15 +24,36 @@ from reslab.engine.detection import lr_factor
 from reslab.errors import ReslabError
 from reslab.models.detection import mirror_boxes
 
+# the side of the pretraining's crops, in pixels of the detector's resized images
+CROP_SIDE = 128
+
+
+def detector_size(model) -> tuple[int, int]:
+    """The (min_size, max_size) a torchvision detector resizes its images to."""
+    return model.transform.min_size[0], model.transform.max_size
+
+
+def detector_scale(height: int, width: int, size: tuple[int, int]) -> float:
+    """The factor by which a detector with ``size`` = (min_size, max_size) resizes an image:
+    the shorter side to min_size unless the longer side would pass max_size (torchvision's
+    ``GeneralizedRCNNTransform``)."""
+    return min(size[0] / min(height, width), size[1] / max(height, width))
+
 
 def box_crops(
-    dataset: CocoDetection, side: int = 64, margin: float = 0.15
+    dataset: CocoDetection,
+    side: int = 64,
+    margin: float = 0.15,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A square crop around every ground-truth box, resized to ``side`` pixels.
 
     The square is the box's longer side plus ``margin`` of it on each side, centred on the box
-    (outside the image: black). Returns the crops (N, 3, side, side) uint8, each box in its
-    crop's pixels (N, 4) xyxy, and the labels (N,) in the detector's numbering (1..).
+    (outside the image: black). With ``size``, a detector's (min_size, max_size), the square
+    spans at least ``side`` pixels of the image as that detector resizes it, so an object that
+    fits keeps the size in pixels the detector sees it at, among the black canvas and the
+    neighbours around it. Returns the crops (N, 3, side, side) uint8, each box in its crop's
+    pixels (N, 4) xyxy, and the labels (N,) in the detector's numbering (1..).
     """
     crops, boxes, labels = [], [], []
     for index, info in enumerate(dataset.images):
@@ -42,8 +63,11 @@ def box_crops(
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
         centre = xywh[:, :2] + xywh[:, 2:] / 2
         half = xywh[:, 2:].amax(1, keepdim=True) * (0.5 + margin)
-        squares = torch.cat([centre - half, centre + half], 1)
         image = dataset.load_image(index).float().unsqueeze(0)
+        if size is not None:
+            scale = detector_scale(image.shape[-2], image.shape[-1], size)
+            half = half.clamp(min=side / scale / 2)
+        squares = torch.cat([centre - half, centre + half], 1)
         crops.append(roi_align(image, [squares], side, aligned=True).round().to(torch.uint8))
         scale = side / (2 * half)
         inside = box_convert(xywh, "xywh", "xyxy") - squares[:, :2].repeat(1, 2)
@@ -105,22 +129,31 @@ def pretrain_box_classifier(
     model,
     dataset: CocoDetection,
     minutes: float,
-    batch_size: int = 128,
+    batch_size: int = 64,
     lr: float = 0.2,
-    side: int = 64,
+    side: int = CROP_SIDE,
     seed: int = 0,
     console: Console | None = None,
     max_steps: int = 0,
     jitter: float = 0.0,
 ) -> dict:
-    """Train the detector's trunk, res5 head and class scores on :func:`box_crops` for
-    ``minutes`` (the crops' making included), with SGD, a short warm-up, a cosine decay to
-    zero over the budget and random mirroring; ``jitter`` > 0 moves each box's edges at random
-    (:func:`jitter_boxes`) every time it is drawn; ``max_steps`` (0: none) stops it sooner.
-    Returns steps, seconds, crops and the last batch's loss and accuracy (training mode)."""
+    """Train the detector's trunk, res5 head and class scores on :func:`box_crops` at the
+    detector's scale for ``minutes`` (the crops' making included), with SGD, a short warm-up, a
+    cosine decay to zero over the budget and random mirroring; ``jitter`` > 0 moves each box's
+    edges at random (:func:`jitter_boxes`) every time it is drawn; ``max_steps`` (0: none)
+    stops it sooner. Returns steps, seconds, crops and the last batch's loss and accuracy
+    (training mode).
+
+    Why the detector's scale: detection's head sees each object at the size the resized image
+    gives it, its batch norm normalising over whole scenes. On the 8,000 scenes (128 px, the
+    detector at 256) a classifier pretrained for 6 minutes on 64-pixel crops, each object
+    resized to fill one, named 30% of the val scenes' ground-truth boxes right when put back
+    in the detector (batch statistics, as detection training starts), though 87% of the same
+    objects in such crops; on 128-pixel crops at the detector's scale it named 61% right.
+    """
     console = console or Console()
     started = time.monotonic()
-    crops, boxes, labels = box_crops(dataset, side)
+    crops, boxes, labels = box_crops(dataset, side, size=detector_size(model))
     console.print(f"pretraining the box classifier on {len(labels):,} ground-truth crops")
     heads = model.roi_heads
     parts = (model.backbone, heads.box_head, heads.box_predictor.cls_score)
