@@ -49,11 +49,9 @@ from reslab.cli.detect import (
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
 from reslab.engine.box_pretrain import (
-    CROP_SIDE,
-    box_crops,
     check_jitter,
     crop_accuracy,
-    detector_size,
+    detector_crops,
     load_warm_start,
     pretrain_box_classifier,
     save_warm_start,
@@ -125,10 +123,8 @@ def run_train(args, console: Console) -> None:
             jitter=args.pretrain_jitter,
         )
         # outside the budget, like the evaluation at the end
-        val_crops = box_crops(
-            CocoDetection(scenes / "val", scenes / "annotations" / "val.json"),
-            CROP_SIDE,
-            size=detector_size(model),
+        val_crops = detector_crops(
+            model, CocoDetection(scenes / "val", scenes / "annotations" / "val.json")
         )
         pretrain["val_crop_accuracy"] = crop_accuracy(model, *val_crops)
         console.print(

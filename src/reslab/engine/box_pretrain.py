@@ -93,6 +93,14 @@ def crop_logits(model, crops: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor
     return heads.box_predictor.cls_score(heads.box_head(pooled))
 
 
+def detector_crops(
+    model, dataset: CocoDetection, side: int = CROP_SIDE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`box_crops` at ``model``'s scale: the crops :func:`pretrain_box_classifier` trains
+    on, and the ones to score it on."""
+    return box_crops(dataset, side, size=detector_size(model))
+
+
 def check_jitter(amount: float) -> None:
     """--pretrain-jitter's range: an edge moved by half the side could cross the other edge."""
     if not 0 <= amount < 0.5:
@@ -153,7 +161,7 @@ def pretrain_box_classifier(
     """
     console = console or Console()
     started = time.monotonic()
-    crops, boxes, labels = box_crops(dataset, side, size=detector_size(model))
+    crops, boxes, labels = detector_crops(model, dataset, side)
     console.print(f"pretraining the box classifier on {len(labels):,} ground-truth crops")
     heads = model.roi_heads
     parts = (model.backbone, heads.box_head, heads.box_predictor.cls_score)

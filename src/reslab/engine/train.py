@@ -328,7 +328,7 @@ def shared_epoch_estimate(config: TrainConfig, source: Source, world: World) -> 
 # --precision auto keeps bf16 only when its epoch is timed at least this much faster than
 # fp32's: bf16 rounds every convolution's inputs, which a gain inside the timing noise does not
 # pay for. The issue that set the training targets measured 2.1x for ResNet-18 with bf16
-# autocast on a CPU with AVX512-BF16; a 2-core Xeon with AVX512-BF16 measured 0.9x (README).
+# autocast on a CPU with AVX512-BF16; a 2-core Xeon with AVX512-BF16 measured 0.92x (README).
 BF16_MIN_SPEEDUP = 1.15
 
 
