@@ -65,8 +65,8 @@ def box_crops(
         half = xywh[:, 2:].amax(1, keepdim=True) * (0.5 + margin)
         image = dataset.load_image(index).float().unsqueeze(0)
         if size is not None:
-            scale = detector_scale(image.shape[-2], image.shape[-1], size)
-            half = half.clamp(min=side / scale / 2)
+            resize = detector_scale(image.shape[-2], image.shape[-1], size)
+            half = half.clamp(min=side / resize / 2)
         squares = torch.cat([centre - half, centre + half], 1)
         crops.append(roi_align(image, [squares], side, aligned=True).round().to(torch.uint8))
         scale = side / (2 * half)
