@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -170,6 +171,24 @@ def test_two_processes_match_one_with_the_same_global_batch(fake_fmnist, tmp_pat
         if value.is_floating_point():
             assert torch.allclose(rank0[key], value, atol=1e-4, rtol=1e-3), key
     assert (two / "run" / "last.pt").is_file() and (two / "run" / "metrics.jsonl").is_file()
+
+
+def test_two_processes_keep_one_time_budget(fake_fmnist, tmp_path):
+    # --max-minutes times an epoch before the run and plans again after the first one; both
+    # are collectives, so the ranks plan the same (a rank left out would hang the run)
+    out = tmp_path / "run"
+    args = train_args(
+        fake_fmnist, out, "--processes=2", "--sync-bn", "--epochs=3", "--max-minutes=5"
+    )
+    result = run_script(tmp_path, -1, "SIGKILL", args, tmp_path, [sys.executable])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "so 3 of 3 epochs" in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert_same_weights(
+        torch.load(tmp_path / "rank0.pt", weights_only=True),
+        torch.load(tmp_path / "rank1.pt", weights_only=True),
+    )
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_at_one_saved_step(fake_fmnist, tmp_path):

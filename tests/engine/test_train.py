@@ -159,16 +159,69 @@ def test_epoch_estimate_is_positive_and_leaves_the_random_state(fake_fmnist, tmp
     assert torch.equal(torch.get_rng_state(), before)
 
 
+class StepClock(Hooks):
+    """The clock --max-minutes keeps time by, moved only by the run's steps: ``per_step``
+    seconds each (the probes, replaced by the tests, take none)."""
+
+    def __init__(self, monkeypatch, per_step: float):
+        self.seconds, self.per_step = 0.0, per_step
+        monkeypatch.setattr(train_module, "now", lambda: self.seconds)
+
+    def after_step(self, state, loss):
+        self.seconds += self.per_step
+
+
+def recording():
+    from rich.console import Console
+
+    return Console(record=True, file=open("/dev/null", "w"), force_terminal=False, width=200)
+
+
 def test_max_minutes_plans_the_epochs_that_fit(fake_fmnist, tmp_path, monkeypatch):
-    # one epoch "takes" 10 s and the budget is 30 s: 97% of it holds 2 of the 5 epochs asked
+    # one epoch "takes" 10 s (5 steps of 2 s) and the budget is 30 s: 97% of it holds 2 of
+    # the 5 epochs asked, and the first epoch's own time confirms the plan
     monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
+    clock = StepClock(monkeypatch, per_step=2.0)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5)
-    result = fit(config, console=quiet())
+    console = recording()
+    result = fit(config, console=console, hooks=clock)
     assert len(result.history) == 2 and result.history[-1]["lr"] == pytest.approx(0.0)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
+    assert "so 2 of 5 epochs" in console.export_text() and "epoch 1 took" not in (
+        console.export_text()
+    )
     # the same run with no budget trains all five
     full = fit(tiny(fake_fmnist, tmp_path / "full", epochs=5), console=quiet())
     assert full.history[-1]["epoch"] == 5
+
+
+@pytest.mark.parametrize(
+    ("estimate", "per_step", "planned", "epochs"),
+    [
+        (10.0, 0.8, 2, 5),  # the probe said 10 s, epoch 1 took 4 s: all 5 fit in 29.1 s
+        (10.0, 1.2, 2, 4),  # epoch 1 took 6 s: the 23.1 s left hold 3 more
+        (5.0, 2.4, 5, 2),  # the probe said 5 s, epoch 1 took 12 s: 17.1 s left hold 1 more
+    ],
+)
+def test_max_minutes_plans_again_from_the_first_epochs_time(
+    fake_fmnist, tmp_path, monkeypatch, estimate, per_step, planned, epochs
+):
+    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: estimate)
+    clock = StepClock(monkeypatch, per_step)
+    config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5)
+    console = recording()
+    result = fit(config, console=console, hooks=clock)
+    text = console.export_text()
+    assert f"so {planned} of 5 epochs" in text
+    assert f"epoch 1 took {5 * per_step:.1f}s (measured), so {epochs} of 5 epochs" in text
+    assert f"instead of the {planned} planned" in text
+    assert [r["epoch"] for r in result.history] == list(range(1, epochs + 1))
+    # the schedule follows the new plan: the one-cycle rate ends at zero on the last step
+    assert result.history[-1]["lr"] == pytest.approx(0.0)
+    assert result.history[0]["lr"] > 0
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["epochs"] == epochs
+    assert load_checkpoint(run / "last.pt")["config"]["epochs"] == epochs
 
 
 def fake_epochs(monkeypatch, fp32: float, bf16: float, native: bool = True) -> list[str]:
@@ -212,8 +265,9 @@ def test_auto_precision_is_resolved_before_the_run_and_its_timing_plans_the_budg
     # bf16 "takes" 10 s an epoch, fp32 20 s, the budget 30 s: bf16, and 97% of 30 s holds 2 of
     # its epochs, planned from the choice's own timing (no third probe)
     timed = fake_epochs(monkeypatch, 20.0, 10.0)
+    clock = StepClock(monkeypatch, per_step=2.0)  # and the first epoch takes 10 s
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5, precision="auto")
-    result = fit(config, console=quiet())
+    result = fit(config, console=quiet(), hooks=clock)
     assert timed == ["fp32", "bf16"] and len(result.history) == 2
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["precision"] == "bf16" and saved["epochs"] == 2

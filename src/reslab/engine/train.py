@@ -243,9 +243,11 @@ def build_state(config: TrainConfig, source: Source, run_dir: Path) -> TrainStat
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
         ema.module.spec = model.spec
     optimizer = make_optimizer(config, model)
-    total = config.epochs * steps_per_epoch(config, source)
+    n_steps = steps_per_epoch(config, source)
+    # reads config.epochs at every step: the time budget may re-plan it after the first epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(config.schedule, step, total, config.warmup)
+        optimizer,
+        lambda step: lr_factor(config.schedule, step, config.epochs * n_steps, config.warmup),
     )
     return TrainState(
         config,
@@ -272,6 +274,11 @@ def steps_per_epoch(config: TrainConfig, source: Source) -> int:
 TIMED_STEPS = 12
 WARMUP_STEPS = 6
 BUDGET_SHARE = 0.97
+
+
+def now() -> float:
+    """The clock that --max-minutes is kept by (a test may replace it with its own)."""
+    return time.perf_counter()
 
 
 def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> float:
@@ -386,7 +393,7 @@ def fit_to_budget(
     ``estimate``: an epoch's seconds if already measured (:func:`shared_epoch_estimate`)."""
     if estimate is None:
         estimate = shared_epoch_estimate(config, source, world)
-    left = config.max_minutes * 60 * BUDGET_SHARE - (time.perf_counter() - started)
+    left = config.max_minutes * 60 * BUDGET_SHARE - (now() - started)
     epochs = epochs_within(left, estimate, config.epochs)
     if epochs == 0:
         raise ReslabError(
@@ -397,6 +404,36 @@ def fit_to_budget(
     console.print(
         f"time budget {config.max_minutes:g} min: one epoch takes about {format_time(estimate)} "
         f"here (measured), so {epochs} of {config.epochs} epochs",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    config.epochs = epochs
+
+
+def refit_to_budget(
+    config: TrainConfig,
+    world: World,
+    started: float,
+    first_epoch: float,
+    requested: int,
+    console: Console,
+) -> None:
+    """After the first epoch, plan ``config.epochs`` again from that epoch's measured seconds
+    (training and evaluation) instead of the probe's estimate: at most ``requested``, at least
+    the one done. The schedule follows, since it reads ``config.epochs`` at every step."""
+    elapsed = now() - started
+    first_epoch, elapsed = (
+        v.item() / world.size
+        for v in sum_over_ranks(world, *map(torch.tensor, (first_epoch, elapsed)))
+    )
+    left = config.max_minutes * 60 * BUDGET_SHARE - elapsed
+    epochs = 1 + epochs_within(left, max(first_epoch, 1e-9), requested - 1)
+    if epochs == config.epochs:
+        return
+    console.print(
+        f"time budget {config.max_minutes:g} min: epoch 1 took {format_time(first_epoch)} "
+        f"(measured), so {epochs} of {requested} epochs instead of the {config.epochs} planned",
         markup=False,
         highlight=False,
         soft_wrap=True,
@@ -480,7 +517,7 @@ def fit(
 
     Under ``torchrun`` every process runs this; rank 0 alone prints and writes files.
     """
-    start = time.perf_counter()
+    start = now()
     world = init_world()
     console = console or Console()
     if not world.is_main:
@@ -520,7 +557,8 @@ def fit(
     estimate = None
     if config.precision == "auto":
         estimate = choose_precision(config, source, world, console)
-    if config.max_minutes and payload is None:
+    requested, refit = config.epochs, bool(config.max_minutes) and payload is None
+    if refit:
         fit_to_budget(config, source, world, start, console, estimate)
     if world.is_main:
         run_dir = run_dir or new_run_dir(config)
@@ -535,7 +573,7 @@ def fit(
         console.print(
             f"config ({run_dir / 'config.json'}):\n{describe(config)}", markup=False, soft_wrap=True
         )
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_config(config, run_dir)
 
     n_steps = steps_per_epoch(config, source)
     evaluation = None
@@ -554,6 +592,7 @@ def fit(
     ):
         while state.epoch < config.epochs and not state.stop:
             epoch = state.epoch + 1
+            epoch_started = now()
             task = progress.add_task(f"epoch {epoch}/{config.epochs}", total=n_steps, stats="")
             train_loss, train_acc, seconds = train_epoch(
                 state, source, epoch, hooks, progress, task
@@ -566,48 +605,28 @@ def fit(
                 break
             state.epoch = epoch
             state.batch_in_epoch = 0
-            if not world.is_main:
-                barrier(world)  # rank 0 evaluates and writes; the others wait for it
-                continue
-            evaluation = evaluate(
-                state.eval_model,
-                source.test_batches(config.eval_batch_size),
-                state.spec,
-                len(state.classes),
-                config.precision,
-                config.channels_last,
-                config.tta,
-            )
-            record = {
-                "epoch": epoch,
-                "step": state.step,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "test_loss": evaluation.loss,
-                "test_acc": evaluation.accuracy,
-                "lr": state.optimizer.param_groups[0]["lr"],
-                "img_per_s": n_steps * config.batch_size / seconds,
-                "elapsed_s": time.perf_counter() - start,
-            }
-            state.history.append(record)
-            improved = evaluation.accuracy > state.best_accuracy
-            state.best_accuracy = max(state.best_accuracy, evaluation.accuracy)
-            checkpoint = checkpoint_payload(state, evaluation)
-            save_checkpoint(run_dir / "last.pt", checkpoint)
-            if improved:
-                save_checkpoint(run_dir / "best.pt", checkpoint)
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            console.print(
-                f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f} acc "
-                f"{100 * train_acc:.2f}%  test loss {evaluation.loss:.4f} acc "
-                f"{100 * evaluation.accuracy:.2f}%  lr {record['lr']:.2e}  "
-                f"{record['img_per_s']:.0f} img/s  elapsed {record['elapsed_s']:.0f}s",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
-            hooks.after_epoch(state, record)
+            if world.is_main:  # rank 0 evaluates and writes; the others wait for it
+                evaluation = evaluate(
+                    state.eval_model,
+                    source.test_batches(config.eval_batch_size),
+                    state.spec,
+                    len(state.classes),
+                    config.precision,
+                    config.channels_last,
+                    config.tta,
+                )
+            if refit:
+                # before the checkpoint, so that it and config.json carry the new plan
+                refit = False
+                refit_to_budget(config, world, start, now() - epoch_started, requested, console)
+                if world.is_main:
+                    write_config(config, run_dir)
+            if world.is_main:
+                images_per_s = n_steps * config.batch_size / seconds
+                record_epoch(
+                    state, evaluation, epoch, train_loss, train_acc, images_per_s, start, console
+                )
+                hooks.after_epoch(state, state.history[-1])
             barrier(world)
 
     if state.signal:
@@ -619,12 +638,12 @@ def fit(
             128 + state.signal,
         )
     if not world.is_main:
-        return RunResult(run_dir, math.nan, math.nan, time.perf_counter() - start, None, [], "")
+        return RunResult(run_dir, math.nan, math.nan, now() - start, None, [], "")
     if evaluation is None:
         raise ReslabError(f"stopped before the first epoch ended; state saved in {run_dir}")
     plot_curves(state.history, run_dir / "curves.png")
     plot_confusion(evaluation.confusion, state.classes, run_dir / "confusion.png")
-    seconds = time.perf_counter() - start
+    seconds = now() - start
     console.print(
         f"test accuracy {100 * evaluation.accuracy:.2f}% (best epoch "
         f"{100 * state.best_accuracy:.2f}%), run folder {run_dir}, took {format_time(seconds)}",
@@ -640,6 +659,53 @@ def fit(
         evaluation,
         state.history,
         source.description,
+    )
+
+
+def write_config(config: TrainConfig, run_dir: Path) -> None:
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def record_epoch(
+    state: TrainState,
+    evaluation: Evaluation,
+    epoch: int,
+    train_loss: float,
+    train_acc: float,
+    images_per_s: float,
+    start: float,
+    console: Console,
+) -> None:
+    """Rank 0 after an epoch's evaluation: the metrics record, both checkpoints, the log line."""
+    config, run_dir = state.config, state.run_dir
+    record = {
+        "epoch": epoch,
+        "step": state.step,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "test_loss": evaluation.loss,
+        "test_acc": evaluation.accuracy,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "img_per_s": images_per_s,
+        "elapsed_s": now() - start,
+    }
+    state.history.append(record)
+    improved = evaluation.accuracy > state.best_accuracy
+    state.best_accuracy = max(state.best_accuracy, evaluation.accuracy)
+    checkpoint = checkpoint_payload(state, evaluation)
+    save_checkpoint(run_dir / "last.pt", checkpoint)
+    if improved:
+        save_checkpoint(run_dir / "best.pt", checkpoint)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    console.print(
+        f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f} acc "
+        f"{100 * train_acc:.2f}%  test loss {evaluation.loss:.4f} acc "
+        f"{100 * evaluation.accuracy:.2f}%  lr {record['lr']:.2e}  "
+        f"{images_per_s:.0f} img/s  elapsed {record['elapsed_s']:.0f}s",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
 
 
