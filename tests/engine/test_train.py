@@ -160,15 +160,16 @@ def test_epoch_estimate_is_positive_and_leaves_the_random_state(fake_fmnist, tmp
 
 
 class StepClock(Hooks):
-    """The clock --max-minutes keeps time by, moved only by the run's steps: ``per_step``
-    seconds each (the probes, replaced by the tests, take none)."""
+    """The clock --max-minutes keeps time by, moved only by the run's steps: ``per_step[e]``
+    seconds each in epoch e + 1, the last value for the epochs after (the probes, replaced by
+    the tests, take none)."""
 
-    def __init__(self, monkeypatch, per_step: float):
+    def __init__(self, monkeypatch, *per_step: float):
         self.seconds, self.per_step = 0.0, per_step
         monkeypatch.setattr(train_module, "now", lambda: self.seconds)
 
     def after_step(self, state, loss):
-        self.seconds += self.per_step
+        self.seconds += self.per_step[min(state.epoch, len(self.per_step) - 1)]
 
 
 def recording():
@@ -179,17 +180,15 @@ def recording():
 
 def test_max_minutes_plans_the_epochs_that_fit(fake_fmnist, tmp_path, monkeypatch):
     # one epoch "takes" 10 s (5 steps of 2 s) and the budget is 30 s: 97% of it holds 2 of
-    # the 5 epochs asked, and the first epoch's own time confirms the plan
+    # the 5 epochs asked, and the epochs' own times confirm the plan
     monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
-    clock = StepClock(monkeypatch, per_step=2.0)
+    clock = StepClock(monkeypatch, 2.0)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5)
     console = recording()
     result = fit(config, console=console, hooks=clock)
     assert len(result.history) == 2 and result.history[-1]["lr"] == pytest.approx(0.0)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
-    assert "so 2 of 5 epochs" in console.export_text() and "epoch 1 took" not in (
-        console.export_text()
-    )
+    assert "so 2 of 5 epochs" in console.export_text() and "took" not in console.export_text()
     # the same run with no budget trains all five
     full = fit(tiny(fake_fmnist, tmp_path / "full", epochs=5), console=quiet())
     assert full.history[-1]["epoch"] == 5
@@ -222,6 +221,30 @@ def test_max_minutes_plans_again_from_the_first_epochs_time(
     run = tmp_path / "run"
     assert json.loads((run / "config.json").read_text())["epochs"] == epochs
     assert load_checkpoint(run / "last.pt")["config"]["epochs"] == epochs
+
+
+def test_max_minutes_plans_again_after_each_of_the_first_epochs_only(
+    fake_fmnist, tmp_path, monkeypatch
+):
+    # the probe says 10 s an epoch: 2 of 8 in 29.1 s. Epoch 1 takes 8 s: 3 of 8. Epochs 2
+    # and 3 take 4 s: 6 of 8 (12 s gone, 17.1 s left; then 16 s gone, 13.1 s left, the same
+    # plan). Epochs 4-6 take 1 s, but the plan is not made again after the third epoch.
+    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
+    assert train_module.REPLAN_EPOCHS == 3
+    clock = StepClock(monkeypatch, 1.6, 0.8, 0.8, 0.2)
+    config = tiny(fake_fmnist, tmp_path / "run", epochs=8, max_minutes=0.5)
+    console = recording()
+    result = fit(config, console=console, hooks=clock)
+    lines = [line for line in console.export_text().splitlines() if "time budget" in line]
+    assert lines == [
+        "time budget 0.5 min: one epoch takes about 10.0s here (measured), so 2 of 8 epochs",
+        "time budget 0.5 min: epoch 1 took 8.0s (measured), so 3 of 8 epochs instead of the 2 "
+        "planned",
+        "time budget 0.5 min: epoch 2 took 4.0s (measured), so 6 of 8 epochs instead of the 3 "
+        "planned",
+    ]
+    assert len(result.history) == 6 and result.history[-1]["lr"] == pytest.approx(0.0)
+    assert clock.seconds == pytest.approx(8 + 4 + 4 + 3 * 1)
 
 
 def fake_epochs(monkeypatch, fp32: float, bf16: float, native: bool = True) -> list[str]:
@@ -265,7 +288,7 @@ def test_auto_precision_is_resolved_before_the_run_and_its_timing_plans_the_budg
     # bf16 "takes" 10 s an epoch, fp32 20 s, the budget 30 s: bf16, and 97% of 30 s holds 2 of
     # its epochs, planned from the choice's own timing (no third probe)
     timed = fake_epochs(monkeypatch, 20.0, 10.0)
-    clock = StepClock(monkeypatch, per_step=2.0)  # and the first epoch takes 10 s
+    clock = StepClock(monkeypatch, 2.0)  # and the epochs take 10 s
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5, precision="auto")
     result = fit(config, console=quiet(), hooks=clock)
     assert timed == ["fp32", "bf16"] and len(result.history) == 2

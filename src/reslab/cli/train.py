@@ -62,7 +62,7 @@ def register(subparsers) -> None:
         metavar="M",
         help="fit the run to M minutes of wall time: a few steps are timed first and "
         "min(--epochs, what fits) epochs are planned, the schedule made for that many, then "
-        "planned again from the first epoch's own time "
+        "planned again after each of the first 3 epochs, from that epoch's own time "
         "(0 = no limit; presets: default 9.5, best 57, seed none)",
     )
     add("--batch-size", type=int)

@@ -274,6 +274,11 @@ def steps_per_epoch(config: TrainConfig, source: Source) -> int:
 TIMED_STEPS = 12
 WARMUP_STEPS = 6
 BUDGET_SHARE = 0.97
+# The plan is made again after each of the first REPLAN_EPOCHS epochs, from the latest one's
+# time: the first epochs of a process can run slower still (best on the EPYC: 183, 175, then
+# 159 s). A change this early only bends the rise of a one-cycle schedule (best's rises over
+# its first 3.6 epochs); later it would jump the rate in the middle of its decay.
+REPLAN_EPOCHS = 3
 
 
 def now() -> float:
@@ -411,29 +416,32 @@ def fit_to_budget(
     config.epochs = epochs
 
 
-def refit_to_budget(
+def replan_to_budget(
     config: TrainConfig,
     world: World,
     started: float,
-    first_epoch: float,
+    epoch: int,
+    epoch_seconds: float,
     requested: int,
     console: Console,
 ) -> None:
-    """After the first epoch, plan ``config.epochs`` again from that epoch's measured seconds
-    (training and evaluation) instead of the probe's estimate: at most ``requested``, at least
-    the one done. The schedule follows, since it reads ``config.epochs`` at every step."""
+    """After epoch ``epoch`` (one of the first ``REPLAN_EPOCHS``), plan ``config.epochs`` again
+    from that epoch's measured seconds (training and evaluation) and the time left: at most
+    ``requested``, at least the epochs done. The schedule follows, since it reads
+    ``config.epochs`` at every step."""
     elapsed = now() - started
-    first_epoch, elapsed = (
+    epoch_seconds, elapsed = (
         v.item() / world.size
-        for v in sum_over_ranks(world, *map(torch.tensor, (first_epoch, elapsed)))
+        for v in sum_over_ranks(world, *map(torch.tensor, (epoch_seconds, elapsed)))
     )
     left = config.max_minutes * 60 * BUDGET_SHARE - elapsed
-    epochs = 1 + epochs_within(left, max(first_epoch, 1e-9), requested - 1)
+    epochs = epoch + epochs_within(left, max(epoch_seconds, 1e-9), requested - epoch)
     if epochs == config.epochs:
         return
     console.print(
-        f"time budget {config.max_minutes:g} min: epoch 1 took {format_time(first_epoch)} "
-        f"(measured), so {epochs} of {requested} epochs instead of the {config.epochs} planned",
+        f"time budget {config.max_minutes:g} min: epoch {epoch} took "
+        f"{format_time(epoch_seconds)} (measured), so {epochs} of {requested} epochs instead "
+        f"of the {config.epochs} planned",
         markup=False,
         highlight=False,
         soft_wrap=True,
@@ -557,8 +565,8 @@ def fit(
     estimate = None
     if config.precision == "auto":
         estimate = choose_precision(config, source, world, console)
-    requested, refit = config.epochs, bool(config.max_minutes) and payload is None
-    if refit:
+    requested, budgeted = config.epochs, bool(config.max_minutes) and payload is None
+    if budgeted:
         fit_to_budget(config, source, world, start, console, estimate)
     if world.is_main:
         run_dir = run_dir or new_run_dir(config)
@@ -615,10 +623,10 @@ def fit(
                     config.channels_last,
                     config.tta,
                 )
-            if refit:
+            if budgeted and epoch <= REPLAN_EPOCHS:
                 # before the checkpoint, so that it and config.json carry the new plan
-                refit = False
-                refit_to_budget(config, world, start, now() - epoch_started, requested, console)
+                seconds_taken = now() - epoch_started
+                replan_to_budget(config, world, start, epoch, seconds_taken, requested, console)
                 if world.is_main:
                     write_config(config, run_dir)
             if world.is_main:
