@@ -174,8 +174,8 @@ def test_two_processes_match_one_with_the_same_global_batch(fake_fmnist, tmp_pat
 
 
 def test_two_processes_keep_one_time_budget(fake_fmnist, tmp_path):
-    # --max-minutes times an epoch before the run and plans again after the first one; both
-    # are collectives, so the ranks plan the same (a rank left out would hang the run)
+    # --max-minutes times an epoch before the run and plans again after each of the first
+    # epochs; both are collectives, so the ranks plan the same (a rank left out would hang it)
     out = tmp_path / "run"
     args = train_args(
         fake_fmnist, out, "--processes=2", "--sync-bn", "--epochs=3", "--max-minutes=5"

@@ -244,7 +244,7 @@ def build_state(config: TrainConfig, source: Source, run_dir: Path) -> TrainStat
         ema.module.spec = model.spec
     optimizer = make_optimizer(config, model)
     n_steps = steps_per_epoch(config, source)
-    # reads config.epochs at every step: the time budget may re-plan it after the first epoch
+    # reads config.epochs at every step: the time budget may plan again after the first epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(config.schedule, step, config.epochs * n_steps, config.warmup),
@@ -329,6 +329,11 @@ def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> floa
         return train + (time.perf_counter() - started) * batches
 
 
+def seconds_left(config: TrainConfig, elapsed: float) -> float:
+    """What the --max-minutes budget leaves for epochs after ``elapsed`` seconds of the run."""
+    return config.max_minutes * 60 * BUDGET_SHARE - elapsed
+
+
 def epochs_within(seconds: float, epoch_seconds: float, most: int) -> int:
     """How many epochs of ``epoch_seconds`` fit in ``seconds``, at most ``most`` (may be 0)."""
     return max(0, min(most, math.floor(seconds / epoch_seconds)))
@@ -398,7 +403,7 @@ def fit_to_budget(
     ``estimate``: an epoch's seconds if already measured (:func:`shared_epoch_estimate`)."""
     if estimate is None:
         estimate = shared_epoch_estimate(config, source, world)
-    left = config.max_minutes * 60 * BUDGET_SHARE - (now() - started)
+    left = seconds_left(config, now() - started)
     epochs = epochs_within(left, estimate, config.epochs)
     if epochs == 0:
         raise ReslabError(
@@ -424,20 +429,20 @@ def replan_to_budget(
     epoch_seconds: float,
     requested: int,
     console: Console,
-) -> None:
+) -> bool:
     """After epoch ``epoch`` (one of the first ``REPLAN_EPOCHS``), plan ``config.epochs`` again
     from that epoch's measured seconds (training and evaluation) and the time left: at most
     ``requested``, at least the epochs done. The schedule follows, since it reads
-    ``config.epochs`` at every step."""
+    ``config.epochs`` at every step. Returns whether the plan changed."""
     elapsed = now() - started
     epoch_seconds, elapsed = (
         v.item() / world.size
         for v in sum_over_ranks(world, *map(torch.tensor, (epoch_seconds, elapsed)))
     )
-    left = config.max_minutes * 60 * BUDGET_SHARE - elapsed
+    left = seconds_left(config, elapsed)
     epochs = epoch + epochs_within(left, max(epoch_seconds, 1e-9), requested - epoch)
     if epochs == config.epochs:
-        return
+        return False
     console.print(
         f"time budget {config.max_minutes:g} min: epoch {epoch} took "
         f"{format_time(epoch_seconds)} (measured), so {epochs} of {requested} epochs instead "
@@ -447,6 +452,7 @@ def replan_to_budget(
         soft_wrap=True,
     )
     config.epochs = epochs
+    return True
 
 
 def restore(state: TrainState, payload: dict) -> None:
@@ -626,8 +632,10 @@ def fit(
             if budgeted and epoch <= REPLAN_EPOCHS:
                 # before the checkpoint, so that it and config.json carry the new plan
                 seconds_taken = now() - epoch_started
-                replan_to_budget(config, world, start, epoch, seconds_taken, requested, console)
-                if world.is_main:
+                changed = replan_to_budget(
+                    config, world, start, epoch, seconds_taken, requested, console
+                )
+                if changed and world.is_main:
                     write_config(config, run_dir)
             if world.is_main:
                 images_per_s = n_steps * config.batch_size / seconds
