@@ -7,7 +7,10 @@ are repeated here through the command line.
 
 from __future__ import annotations
 
+import collections
 import json
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -109,7 +112,8 @@ def test_corrupt_and_non_image_files_in_predict(run, tmp_path, capsys):
     Image.new("L", (28, 28), 7).save(tmp_path / "whole.png")
     truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:40])
     fails_cleanly(capsys, ["predict", str(run), str(truncated)], str(truncated))
-    fails_cleanly(capsys, ["predict", str(run), str(tmp_path / "missing.png")], "missing.png")
+    missing = str(tmp_path / "missing.png")
+    fails_cleanly(capsys, ["predict", str(run), missing], f"image {missing} does not exist")
 
 
 def test_wrong_channels_and_size_are_converted_with_a_notice(run, tmp_path, capsys):
@@ -162,6 +166,21 @@ def test_truncated_checkpoint_and_code_in_a_checkpoint(run, tmp_path, capsys):
     fails_cleanly(capsys, ["eval", str(tmp_path / "cut.pt")], "cut.pt", "truncated")
     torch.save({"format": "reslab-checkpoint", "hook": torch.nn.ReLU()}, tmp_path / "code.pt")
     fails_cleanly(capsys, ["predict", str(tmp_path / "code.pt"), "x.png"], "refused", "code")
+    # the pre-zip format is a bare pickle; code in it is refused the same way
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps({"hook": collections.Counter()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's protocol warning would be a second message
+        fails_cleanly(capsys, ["eval", str(tmp_path / "legacy.pt")], "refused", "code")
+
+
+def test_a_file_that_is_no_checkpoint_is_not_called_code(tmp_path, capsys):
+    (tmp_path / "notes.md").write_text("# a README, given by mistake\n")
+    err = fails_cleanly(
+        capsys, ["eval", str(tmp_path / "notes.md")], "notes.md", "not a PyTorch checkpoint"
+    )
+    assert "refused" not in err
+    (tmp_path / "empty.pt").write_bytes(b"")
+    fails_cleanly(capsys, ["eval", str(tmp_path / "empty.pt")], "empty.pt", "truncated")
 
 
 def test_coco_json_with_bad_boxes_through_the_command(tmp_path, capsys):

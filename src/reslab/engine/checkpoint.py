@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
+# the first byte of every pickle since protocol 2: torch.save's legacy, pre-zip format
+PICKLE_PROTO = b"\x80"
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint; every way a file can be wrong is a one-line ``ReslabError``."""
     path = Path(path)
@@ -80,8 +85,19 @@ def load_checkpoint(path: str | Path) -> dict:
             raise ReslabError(f"{path} is a folder with no last.pt or best.pt in it")
     if not path.is_file():
         raise ReslabError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if head and not zipfile.is_zipfile(path) and head != PICKLE_PROTO:
+        # the weights-only unpickler would call any other file "objects that need code"
+        raise ReslabError(
+            f"{path} is not a PyTorch checkpoint (neither torch.save's zip format nor a "
+            "pickle); give a .pt file written by reslab train or detect train"
+        )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # on a bare pickle torch warns about its protocol before the refusal below says why
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ReslabError(
             f"refused to load {path}: it holds Python objects that need arbitrary code to "
