@@ -10,7 +10,7 @@ from torchvision import tv_tensors
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
-from reslab.data.coco import CocoDetection, eval_transforms, resolve
+from reslab.data.coco import CocoDetection, decode_rgb, eval_transforms, resolve
 from reslab.errors import ReslabError
 
 
@@ -96,3 +96,15 @@ def test_resolve_data_folder_and_explicit_paths(tmp_path):
     )
     with pytest.raises(ReslabError, match="needs --data"):
         resolve(None, "i", None, "train")
+
+
+def test_decode_rgb_says_what_is_wrong_with_an_image_file(tmp_path):
+    write_png(torch.full((1, 5, 7), 9, dtype=torch.uint8), str(tmp_path / "gray.png"))
+    image = decode_rgb(tmp_path / "gray.png")
+    assert image.shape == (3, 5, 7) and image.dtype == torch.uint8 and int(image.max()) == 9
+    with pytest.raises(ReslabError, match=r"image .*missing\.png does not exist"):
+        decode_rgb(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("not pixels")
+    with pytest.raises(ReslabError, match=r"notes\.png: not a readable image") as info:
+        decode_rgb(tmp_path / "notes.png")
+    assert "csrc" not in str(info.value)  # not torchvision's own source path

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torchvision.io import decode_image
 
+from reslab.cli import main
 from reslab.data import fashion_mnist
 from reslab.data.scenes import BACKGROUND, SceneConfig, make_scenes, render_scene
 
@@ -58,3 +60,18 @@ def test_a_single_item_box_is_tight():
         ys, xs = torch.nonzero(canvas > BACKGROUND, as_tuple=True)
         assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         assert 0 <= label <= 9
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--images", "0"], "--images must be at least 1, got 0"),
+        (["--size", "8"], "--size must be at least 32 pixels, got 8"),
+        (["--max-items", "0"], "--max-items must be at least 1 (the fewest items per canvas)"),
+    ],
+)
+def test_bad_scene_flags_name_the_flag_and_value(flags, message, tmp_path, capsys):
+    assert main(["scenes", "make", "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"reslab: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -82,6 +82,20 @@ def validate(data: dict, images_dir: Path, source: Path) -> None:
             )
 
 
+def decode_rgb(path: str | Path) -> torch.Tensor:
+    """An image file as RGB (3, H, W) uint8; a missing or undecodable file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReslabError(f"image {path} does not exist")
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        # torchvision's message names its own source file, not what the user can do
+        raise ReslabError(
+            f"{path}: not a readable image (PNG, JPEG, WebP or GIF; truncated or another format?)"
+        ) from None
+
+
 class CocoDetection(Dataset):
     """Images and targets ``{"boxes": BoundingBoxes XYXY, "labels", "image_id"}``."""
 
@@ -112,11 +126,7 @@ class CocoDetection(Dataset):
         return len(self.images)
 
     def load_image(self, index: int) -> torch.Tensor:
-        path = self.images_dir / self.images[index]["file_name"]
-        try:
-            return decode_image(str(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
-        except RuntimeError as error:
-            raise ReslabError(f"cannot decode image {path}: {error}") from None
+        return decode_rgb(self.images_dir / self.images[index]["file_name"])
 
     def __getitem__(self, index: int):
         info = self.images[index]

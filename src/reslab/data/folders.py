@@ -27,6 +27,8 @@ DEFAULT_SIZE = 64
 
 def open_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
     """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it."""
+    if not Path(path).is_file():
+        raise ReslabError(f"image {path} does not exist")
     try:
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")

@@ -142,16 +142,31 @@ def write_split(
     return path
 
 
+def check_scene_config(config: SceneConfig) -> None:
+    """One error naming the first setting out of range (by its flag where it has one)."""
+    checks = (
+        (config.images >= 1, f"--images must be at least 1, got {config.images}"),
+        (config.size >= 32, f"--size must be at least 32 pixels, got {config.size}"),
+        (config.min_items >= 1, f"min_items must be at least 1, got {config.min_items}"),
+        (
+            config.max_items >= config.min_items,
+            f"--max-items must be at least {config.min_items} (the fewest items per canvas), "
+            f"got {config.max_items}",
+        ),
+        (
+            0 < config.min_scale <= config.max_scale <= 1,
+            f"item scales need 0 < min_scale <= max_scale <= 1, got {config.min_scale:g} and "
+            f"{config.max_scale:g}",
+        ),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ReslabError(message)
+
+
 def make_scenes(out: str | Path, config: SceneConfig, data_dir: str | Path | None = None) -> dict:
     """Write train and val scenes under ``out``; returns {split: annotation file}."""
-    checks = (
-        (1 <= config.min_items <= config.max_items, "1 <= min_items <= max_items"),
-        (0 < config.min_scale <= config.max_scale <= 1, "0 < min_scale <= max_scale <= 1"),
-        (config.images >= 1 and config.size >= 32, "--images >= 1 and --size >= 32"),
-    )
-    for ok, rule in checks:
-        if not ok:
-            raise ReslabError(f"scene settings need {rule}; got {asdict(config)}")
+    check_scene_config(config)
     out = Path(out)
     counts = {"train": config.images, "val": max(1, config.images // 5)}
     return {

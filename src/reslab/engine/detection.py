@@ -25,11 +25,11 @@ from pycocotools.cocoeval import COCOeval
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.io import write_png
 from torchvision.ops import box_convert, box_iou, nms
 from torchvision.utils import draw_bounding_boxes
 
-from reslab.data.coco import CocoDetection, collate
+from reslab.data.coco import CocoDetection, collate, decode_rgb
 from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from reslab.engine.distributed import World, any_rank, check_batch, wrap
 from reslab.errors import ReslabError
@@ -469,13 +469,7 @@ def evaluate_detector(
 
 def read_image(path: str | Path, scale: bool = True) -> torch.Tensor:
     """An image file as an RGB CHW tensor: float in [0, 1], or uint8 with ``scale=False``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReslabError(f"image {path} does not exist")
-    try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
-        raise ReslabError(f"cannot decode image {path}: {error}") from None
+    image = decode_rgb(path)
     return image.float() / 255 if scale else image
 
 
