@@ -95,6 +95,13 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     assert flipped and all(0 <= v <= 64 for d in flipped for v in d["box_xyxy"])
     assert {d["label"] for d in flipped} <= set(first["class_names"])
 
+    # the classifier's commands name the detector's instead of failing on a missing key
+    capsys.readouterr()
+    for command in (["eval", str(out)], ["predict", str(out), str(image)], ["export", str(out)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "holds a detection model (fasterrcnn_c4)" in err and "reslab detect eval" in err
+
 
 def test_a_new_run_in_a_used_folder_starts_its_own_log(scenes, tmp_path):
     out = tmp_path / "used"

@@ -117,8 +117,18 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def require_classifier(payload: dict) -> None:
+    """A detector's checkpoint given to eval, predict or export: say which commands take it."""
+    if payload.get("task", "classification") != "classification":
+        raise ReslabError(
+            f"this checkpoint holds a {payload['task']} model ({payload['model']['name']}), not "
+            "an image classifier; `reslab detect eval` and `reslab detect predict` take detectors"
+        )
+
+
 def model_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the model from a checkpoint's spec and load its weights strictly."""
+    require_classifier(payload)
     spec = payload["model"]
     model = create_model(spec["name"], **spec["kwargs"])
     try:

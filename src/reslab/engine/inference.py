@@ -10,7 +10,7 @@ import torch
 from reslab import fast
 from reslab.data.folders import FolderDataset, open_image, scan
 from reslab.data.transforms import InputSpec
-from reslab.engine.checkpoint import model_from_checkpoint
+from reslab.engine.checkpoint import model_from_checkpoint, require_classifier
 from reslab.engine.config import TrainConfig
 from reslab.engine.evaluate import Evaluation, evaluate, logits
 from reslab.engine.train import open_source
@@ -22,6 +22,7 @@ def _setup(
 ) -> tuple[torch.nn.Module, TrainConfig, InputSpec]:
     """The checkpoint's model on the inference fast path (batch norm folded, channels_last,
     ``precision``: fp32, bf16, or auto = bf16 where the CPU has it), its config and input."""
+    require_classifier(payload)
     for key in ("config", "input", "classes"):
         if key not in payload:
             raise ReslabError(f"the checkpoint has no {key!r}; it was not written by reslab train")
