@@ -11,6 +11,10 @@ def test_system_dir_comes_first(fake_fmnist, monkeypatch, tmp_path):
     assert fashion_mnist.locate(tmp_path / "elsewhere") == fake_fmnist
     split = fashion_mnist.load("train", check_hash=False)
     assert split.images.shape == (40, 28, 28) and split.source == fake_fmnist
+    described = fashion_mnist_source(str(tmp_path / "elsewhere"), verify=False).description
+    assert described.startswith(f"Fashion-MNIST from {fake_fmnist} ")
+    assert f"--data-dir {tmp_path / 'elsewhere'} not used" in described
+    assert "not used" not in fashion_mnist_source(str(fake_fmnist), verify=False).description
 
 
 def test_data_dir_when_no_system_files(fake_fmnist):

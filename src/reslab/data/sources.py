@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -78,6 +79,10 @@ class TensorSource:
 def fashion_mnist_source(data_dir: str | None = None, verify: bool = True) -> TensorSource:
     train = fashion_mnist.load("train", data_dir, check_hash=verify)
     test = fashion_mnist.load("test", data_dir, check_hash=verify)
+    unused = ""
+    if data_dir is not None and train.source != Path(data_dir):
+        # the installed copy comes first; a --data-dir typed in vain should not pass unseen
+        unused = f"; --data-dir {data_dir} not used, the installed copy comes first"
     return TensorSource(
         train.images[:, None],
         train.labels,
@@ -85,5 +90,5 @@ def fashion_mnist_source(data_dir: str | None = None, verify: bool = True) -> Te
         test.labels,
         classes=train.classes,
         description=f"Fashion-MNIST from {train.source} ({len(train):,} train, "
-        f"{len(test):,} test images, in memory)",
+        f"{len(test):,} test images, in memory){unused}",
     )
