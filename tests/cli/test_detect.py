@@ -101,6 +101,8 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert "holds a detection model (fasterrcnn_c4)" in err and "reslab detect eval" in err
+    assert main(["train", "--resume", str(out)]) == 2
+    assert f"detect train --resume --out {out}`" in capsys.readouterr().err
 
 
 def test_a_new_run_in_a_used_folder_starts_its_own_log(scenes, tmp_path):

@@ -480,6 +480,11 @@ def resume_config(
     """The saved config of a run (``epochs`` may be raised, ``device`` changed), its
     checkpoint and its folder."""
     payload = load_checkpoint(path)
+    if payload.get("task") == "detection":
+        raise ReslabError(
+            f"{path} is a detector's run; continue it with `reslab detect train --resume --out "
+            f"{Path(path) if Path(path).is_dir() else Path(path).parent}` and its data flags"
+        )
     if "config" not in payload or "optimizer" not in payload:
         raise ReslabError(f"{path} holds weights only (no training state); cannot resume")
     config = TrainConfig.from_dict(payload["config"])
