@@ -114,6 +114,7 @@ def test_corrupt_and_non_image_files_in_predict(run, tmp_path, capsys):
     fails_cleanly(capsys, ["predict", str(run), str(truncated)], str(truncated))
     missing = str(tmp_path / "missing.png")
     fails_cleanly(capsys, ["predict", str(run), missing], f"image {missing} does not exist")
+    fails_cleanly(capsys, ["predict", str(run), str(tmp_path)], "is a folder", "*.png")
 
 
 def test_wrong_channels_and_size_are_converted_with_a_notice(run, tmp_path, capsys):

@@ -121,7 +121,24 @@ def test_int8_flags_are_checked(tmp_path, capsys):
     code = main(
         ["detect", "predict", str(tmp_path / "no.pt"), "x.png", "--calibration-images", "0"]
     )
-    assert code == 2 and "--calibration-images must be >= 1, got 0" in capsys.readouterr().err
+    assert code == 2
+    assert "--calibration-images must be a whole number >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command, flags, message",
+    [
+        ("eval", ["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
+        ("predict", ["--score-thresh", "2"], "--score-thresh is a class probability"),
+        ("predict", ["--score-thresh", "-0.1"], "from 0 to 1; got -0.1"),
+    ],
+)
+def test_bad_inference_flags_name_the_flag(command, flags, message, tmp_path, capsys):
+    # checked before the checkpoint is read: this one does not exist
+    place = ["--data", str(tmp_path)] if command == "eval" else ["x.png"]
+    code = main(["detect", command, str(tmp_path / "no.pt"), *place, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
@@ -150,6 +167,14 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--epochs", "0"], "--epochs must be a whole number >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
+        (["--warmup-iters", "-1"], "--warmup-iters must be a whole number >= 0, got -1"),
+        (["--min-size", "0"], "--min-size must be a whole number >= 1, got 0"),
+        (["--max-size", "-5"], "--max-size must be a whole number >= 1, got -5"),
+        (["--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1.0"),
         (["--rois-per-image", "0"], "--rois-per-image must be >= 1, got 0"),
         (["--roi-positive-fraction", "0"], "--roi-positive-fraction must be in (0, 1], got 0.0"),
         (["--roi-positive-fraction", "1.5"], "in (0, 1], got 1.5"),

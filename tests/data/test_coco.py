@@ -104,6 +104,8 @@ def test_decode_rgb_says_what_is_wrong_with_an_image_file(tmp_path):
     assert image.shape == (3, 5, 7) and image.dtype == torch.uint8 and int(image.max()) == 9
     with pytest.raises(ReslabError, match=r"image .*missing\.png does not exist"):
         decode_rgb(tmp_path / "missing.png")
+    with pytest.raises(ReslabError, match=r"is a folder; give the image files in it"):
+        decode_rgb(tmp_path)
     (tmp_path / "notes.png").write_text("not pixels")
     with pytest.raises(ReslabError, match=r"notes\.png: not a readable image") as info:
         decode_rgb(tmp_path / "notes.png")

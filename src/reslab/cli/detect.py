@@ -21,6 +21,7 @@ from reslab.engine.box_pretrain import (
     save_warm_start,
 )
 from reslab.engine.checkpoint import load_checkpoint
+from reslab.engine.config import check_whole, finite_positive
 from reslab.engine.detection import (
     DetectTrainConfig,
     detector_from_checkpoint,
@@ -253,9 +254,15 @@ def _quantize(model, images: Sequence[torch.Tensor], console: Console) -> None:
     )
 
 
-def _check_calibration(args) -> None:
-    if args.calibration_images <= 0:
-        raise ReslabError(f"--calibration-images must be >= 1, got {args.calibration_images}")
+def _check_inference_args(args) -> None:
+    """The flags `detect eval` and `detect predict` share, and --score-thresh of predict."""
+    check_whole("calibration-images", args.calibration_images)
+    if hasattr(args, "batch_size"):
+        check_whole("batch-size", args.batch_size)
+    if hasattr(args, "score_thresh") and not 0 <= args.score_thresh <= 1:
+        raise ReslabError(
+            f"--score-thresh is a class probability, from 0 to 1; got {args.score_thresh:g}"
+        )
 
 
 def _first_images(dataset: CocoDetection, count: int) -> list[torch.Tensor]:
@@ -325,6 +332,12 @@ def _native_min_size(dataset: CocoDetection) -> int:
 
 
 def _check_train_args(args) -> None:
+    for flag, least in (("epochs", 1), ("batch_size", 1), ("warmup_iters", 0), ("max_size", 1)):
+        check_whole(flag.replace("_", "-"), getattr(args, flag), least)
+    if args.min_size is not None:
+        check_whole("min-size", args.min_size)
+    finite_positive("lr", args.lr)
+    finite_positive("max-minutes", args.max_minutes, allow_zero=True)
     if args.processes < 0:
         raise ReslabError(f"--processes must be >= 0, got {args.processes}")
     for flag in ("rois_per_image", "train_pre_nms", "train_proposals", "test_proposals"):
@@ -511,7 +524,7 @@ def errors_line(metrics: dict, top: int = 3) -> str:
 
 def run_eval(args) -> int:
     _set_threads(args)
-    _check_calibration(args)
+    _check_inference_args(args)
     model = prepare_detector_for_inference(
         detector_from_checkpoint(load_checkpoint(args.checkpoint))
     )
@@ -532,7 +545,7 @@ def run_eval(args) -> int:
 
 def run_predict(args) -> int:
     _set_threads(args)
-    _check_calibration(args)
+    _check_inference_args(args)
     payload = load_checkpoint(args.checkpoint)
     model = prepare_detector_for_inference(detector_from_checkpoint(payload))
     if args.int8:

@@ -18,6 +18,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from reslab.data.folders import check_image_file
 from reslab.errors import ReslabError
 
 # a box may poke this many pixels past the border (float rounding in exporters) before it is
@@ -84,9 +85,7 @@ def validate(data: dict, images_dir: Path, source: Path) -> None:
 
 def decode_rgb(path: str | Path) -> torch.Tensor:
     """An image file as RGB (3, H, W) uint8; a missing or undecodable file is one clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReslabError(f"image {path} does not exist")
+    check_image_file(path)
     try:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except RuntimeError:

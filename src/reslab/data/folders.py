@@ -25,10 +25,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 64
 
 
+def check_image_file(path: str | Path) -> None:
+    """A path given as an image must be a file: say so for a folder or a missing path."""
+    path = Path(path)
+    if path.is_dir():
+        raise ReslabError(f"{path} is a folder; give the image files in it (e.g. {path}/*.png)")
+    if not path.is_file():
+        raise ReslabError(f"image {path} does not exist")
+
+
 def open_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
     """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it."""
-    if not Path(path).is_file():
-        raise ReslabError(f"image {path} does not exist")
+    check_image_file(path)
     try:
         with Image.open(path) as image:
             image = image.convert("L" if channels == 1 else "RGB")

@@ -176,7 +176,14 @@ def build_config(preset: str = "default", **overrides) -> TrainConfig:
     return config
 
 
-def _finite_positive(name: str, value: float, allow_zero: bool = False) -> None:
+def check_whole(name: str, value: int, least: int = 1) -> None:
+    """A count flag: ``--name`` must be a whole number >= ``least``."""
+    if not isinstance(value, int) or value < least:
+        raise ReslabError(f"--{name} must be a whole number >= {least}, got {value}")
+
+
+def finite_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """A real-valued flag: ``--name`` must be finite and > 0 (>= 0 with ``allow_zero``)."""
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise ReslabError(f"--{name} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
@@ -212,18 +219,14 @@ def validate(config: TrainConfig) -> None:
         if getattr(config, name) not in allowed:
             raise ReslabError(f"--{name} must be one of {allowed}, got {getattr(config, name)!r}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
-            raise ReslabError(
-                f"--{name.replace('_', '-')} must be a whole number >= 1, got {value}"
-            )
-    _finite_positive("lr", config.lr)
-    _finite_positive("max-minutes", config.max_minutes, allow_zero=True)
-    _finite_positive("weight-decay", config.weight_decay, allow_zero=True)
-    _finite_positive("momentum", config.momentum, allow_zero=True)
+        check_whole(name.replace("_", "-"), getattr(config, name))
+    finite_positive("lr", config.lr)
+    finite_positive("max-minutes", config.max_minutes, allow_zero=True)
+    finite_positive("weight-decay", config.weight_decay, allow_zero=True)
+    finite_positive("momentum", config.momentum, allow_zero=True)
     for name in ("label_smoothing", "erasing", "warmup", "ema"):
         value = getattr(config, name)
-        _finite_positive(name.replace("_", "-"), value, allow_zero=True)
+        finite_positive(name.replace("_", "-"), value, allow_zero=True)
         if value >= 1:
             raise ReslabError(f"--{name.replace('_', '-')} must be below 1, got {value}")
     if config.cutmix != 0 and not 0 < config.cutmix <= 1:
