@@ -64,6 +64,16 @@ def test_out_of_range_flags(capsys, flag, needle):
     fails_cleanly(capsys, ["train", flag], needle)
 
 
+def test_a_batch_larger_than_the_training_set_is_one_step_with_a_note(
+    fake_fmnist, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--batch-size=64", f"--data-dir={fake_fmnist}", f"--out={out}"]
+    assert main(argv) == 0
+    assert "note: --batch-size 64 is more than the 40 training images" in capsys.readouterr().out
+    assert load_checkpoint(out / "last.pt")["step"] == 1
+
+
 def test_run_folder_is_never_overwritten_without_force(run, fake_fmnist, capsys):
     before = (run / "last.pt").read_bytes()
     fails_cleanly(

@@ -565,6 +565,14 @@ def fit(
             soft_wrap=True,
         )
     console.print(f"data: {source.description}", markup=False, highlight=False, soft_wrap=True)
+    if config.batch_size > source.train_size:
+        console.print(
+            f"note: --batch-size {config.batch_size} is more than the {source.train_size:,} "
+            "training images; each epoch is one step over all of them",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     if world.active:
         console.print(
             f"processes: {world.size}; global batch {config.batch_size} "
