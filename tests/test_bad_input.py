@@ -56,6 +56,8 @@ def test_unknown_model_lists_close_matches(capsys):
         ("--epochs=-1", "--epochs"),
         ("--batch-size=0", "--batch-size"),
         ("--lr=nan", "--lr"),
+        ("--width=nan", "--width must be a finite number"),
+        ("--width=0", "--width must be > 0"),
         ("--save-every=-5", "--save-every"),
         ("--max-minutes=-1", "--max-minutes"),
     ],

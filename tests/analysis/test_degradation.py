@@ -57,7 +57,8 @@ def test_same_seed_same_numbers():
 
 
 @pytest.mark.parametrize(
-    "change", [{"depths": (20,)}, {"depths": (20, 21)}, {"epochs": 0}, {"lr": 0.0}]
+    "change",
+    [{"depths": (20,)}, {"depths": (20, 21)}, {"epochs": 0}, {"lr": 0.0}, {"lr": float("nan")}],
 )
 def test_bad_configs_are_user_errors(change):
     with pytest.raises(ReslabError):

@@ -78,3 +78,9 @@ def test_study_measures_init_and_after_training(tmp_path):
 def test_names_must_be_residual_registry_names(names):
     with pytest.raises(ReslabError, match="plain_ twins"):
         GradientConfig(names=names).check()
+
+
+@pytest.mark.parametrize("lr, message", [(float("nan"), "finite number"), (-0.1, "> 0")])
+def test_lr_must_be_a_positive_number(lr, message):
+    with pytest.raises(ReslabError, match=f"--lr must be (a )?{message}"):
+        GradientConfig(lr=lr).check()

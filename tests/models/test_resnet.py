@@ -114,6 +114,14 @@ def test_width_multiplier_scales_channels():
     assert model.num_features == 256
 
 
+@pytest.mark.parametrize("width", [0.0, -1.0, float("nan"), float("inf")])
+def test_width_multiplier_must_be_a_positive_number(width):
+    with pytest.raises(
+        ReslabError, match=f"width multiplier must be a positive number, got {width}"
+    ):
+        create_model("resnet18", width=width)
+
+
 def test_zero_init_residual_zeroes_the_last_norm_of_each_branch():
     model = create_model("resnet50", zero_init_residual=True, width=0.25)
     for block in model.layer1:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reslab.engine.plots import pyplot
-from reslab.errors import ReslabError
+from reslab.errors import ReslabError, finite_positive
 from reslab.models.resnet import CIFAR_DEPTHS, create_model
 
 # Fashion-MNIST training set, pixel mean and standard deviation on the [0, 1] scale
@@ -47,8 +47,7 @@ class DegradationConfig:
         for name in ("epochs", "train_size", "test_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ReslabError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0:
-            raise ReslabError(f"--lr must be positive, got {self.lr}")
+        finite_positive("lr", self.lr)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 
 from reslab.analysis.degradation import normalize
 from reslab.engine.plots import pyplot
-from reslab.errors import ReslabError
+from reslab.errors import ReslabError, finite_positive
 from reslab.models.resnet import MODELS, create_model
 
 DEFAULT_DEPTHS = ("resnet20", "resnet56", "resnet110", "resnet18", "resnet34")
@@ -53,6 +53,7 @@ class GradientConfig:
             )
         if self.batch_size < 2 or self.steps < 0:
             raise ReslabError("--batch-size must be at least 2 (batch norm) and --steps >= 0")
+        finite_positive("lr", self.lr)
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:

@@ -21,7 +21,6 @@ from reslab.engine.box_pretrain import (
     save_warm_start,
 )
 from reslab.engine.checkpoint import load_checkpoint
-from reslab.engine.config import check_whole, finite_positive
 from reslab.engine.detection import (
     DetectTrainConfig,
     detector_from_checkpoint,
@@ -40,7 +39,7 @@ from reslab.engine.distributed import (
     init_world,
     relaunch,
 )
-from reslab.errors import ReslabError
+from reslab.errors import ReslabError, check_whole, finite_positive
 from reslab.models.detection import (
     BACKBONES,
     DetectorConfig,

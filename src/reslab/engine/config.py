@@ -6,13 +6,12 @@ start and saved as ``config.json`` in the run folder, and every checkpoint carri
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-from reslab.errors import ReslabError
+from reslab.errors import ReslabError, check_whole, finite_positive
 from reslab.models import list_models, model_defaults
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -176,20 +175,6 @@ def build_config(preset: str = "default", **overrides) -> TrainConfig:
     return config
 
 
-def check_whole(name: str, value: int, least: int = 1) -> None:
-    """A count flag: ``--name`` must be a whole number >= ``least``."""
-    if not isinstance(value, int) or value < least:
-        raise ReslabError(f"--{name} must be a whole number >= {least}, got {value}")
-
-
-def finite_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """A real-valued flag: ``--name`` must be finite and > 0 (>= 0 with ``allow_zero``)."""
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        raise ReslabError(f"--{name} must be a finite number, got {value}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ReslabError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 def check_device(device: str) -> None:
     """``cpu``, ``cuda`` or ``cuda:N``; a GPU must be visible to PyTorch."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
@@ -221,6 +206,8 @@ def validate(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size"):
         check_whole(name.replace("_", "-"), getattr(config, name))
     finite_positive("lr", config.lr)
+    if "width" in config.model_kwargs:
+        finite_positive("width", config.model_kwargs["width"])
     finite_positive("max-minutes", config.max_minutes, allow_zero=True)
     finite_positive("weight-decay", config.weight_decay, allow_zero=True)
     finite_positive("momentum", config.momentum, allow_zero=True)

@@ -8,6 +8,7 @@ pre-activation variants follow He et al. 2016. Module names match torchvision's
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -62,8 +63,8 @@ class ResNet(nn.Module):
             raise ReslabError(f"unknown shortcut {shortcut!r}; expected one of {SHORTCUTS}")
         if len(layers) != len(widths):
             raise ReslabError(f"{len(layers)} stages but {len(widths)} widths")
-        if width <= 0:
-            raise ReslabError(f"width multiplier must be positive, got {width}")
+        if not math.isfinite(width) or width <= 0:
+            raise ReslabError(f"width multiplier must be a positive number, got {width}")
         block_options = {"shortcut": shortcut}
         if stride_in_1x1:
             if block.expansion == 1:
