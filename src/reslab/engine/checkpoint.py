@@ -117,12 +117,16 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def require_classifier(payload: dict) -> None:
-    """A detector's checkpoint given to eval, predict or export: say which commands take it."""
+def require_classifier(
+    payload: dict,
+    instead: str = "`reslab detect eval` and `reslab detect predict` take detectors",
+) -> None:
+    """A detector's checkpoint given to a classifier's command (eval, predict, export, train
+    --resume): say so, and ``instead`` what to run."""
     if payload.get("task", "classification") != "classification":
         raise ReslabError(
             f"this checkpoint holds a {payload['task']} model ({payload['model']['name']}), not "
-            "an image classifier; `reslab detect eval` and `reslab detect predict` take detectors"
+            f"an image classifier; {instead}"
         )
 
 

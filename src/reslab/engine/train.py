@@ -31,7 +31,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from reslab.data.folders import DEFAULT_SIZE, FolderSource
 from reslab.data.sources import Source, fashion_mnist_source
 from reslab.data.transforms import InputSpec, augment, cutmix, to_input
-from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from reslab.engine.checkpoint import (
+    load_checkpoint,
+    make_payload,
+    require_classifier,
+    save_checkpoint,
+)
 from reslab.engine.config import TrainConfig, validate
 from reslab.engine.distributed import (
     World,
@@ -480,11 +485,11 @@ def resume_config(
     """The saved config of a run (``epochs`` may be raised, ``device`` changed), its
     checkpoint and its folder."""
     payload = load_checkpoint(path)
-    if payload.get("task") == "detection":
-        raise ReslabError(
-            f"{path} is a detector's run; continue it with `reslab detect train --resume --out "
-            f"{Path(path) if Path(path).is_dir() else Path(path).parent}` and its data flags"
-        )
+    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+    require_classifier(
+        payload,
+        f"continue it with `reslab detect train --resume --out {run_dir}` and its data flags",
+    )
     if "config" not in payload or "optimizer" not in payload:
         raise ReslabError(f"{path} holds weights only (no training state); cannot resume")
     config = TrainConfig.from_dict(payload["config"])
@@ -499,7 +504,6 @@ def resume_config(
             f"{path} already finished epoch {payload['epoch']} of {config.epochs}; "
             "pass a larger --epochs to train on"
         )
-    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
     return config, payload, run_dir
 
 
