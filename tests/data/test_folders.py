@@ -76,3 +76,29 @@ def test_a_file_that_breaks_only_when_decoded_is_named(tmp_path):
     with pytest.raises(ReslabError, match=r"not a readable image") as info:
         list(source.train_batches(64, torch.Generator()))
     assert broken.name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_test_folder_is_the_held_out_split(tmp_path):
+    make_tree(tmp_path / "set" / "train")
+    make_tree(tmp_path / "set" / "test", per_class=3)
+    source = FolderSource(tmp_path / "set", size=8, workers=0)
+    # the classes are cat and dog, not train and test
+    assert source.classes == ("cat", "dog") and (source.train_size, source.test_size) == (12, 6)
+    assert "train/ and test/" in source.description
+
+
+def test_a_split_folder_alone_is_not_taken_for_a_class(tmp_path):
+    make_tree(tmp_path / "only-train" / "train")
+    (tmp_path / "only-train" / "other").mkdir()
+    with pytest.raises(ReslabError, match=r"only-train/train has no held-out folder .*--data"):
+        FolderSource(tmp_path / "only-train")
+    make_tree(tmp_path / "only-val" / "val")
+    make_tree(tmp_path / "only-val" / "extra")
+    with pytest.raises(ReslabError, match=r"only-val/val has no train/ beside it"):
+        FolderSource(tmp_path / "only-val")
+
+
+def test_one_class_is_a_clear_error(tmp_path):
+    make_tree(tmp_path / "cats", classes=("cat",))
+    with pytest.raises(ReslabError, match=r"one class folder \(cat\); a classifier needs two"):
+        FolderSource(tmp_path / "cats")

@@ -46,7 +46,11 @@ def register(subparsers) -> None:
     add("--data", metavar="FOLDER", help="an ImageFolder tree instead of Fashion-MNIST")
     add("--data-dir", help="where Fashion-MNIST files are, or are downloaded to")
     _bool(parser, "--verify", "check Fashion-MNIST files against the release's SHA-256")
-    add("--val-fraction", type=float, help="validation share when FOLDER has no val/")
+    add(
+        "--val-fraction",
+        type=float,
+        help="validation share when FOLDER has no train/ and val/ (or test/)",
+    )
     add("--image-size", type=int, help="side the model sees (Fashion-MNIST: 28)")
     add("--workers", type=int, help="DataLoader workers decoding image-folder files")
     _bool(parser, "--strict", "stop on an unreadable image-folder file (default: skip, warn)")

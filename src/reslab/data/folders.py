@@ -1,7 +1,8 @@
 """Image folders in torchvision's ImageFolder layout, decoded per sample in DataLoader workers.
 
-``root/train/<class>/*.png`` and ``root/val/<class>/*.png``; or ``root/<class>/*.png`` split
-by a fraction drawn from the seed. Every image is converted to RGB and resized to a square
+``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` (or ``valid/``, ``validation/``,
+``test/`` for the held-out split); or ``root/<class>/*.png`` split by a fraction drawn from the
+seed. Every image is converted to RGB and resized to a square
 side, so batches stack into uint8 tensors and the rest of the pipeline is the one Fashion-MNIST
 uses.
 """
@@ -23,6 +24,8 @@ from reslab.errors import ReslabError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 64
+# what the held-out split beside train/ may be called, in the order they are looked for
+HELD_OUT = ("val", "valid", "validation", "test")
 
 
 def check_image_file(path: str | Path) -> None:
@@ -73,6 +76,10 @@ def scan(
             f"{root} has no class folders; expected {root}/<class>/<image> "
             "(or train/ and val/ each laid out so)"
         )
+    if len(classes) == 1:
+        raise ReslabError(
+            f"{root} has one class folder ({classes[0]}); a classifier needs two or more"
+        )
     samples = []
     for index, name in enumerate(classes):
         files = sorted(
@@ -92,6 +99,23 @@ def scan(
             )
         samples.extend((p, index) for p in files)
     return samples, classes
+
+
+def check_not_split(root: Path, held_out: Path | None) -> None:
+    """A root without both train/ and a held-out folder is split by fraction, its folders
+    being the classes: a lone train/ or val/ there would become a class, and the model would
+    learn which split an image came from. Stop before that, naming the layout that works."""
+    if (root / "train").is_dir():
+        raise ReslabError(
+            f"{root}/train has no held-out folder beside it ({'/, '.join(HELD_OUT)}/): add one "
+            f"with the same class folders, or give --data {root}/train to hold out "
+            "--val-fraction of it"
+        )
+    if held_out is not None:
+        raise ReslabError(
+            f"{held_out} has no train/ beside it; expected {root}/train/<class>/<image> and "
+            f"{held_out}/<class>/<image>"
+        )
 
 
 class FolderDataset(Dataset):
@@ -125,16 +149,18 @@ class FolderSource:
     ):
         root = Path(root)
         self.skipped: list[Path] = []
-        if (root / "train").is_dir() and (root / "val").is_dir():
+        held_out = next((root / name for name in HELD_OUT if (root / name).is_dir()), None)
+        if (root / "train").is_dir() and held_out is not None:
             train, self.classes = scan(root / "train", strict, self.skipped)
-            val, val_classes = scan(root / "val", strict, self.skipped)
+            val, val_classes = scan(held_out, strict, self.skipped)
             if val_classes != self.classes:
                 raise ReslabError(
-                    f"{root}/train and {root}/val have different class folders: "
+                    f"{root}/train and {held_out} have different class folders: "
                     f"{list(self.classes)} vs {list(val_classes)}"
                 )
-            how = "train/ and val/"
+            how = f"train/ and {held_out.name}/"
         else:
+            check_not_split(root, held_out)
             samples, self.classes = scan(root, strict, self.skipped)
             perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
             n_val = max(1, round(val_fraction * len(samples)))
