@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import torch
 from PIL import Image
@@ -117,6 +118,13 @@ def test_image_folder_training(tmp_path, capsys):
     assert (run / "confusion.png").is_file()
     assert main(["eval", str(run), "--data", str(tmp_path / "set")]) == 0
     assert "(4 images)" in capsys.readouterr().out
+    # a held-out folder named test/ is evaluated as val/ is; train/ alone is not taken for it
+    (tmp_path / "set" / "val").rename(tmp_path / "set" / "test")
+    assert main(["eval", str(run), "--data", str(tmp_path / "set")]) == 0
+    assert "set/test (4 images)" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "set" / "test")
+    assert main(["eval", str(run), "--data", str(tmp_path / "set")]) == 2
+    assert "has train/ but no held-out folder" in capsys.readouterr().err
 
 
 def test_typed_epochs_drop_the_presets_time_budget():

@@ -28,6 +28,11 @@ DEFAULT_SIZE = 64
 HELD_OUT = ("val", "valid", "validation", "test")
 
 
+def held_out_folder(root: Path) -> Path | None:
+    """root/val, or the first of the other names for a held-out split that is a folder."""
+    return next((root / name for name in HELD_OUT if (root / name).is_dir()), None)
+
+
 def check_image_file(path: str | Path) -> None:
     """A path given as an image must be a file: say so for a folder or a missing path."""
     path = Path(path)
@@ -149,7 +154,7 @@ class FolderSource:
     ):
         root = Path(root)
         self.skipped: list[Path] = []
-        held_out = next((root / name for name in HELD_OUT if (root / name).is_dir()), None)
+        held_out = held_out_folder(root)
         if (root / "train").is_dir() and held_out is not None:
             train, self.classes = scan(root / "train", strict, self.skipped)
             val, val_classes = scan(held_out, strict, self.skipped)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from reslab import fast
-from reslab.data.folders import FolderDataset, open_image, scan
+from reslab.data.folders import HELD_OUT, FolderDataset, held_out_folder, open_image, scan
 from reslab.data.transforms import InputSpec
 from reslab.engine.checkpoint import model_from_checkpoint, require_classifier
 from reslab.engine.config import TrainConfig
@@ -33,9 +33,16 @@ def _setup(
 
 
 def _folder_batches(root: Path, classes: list[str], size: int, batch_size: int, workers: int):
-    """All images of ``root`` (or of root/val when it has one) with the checkpoint's classes."""
-    if (root / "val").is_dir():
-        root = root / "val"
+    """All images of ``root``, or of its held-out folder (val/, test/, ...) when it has one,
+    with the checkpoint's classes."""
+    held_out = held_out_folder(root)
+    if held_out is not None:
+        root = held_out
+    elif (root / "train").is_dir():
+        raise ReslabError(
+            f"{root} has train/ but no held-out folder ({'/, '.join(HELD_OUT)}/) to evaluate "
+            f"on; give --data {root}/train to evaluate on the training images"
+        )
     samples, found = scan(root)
     if list(found) != list(classes):
         raise ReslabError(
