@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.io import write_png
 from torchvision.transforms import v2
@@ -110,3 +111,12 @@ def test_decode_rgb_says_what_is_wrong_with_an_image_file(tmp_path):
     with pytest.raises(ReslabError, match=r"notes\.png: not a readable image") as info:
         decode_rgb(tmp_path / "notes.png")
     assert "csrc" not in str(info.value)  # not torchvision's own source path
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    # a gradient saved in 16 bits and in 8 bits: both decode to the same uint8 image
+    levels = torch.arange(256, dtype=torch.int32).view(1, 16, 16)
+    Image.fromarray((levels[0] * 257).numpy().astype("uint16")).save(tmp_path / "deep.png")
+    write_png(levels.to(torch.uint8), str(tmp_path / "flat.png"))
+    deep, flat = decode_rgb(tmp_path / "deep.png"), decode_rgb(tmp_path / "flat.png")
+    assert deep.dtype == torch.uint8 and torch.equal(deep, flat)

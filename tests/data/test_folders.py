@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -50,6 +51,19 @@ def test_open_image_any_mode_and_corrupt_file(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(ReslabError, match=r"bad\.jpg: not a readable image"):
         open_image(tmp_path / "bad.jpg", 1, 28)
+
+
+def test_16_bit_grayscale_is_scaled_and_float_images_are_refused(tmp_path):
+    # PIL's convert clips 16-bit values above 255, which turned such an image white
+    levels = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "flat.png")
+    for channels in (1, 3):
+        deep = open_image(tmp_path / "deep.png", channels, 16)
+        assert torch.equal(deep, open_image(tmp_path / "flat.png", channels, 16))
+    Image.fromarray(levels.astype(np.float32) / 255).save(tmp_path / "float.tiff")
+    with pytest.raises(ReslabError, match=r"float\.tiff: a 32-bit float image"):
+        open_image(tmp_path / "float.tiff", 1, 16)
 
 
 def test_corrupt_file_is_skipped_with_a_count_or_stops_with_strict(tmp_path):

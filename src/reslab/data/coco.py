@@ -84,10 +84,12 @@ def validate(data: dict, images_dir: Path, source: Path) -> None:
 
 
 def decode_rgb(path: str | Path) -> torch.Tensor:
-    """An image file as RGB (3, H, W) uint8; a missing or undecodable file is one clear error."""
+    """An image file as RGB (3, H, W) uint8; a missing or undecodable file is one clear error.
+    A 16-bit PNG decodes to uint16 and is scaled to uint8, the range the rest expects."""
     check_image_file(path)
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
+        return v2.functional.to_dtype(image, torch.uint8, scale=True)
     except RuntimeError:
         # torchvision's message names its own source file, not what the user can do
         raise ReslabError(

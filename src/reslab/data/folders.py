@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
@@ -42,12 +43,27 @@ def check_image_file(path: str | Path) -> None:
         raise ReslabError(f"image {path} does not exist")
 
 
+def to_8bit(image: Image.Image, path: str | Path) -> Image.Image:
+    """16-bit grayscale (PNG, TIFF: PIL's modes I;16* and I) scaled to 8 bits; PIL's convert
+    would clip every value above 255, turning the image white. Float images have no fixed
+    range to scale from and are refused."""
+    if image.mode == "F":
+        raise ReslabError(
+            f"{path}: a 32-bit float image has no fixed range to read it in; save it as an 8- "
+            "or 16-bit PNG"
+        )
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image, dtype=np.float64).clip(0, 65535)
+    return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8), "L")
+
+
 def open_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
     """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it."""
     check_image_file(path)
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = to_8bit(image, path).convert("L" if channels == 1 else "RGB")
             image = image.resize((size, size), Image.Resampling.BILINEAR)
             data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
