@@ -66,6 +66,18 @@ def test_16_bit_grayscale_is_scaled_and_float_images_are_refused(tmp_path):
         open_image(tmp_path / "float.tiff", 1, 16)
 
 
+def test_a_photos_exif_orientation_is_applied(tmp_path):
+    # stored 40x20 with its left quarter white, tagged "rotate 90 clockwise to display": the
+    # upright image is 20 wide and 40 high with its top quarter white
+    photo = Image.new("L", (40, 20), 0)
+    photo.paste(255, (0, 0, 10, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    photo.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    rows = open_image(tmp_path / "phone.jpg", 1, 16)[0].float().mean(1)
+    assert rows[:3].min() > 200 and rows[5:].max() < 30
+
+
 def test_corrupt_file_is_skipped_with_a_count_or_stops_with_strict(tmp_path):
     make_tree(tmp_path / "pets")
     (tmp_path / "pets" / "cat" / "broken.png").write_bytes(b"\x89PNG garbage")

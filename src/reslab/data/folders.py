@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -59,10 +59,12 @@ def to_8bit(image: Image.Image, path: str | Path) -> Image.Image:
 
 
 def open_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
-    """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it."""
+    """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it.
+    A photo's EXIF orientation is applied, so the image is upright as viewers show it."""
     check_image_file(path)
     try:
         with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
             image = to_8bit(image, path).convert("L" if channels == 1 else "RGB")
             image = image.resize((size, size), Image.Resampling.BILINEAR)
             data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
