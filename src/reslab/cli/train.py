@@ -43,7 +43,12 @@ def register(subparsers) -> None:
     add("--model", help="any name from `reslab models` (the preset's stem and width still apply)")
     add("--stem", choices=("imagenet", "cifar", "small"), help="override the model's stem")
     add("--width", type=float, help="channel width multiplier")
-    add("--data", metavar="FOLDER", help="an ImageFolder tree instead of Fashion-MNIST")
+    add(
+        "--data",
+        metavar="FOLDER",
+        help="an ImageFolder tree instead of Fashion-MNIST: FOLDER/train/<class>/<image> beside "
+        "FOLDER/val/ (or test/), or FOLDER/<class>/<image> split by --val-fraction",
+    )
     add("--data-dir", help="where Fashion-MNIST files are, or are downloaded to")
     _bool(parser, "--verify", "check Fashion-MNIST files against the release's SHA-256")
     add(
