@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 from PIL import Image
 
@@ -8,9 +9,11 @@ from reslab.cli import build_parser, main
 from reslab.cli.train import config_from_args
 from reslab.data.sources import fashion_mnist_source
 from reslab.data.transforms import InputSpec
+from reslab.engine import inference
 from reslab.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.engine.config import PRESETS
 from reslab.engine.evaluate import logits
+from reslab.errors import ReslabError
 
 TINY = [
     "--model", "resnet20", "--width", "0.25", "--image-size", "16", "--epochs", "2",
@@ -23,7 +26,7 @@ def train(fake_fmnist, out, *extra):
     return main(["train", *TINY, "--data-dir", str(fake_fmnist), "--out", str(out), *extra])
 
 
-def test_train_eval_predict(fake_fmnist, tmp_path, capsys):
+def test_train_eval_predict(fake_fmnist, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert train(fake_fmnist, run, "--optimizer", "adamw", "--schedule", "cosine") == 0
     out = capsys.readouterr().out
@@ -62,6 +65,19 @@ def test_train_eval_predict(fake_fmnist, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{tmp_path / 'big.png'}: ")
     assert lines[0].count("%") == 2
+    # files are read and classified a batch at a time, with the answers of one batch of all
+    calls = []
+    monkeypatch.setattr(inference, "logits", lambda *a, **k: calls.append(1) or logits(*a, **k))
+    files = [str(tmp_path / "big.png"), str(tmp_path / "gray.jpg")] * 2
+    whole = inference.predict_files(payload, files, 2, "fp32")
+    singly = inference.predict_files(payload, files, 2, "fp32", batch_size=1)
+    assert len(calls) == 1 + 4 and len(singly) == 4
+    for a, b in zip(whole, singly, strict=True):
+        assert [n for n, _ in a] == [n for n, _ in b]
+        assert [p for _, p in a] == pytest.approx([p for _, p in b], abs=1e-5)
+    with pytest.raises(ReslabError, match=r"image .*missing\.png does not exist"):
+        inference.predict_files(payload, [*files, str(tmp_path / "missing.png")])
+    assert len(calls) == 5  # the missing file stopped it before any image was classified
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["predict", str(run), str(tmp_path / "notes.txt")]) == 2
     err = capsys.readouterr().err

@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 
 from reslab import fast
-from reslab.data.folders import HELD_OUT, FolderDataset, held_out_folder, open_image, scan
+from reslab.data.folders import (
+    HELD_OUT,
+    FolderDataset,
+    check_image_file,
+    held_out_folder,
+    open_image,
+    scan,
+)
 from reslab.data.transforms import InputSpec
 from reslab.engine.checkpoint import model_from_checkpoint, require_classifier
 from reslab.engine.config import TrainConfig
@@ -84,16 +91,28 @@ def evaluate_checkpoint(
 
 
 def predict_files(
-    payload: dict, paths: list[str], top_k: int = 3, precision: str = "auto", compile: bool = False
+    payload: dict,
+    paths: list[str],
+    top_k: int = 3,
+    precision: str = "auto",
+    compile: bool = False,
+    batch_size: int = 256,
 ) -> list[list[tuple[str, float]]]:
-    """Top-k (class, probability) for each image file, read the way training read images."""
+    """Top-k (class, probability) for each image file, read the way training read images.
+    The files are read and classified ``batch_size`` at a time, so a folder's worth of them
+    (``predict CKPT dir/*.jpg``) never sits in memory at once."""
+    for path in paths:  # a missing file stops the command before any work, not midway
+        check_image_file(path)
     model, config, spec = _setup(payload, precision, compile)
     classes = payload["classes"]
-    images = torch.stack([open_image(p, spec.channels, spec.source_size) for p in paths])
-    probs = logits(model, images, spec, tta=config.tta)
-    probs = probs.softmax(1)
-    top = probs.topk(min(top_k, len(classes)), dim=1)
-    return [
-        [(classes[i], p) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
-        for values, indices in zip(top.values, top.indices, strict=True)
-    ]
+    results = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = torch.stack([open_image(p, spec.channels, spec.source_size) for p in chunk])
+        probs = logits(model, images, spec, tta=config.tta).softmax(1)
+        top = probs.topk(min(top_k, len(classes)), dim=1)
+        results += [
+            [(classes[i], p) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+            for values, indices in zip(top.values, top.indices, strict=True)
+        ]
+    return results
