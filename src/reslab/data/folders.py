@@ -2,9 +2,8 @@
 
 ``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` (or ``valid/``, ``validation/``,
 ``test/`` for the held-out split); or ``root/<class>/*.png`` split by a fraction drawn from the
-seed. Every image is converted to RGB and resized to a square
-side, so batches stack into uint8 tensors and the rest of the pipeline is the one Fashion-MNIST
-uses.
+seed. Every image is converted to RGB and resized to a square side, so batches stack into uint8
+tensors and the rest of the pipeline is the one Fashion-MNIST uses.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 64
 # what the held-out split beside train/ may be called, in the order they are looked for
 HELD_OUT = ("val", "valid", "validation", "test")
+HELD_OUT_NAMES = ", ".join(f"{name}/" for name in HELD_OUT)  # for messages
 
 
 def held_out_folder(root: Path) -> Path | None:
@@ -130,7 +130,7 @@ def check_not_split(root: Path, held_out: Path | None) -> None:
     learn which split an image came from. Stop before that, naming the layout that works."""
     if (root / "train").is_dir():
         raise ReslabError(
-            f"{root}/train has no held-out folder beside it ({'/, '.join(HELD_OUT)}/): add one "
+            f"{root}/train has no held-out folder beside it ({HELD_OUT_NAMES}): add one "
             f"with the same class folders, or give --data {root}/train to hold out "
             "--val-fraction of it"
         )

@@ -9,7 +9,7 @@ import torch
 
 from reslab import fast
 from reslab.data.folders import (
-    HELD_OUT,
+    HELD_OUT_NAMES,
     FolderDataset,
     check_image_file,
     held_out_folder,
@@ -47,7 +47,7 @@ def _folder_batches(root: Path, classes: list[str], size: int, batch_size: int, 
         root = held_out
     elif (root / "train").is_dir():
         raise ReslabError(
-            f"{root} has train/ but no held-out folder ({'/, '.join(HELD_OUT)}/) to evaluate "
+            f"{root} has train/ but no held-out folder ({HELD_OUT_NAMES}) to evaluate "
             f"on; give --data {root}/train to evaluate on the training images"
         )
     samples, found = scan(root)
