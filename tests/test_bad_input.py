@@ -141,6 +141,22 @@ def test_wrong_channels_and_size_are_converted_with_a_notice(run, tmp_path, caps
     assert captured.out.startswith(str(tmp_path / "colour.jpg"))
 
 
+def test_many_converted_images_get_one_notice_not_one_each(run, tmp_path, capsys):
+    paths = [str(tmp_path / "ok.png")]
+    Image.new("L", (28, 28), 9).save(paths[0])  # already as trained: no notice
+    for i, size in enumerate([(30, 30), (640, 480), (90, 40), (28, 28)]):
+        paths.append(str(tmp_path / f"photo{i}.jpg"))
+        Image.new("RGB", size, (10 * i, 0, 0)).save(paths[-1])
+    assert main(["predict", str(run), *paths]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: 4 of 5 images are not grayscale 28x28 (mode RGB, size 28x28 to 640x480); "
+        "each was converted to grayscale 28x28 as the training images were"
+    ]
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == paths
+
+
 def test_image_folder_empty_or_with_an_empty_class(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     fails_cleanly(capsys, ["train", *TINY, f"--data={tmp_path / 'empty'}"], "no class folders")

@@ -42,32 +42,48 @@ def add_inference_flags(parser: argparse.ArgumentParser, default_precision: str)
     )
 
 
-def conversion_note(path: str, spec: dict) -> str | None:
-    """A notice when an image's mode or size differs from what the model was trained on."""
+# up to this many images that differ from the training images get a note each; more get one
+# note for all, so that a folder of photos does not bury the results under a line per file
+NOTES_EACH = 3
+
+
+def conversion_notes(paths: list[str], spec: dict) -> list[str]:
+    """Notices for the images whose mode or size differs from what the model was trained on:
+    one per image for a few, one summary line for many."""
     channels, size = spec.get("channels"), spec.get("source_size")
-    try:
-        with Image.open(path) as image:
-            mode, (width, height) = image.mode, image.size
-    except (OSError, SyntaxError, ValueError):
-        return None  # unreadable: reading it for real reports the error
     wanted_mode = "L" if channels == 1 else "RGB"
-    if mode == wanted_mode and width == height == size:
-        return None
-    kind = "grayscale" if channels == 1 else "RGB"
-    return (
-        f"note: {path} is {mode} {width}x{height}; converted to {kind} {size}x{size} "
-        "as the training images were"
-    )
+    differing = []  # (path, mode, width, height)
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                mode, (width, height) = image.mode, image.size
+        except (OSError, SyntaxError, ValueError):
+            continue  # unreadable: reading it for real reports the error
+        if mode != wanted_mode or not width == height == size:
+            differing.append((path, mode, width, height))
+    wanted = f"{'grayscale' if channels == 1 else 'RGB'} {size}x{size}"
+    if len(differing) <= NOTES_EACH:
+        return [
+            f"note: {path} is {mode} {width}x{height}; converted to {wanted} "
+            "as the training images were"
+            for path, mode, width, height in differing
+        ]
+    modes = sorted({mode for _, mode, _, _ in differing})
+    pixels = sorted((width * height, f"{width}x{height}") for _, _, width, height in differing)
+    sizes = pixels[0][1] if pixels[0][1] == pixels[-1][1] else f"{pixels[0][1]} to {pixels[-1][1]}"
+    return [
+        f"note: {len(differing)} of {len(paths)} images are not {wanted} "
+        f"(mode{'s' if len(modes) > 1 else ''} {', '.join(modes)}, "
+        f"size {sizes}); each was converted to {wanted} as the training images were"
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ReslabError(f"--top-k must be >= 1, got {args.top_k}")
     payload = load_checkpoint(args.checkpoint)
-    for path in args.images:
-        note = conversion_note(path, payload.get("input", {}))
-        if note:
-            print(note, file=sys.stderr)
+    for note in conversion_notes(args.images, payload.get("input", {})):
+        print(note, file=sys.stderr)
     results = predict_files(payload, args.images, args.top_k, args.precision, args.compile)
     for path, top in zip(args.images, results, strict=True):
         ranked = ", ".join(f"{name} {100 * p:.1f}%" for name, p in top)
