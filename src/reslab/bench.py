@@ -212,6 +212,14 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None
                 "fast", "(c) reslab fast", reference, fast_precision, True, cfg, cfg.compile
             ),
         ]
+        if fast_precision == "fp32" and fast.bf16_supported():
+            # "auto" trusts bf16 on AMX only; where the CPU has bf16 instructions without AMX,
+            # whether bf16 pays differs from CPU to CPU (README), so the row shows it
+            variants.append(
+                _torch_variant(
+                    "fast_bf16", "(c) reslab fast, bf16", reference, "bf16", True, cfg, cfg.compile
+                )
+            )
         onnx_check = None
         if cfg.onnx:
             variant, onnx_check = _onnx_variant(reference, cfg, workdir)

@@ -11,12 +11,22 @@ from reslab.errors import ReslabError
 from reslab.models import create_model
 
 
-def test_bench_writes_json(tmp_path, capsys):
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bench_writes_json(tmp_path, capsys, monkeypatch, native_bf16):
+    # without AMX "auto" is fp32; a CPU with bf16 instructions also gets a bf16 fast-path row
+    monkeypatch.setattr("reslab.fast.bf16_pays", lambda: False)
+    monkeypatch.setattr("reslab.fast.bf16_supported", lambda: native_bf16)
     out = tmp_path / "bench.json"
     argv = ["bench", "--input", "1,8,8", "--batch-size", "2", "--rounds", "1", "--warmup", "0"]
     assert main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["variants"]) == {"torchvision", "default", "fast", "onnx"}
+    rows = {"torchvision", "default", "fast", "onnx"} | ({"fast_bf16"} if native_bf16 else set())
+    assert set(result["variants"]) == rows
+    assert result["variants"]["fast"]["precision"] == "fp32"
+    if native_bf16:
+        assert result["variants"]["fast_bf16"]["precision"] == "bf16"
+        assert result["variants"]["fast_bf16"]["train_img_s"] > 0
+        assert result["matmul_gflop_s"]["bf16"]["median"] > 0
     assert result["machine"]["cores"] >= 1 and result["machine"]["torch"] == torch.__version__
     assert result["onnx_check"]["max_abs_diff"] < 1e-4
     fast = result["variants"]["fast"]
