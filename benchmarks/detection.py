@@ -121,6 +121,7 @@ def run_train(args, console: Console) -> None:
             seed=args.seed,
             console=console,
             jitter=args.pretrain_jitter,
+            bf16=args.bf16,
         )
         # outside the budget, like the evaluation at the end
         val_crops = detector_crops(
@@ -153,6 +154,7 @@ def run_train(args, console: Console) -> None:
         # the pretraining's minutes, the crops' making included, come out of the budget
         max_minutes=args.minutes - (pretrain["seconds"] / 60 if pretrain else 0.0),
         seed=args.seed,
+        bf16=args.bf16,
     )
     console.print(f"detector: {asdict(detector)}\ntraining: {asdict(config)}")
     started = time.monotonic()
@@ -450,6 +452,12 @@ def main() -> None:
     train.add_argument("--lr", type=float, default=0.16)
     train.add_argument("--warmup-iters", type=int, default=100)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--bf16",
+        action="store_true",
+        help="pretraining and training under bfloat16 autocast (`detect train --bf16`); the "
+        "evaluation stays fp32",
+    )
     train.add_argument(
         "--processes",
         type=int,

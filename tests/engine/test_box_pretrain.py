@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torchvision.io import write_png
 from torchvision.ops import box_iou
 
 from reslab.data.coco import CocoDetection
+from reslab.engine import box_pretrain
 from reslab.engine.box_pretrain import (
     box_crops,
     crop_accuracy,
@@ -83,6 +85,30 @@ def test_pretraining_teaches_the_head_to_name_the_boxes(tmp_path):
     assert result["steps"] == 40 and result["crops"] == 16
     assert crop_accuracy(model, crops, boxes, labels) == 1.0 > before
     assert model.training
+
+
+def test_bf16_pretraining_runs_the_head_under_bf16_autocast(tmp_path, monkeypatch):
+    dataset = write_bars(tmp_path)
+    torch.manual_seed(0)
+    model = build_detector(
+        DetectorConfig(backbone="resnet18", width=0.25, num_classes=3, min_size=64, max_size=64)
+    )
+    seen, crop_logits = [], box_pretrain.crop_logits
+
+    def spy(*args):
+        logits = crop_logits(*args)
+        seen.append((torch.is_autocast_enabled("cpu"), logits.dtype))
+        return logits
+
+    monkeypatch.setattr(box_pretrain, "crop_logits", spy)
+    result = pretrain_box_classifier(
+        model, dataset, minutes=5, batch_size=8, lr=0.05, max_steps=2, bf16=True
+    )
+    assert seen == [(True, torch.bfloat16)] * 2
+    assert math.isfinite(result["loss"])
+    seen.clear()
+    pretrain_box_classifier(model, dataset, minutes=5, batch_size=8, lr=0.05, max_steps=1)
+    assert seen == [(False, torch.float32)]
 
 
 def test_no_boxes_is_a_one_line_error(tmp_path):

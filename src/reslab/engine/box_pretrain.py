@@ -20,7 +20,7 @@ from torchvision.ops import box_convert, roi_align
 
 from reslab.data.coco import CocoDetection
 from reslab.engine.checkpoint import save_checkpoint
-from reslab.engine.detection import lr_factor
+from reslab.engine.detection import bf16_autocast, lr_factor
 from reslab.errors import ReslabError
 from reslab.models.detection import mirror_boxes
 
@@ -144,12 +144,14 @@ def pretrain_box_classifier(
     console: Console | None = None,
     max_steps: int = 0,
     jitter: float = 0.0,
+    bf16: bool = False,
 ) -> dict:
     """Train the detector's trunk, res5 head and class scores on :func:`box_crops` at the
     detector's scale for ``minutes`` (the crops' making included), with SGD, a short warm-up, a
     cosine decay to zero over the budget and random mirroring; ``jitter`` > 0 moves each box's
-    edges at random (:func:`jitter_boxes`) every time it is drawn; ``max_steps`` (0: none)
-    stops it sooner. Returns steps, seconds, crops and the last batch's loss and accuracy
+    edges at random (:func:`jitter_boxes`) every time it is drawn; ``bf16`` runs the forward pass
+    under bfloat16 autocast, as detection training's ``bf16``; ``max_steps`` (0: none) stops it
+    sooner. Returns steps, seconds, crops and the last batch's loss and accuracy
     (training mode).
 
     Why the detector's scale: detection's head sees each object at the size the resized image
@@ -184,7 +186,8 @@ def pretrain_box_classifier(
             box[mirror] = mirror_boxes(box[mirror], side)
             if jitter:
                 box = jitter_boxes(box, jitter, side, generator)
-            logits = crop_logits(model, x, box)
+            with bf16_autocast(bf16):
+                logits = crop_logits(model, x, box).float()
             batch_loss = F.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()

@@ -81,7 +81,7 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _autocast(enabled: bool):
+def bf16_autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -261,7 +261,7 @@ def train_detector(
                     done = max(done, used)
                 for group in optimizer.param_groups:
                     group["lr"] = config.scaled_lr() * lr_factor(step, config.warmup_iters, done)
-                with _autocast(config.bf16):
+                with bf16_autocast(config.bf16):
                     losses = trained(list(images), list(targets))
                 values = {name: value.item() for name, value in losses.items()}
                 bad = [name for name, value in values.items() if not math.isfinite(value)]
@@ -325,7 +325,7 @@ def train_detector(
 
 @torch.no_grad()
 def _detect(model, images: list[torch.Tensor], bf16: bool, flip: bool) -> list[dict]:
-    with _autocast(bf16):
+    with bf16_autocast(bf16):
         return detect_flip_averaged(model, images) if flip else model(images)
 
 
