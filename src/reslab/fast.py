@@ -81,10 +81,11 @@ def bf16_supported() -> bool:
 def bf16_pays() -> bool:
     """Whether bf16 convolutions can be expected to beat fp32 here: only with AMX-BF16.
 
-    AVX512-BF16 alone doubles a large matrix product's rate, but oneDNN's bf16 convolutions
-    did not follow: on a 2-core Xeon with AVX512-BF16 and no AMX, bf16 autocast was slower
-    than fp32 for ResNet-18 training at 28x28 and 96x96 and for the ResNet-101-C4 box head
-    (README, "Presets and measured results" and "Detection").
+    AVX512-BF16 without AMX goes either way: on a 2-core Xeon bf16 autocast was slower than
+    fp32 for ResNet-18 training at 28x28 and 96x96 and for the ResNet-101-C4 box head, while
+    on a 2-core AMD EPYC it trained and inferred ResNet-18 at 2.4x torchvision's fp32 rate
+    (README, "Presets and measured results", "Speed and export" and "Detection"). Without a
+    rule to tell the two apart from the flags, "auto" stays fp32 there and says so.
     """
     flags = cpu_flags()
     if flags:
@@ -106,8 +107,14 @@ def resolve_precision(precision: str = "auto", notice: bool = True) -> str:
     if precision == "auto":
         if bf16_pays():
             return "bf16"
-        if notice:
-            log.warning("reslab: bf16 is not faster than fp32 on this CPU (no AMX); using fp32")
+        if notice and bf16_supported():
+            log.warning(
+                "reslab: precision auto is fp32 on CPUs without AMX; this CPU has AVX512-BF16, "
+                "where bf16 was measured faster on some CPUs and slower on others: try "
+                "--precision bf16 (`reslab bench` times both)"
+            )
+        elif notice:
+            log.warning("reslab: precision auto is fp32 on a CPU without native bf16")
         return "fp32"
     if precision == "bf16" and not bf16_supported():
         log.warning("reslab: bf16 requested on a CPU without native bf16; it will be slow")

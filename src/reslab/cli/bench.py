@@ -24,7 +24,8 @@ def register(subparsers) -> None:
         description="Measure, in one process and in alternating rounds, training img/s and "
         "inference (batch-1 latency, batch throughput) of (a) torchvision's model of the same "
         "architecture in eager fp32, (b) reslab's default path, (c) reslab's fast path "
-        "(channels_last, folded batch norm, bf16 where the CPU has it) and (d) the ONNX file in "
+        "(channels_last, folded batch norm; bf16 with AMX, and timed in bf16 too on other CPUs "
+        "with native bf16) and (d) the ONNX file in "
         "onnxruntime. Prints medians, ratios to (a) and GFLOP/s against a matmul measured in "
         "the same run; writes JSON.",
     )

@@ -32,7 +32,8 @@ def add_inference_flags(parser: argparse.ArgumentParser, default_precision: str)
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default=default_precision,
-        help="auto = bf16 on CPUs with AMX (only there expected to beat fp32), else fp32 "
+        help="auto = bf16 on CPUs with AMX, else fp32 (with AVX512-BF16 alone bf16 was slower "
+        "on one CPU and 1.8x faster on another: `reslab bench` shows which) "
         "(default: %(default)s)",
     )
     parser.add_argument(
