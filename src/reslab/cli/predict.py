@@ -70,8 +70,9 @@ def conversion_notes(paths: list[str], spec: dict) -> list[str]:
             for path, mode, width, height in differing
         ]
     modes = sorted({mode for _, mode, _, _ in differing})
-    pixels = sorted((width * height, f"{width}x{height}") for _, _, width, height in differing)
-    sizes = pixels[0][1] if pixels[0][1] == pixels[-1][1] else f"{pixels[0][1]} to {pixels[-1][1]}"
+    areas = [(width * height, f"{width}x{height}") for _, _, width, height in differing]
+    smallest, largest = min(areas)[1], max(areas)[1]
+    sizes = smallest if smallest == largest else f"{smallest} to {largest}"
     return [
         f"note: {len(differing)} of {len(paths)} images are not {wanted} "
         f"(mode{'s' if len(modes) > 1 else ''} {', '.join(modes)}, "
