@@ -262,7 +262,7 @@ class RoICounter:
         model.roi_heads.box_head.register_forward_pre_hook(self)
 
     def __call__(self, module, inputs):
-        self.count = inputs[0].shape[0]
+        self.count = len(inputs[0])  # pooled RoIs, or PendingRoIs on the fast path
 
 
 @torch.inference_mode()

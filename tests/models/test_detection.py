@@ -21,6 +21,7 @@ from reslab.engine.detection import (
 from reslab.errors import ReslabError
 from reslab.fast import fold_batchnorm_
 from reslab.models.detection import (
+    DeferredRoIAlign,
     DetectorConfig,
     RoIHeadsConfig,
     RPNConfig,
@@ -92,6 +93,33 @@ def test_roi_pooling_gives_14x14_from_the_one_map():
     proposals = [torch.tensor([[0.0, 0.0, 32.0, 32.0], [10.0, 20.0, 60.0, 50.0]])]
     pooled = model.roi_heads.box_roi_pool(features, proposals, [(128, 128)])
     assert pooled.shape == (2, model.backbone.out_channels, 14, 14)
+
+
+def test_deferred_roi_pooling_runs_res5_a_chunk_at_a_time_with_the_same_result():
+    """Two images of different sizes in one padded batch (the pooler infers the map's scale
+    from all of them), one with no boxes: the same head vectors as pooling all RoIs at once,
+    in the same order, and res5 never sees more than a chunk."""
+    torch.manual_seed(0)
+    model = skewed_batch_norms(build_detector(tiny())).eval()
+    heads = model.roi_heads
+    features = {"0": torch.randn(3, model.backbone.out_channels, 4, 4)}
+    sizes = [(64, 64), (40, 48), (64, 56)]
+    boxes = [
+        torch.tensor([[0.0, 0.0, 32.0, 32.0], [10.0, 20.0, 60.0, 50.0], [5.0, 5.0, 20.0, 40.0]]),
+        torch.zeros(0, 4),
+        torch.tensor([[1.0, 2.0, 30.0, 40.0], [8.0, 8.0, 50.0, 60.0]] * 2),
+    ]
+    seen = []
+    heads.box_head.layer4.register_forward_pre_hook(lambda m, inputs: seen.append(len(inputs[0])))
+    deferred = DeferredRoIAlign(heads.box_roi_pool, chunk=2)
+    with torch.no_grad():
+        expected = heads.box_head(heads.box_roi_pool(features, boxes, sizes))
+        seen.clear()
+        got = heads.box_head(deferred(features, boxes, sizes))
+        assert seen == [2, 1, 2, 2]
+        none = heads.box_head(deferred(features, [b[:0] for b in boxes], sizes))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert none.shape == (0, heads.box_head.out_channels)
 
 
 def test_basic_block_backbones_use_256_and_512_channels():
@@ -242,6 +270,7 @@ def test_detector_inference_path_keeps_the_detections():
     assert not any(isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d) for m in model.modules())
     conv = model.backbone.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert isinstance(model.roi_heads.box_roi_pool, DeferredRoIAlign)  # 100 RoIs, 4 chunks
     torch.testing.assert_close(after["boxes"], before["boxes"], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(after["scores"], before["scores"], atol=1e-4, rtol=1e-4)
 

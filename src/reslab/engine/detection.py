@@ -36,6 +36,7 @@ from reslab.errors import ReslabError
 from reslab.fast import fold_batchnorm_
 from reslab.models.detection import (
     SPEC_NAME,
+    DeferredRoIAlign,
     DetectorConfig,
     build_detector,
     detect_flip_averaged,
@@ -118,12 +119,15 @@ def detector_from_checkpoint(payload: dict):
 
 
 def prepare_detector_for_inference(model):
-    """The detector in eval mode with every batch norm folded into its convolution and the
-    weights in channels_last: the inference fast path, in place. Measured on ResNet-101-C4 at
-    512 pixels with 1000 RoIs: 29 s per image against 44 s unfolded
-    (``benchmarks/detection.py infer``)."""
+    """The detector in eval mode with every batch norm folded into its convolution, the
+    weights in channels_last and the RoIs pooled and run through res5 a chunk at a time
+    (:class:`~reslab.models.detection.DeferredRoIAlign`): the inference fast path, in place.
+    ``benchmarks/detection.py infer`` times it against the eager model (README)."""
     model.eval()
     fold_batchnorm_(model)
+    heads = model.roi_heads
+    if not isinstance(heads.box_roi_pool, DeferredRoIAlign):
+        heads.box_roi_pool = DeferredRoIAlign(heads.box_roi_pool)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -146,7 +150,7 @@ def quantize_detector_head(
 
     def count(module, inputs):
         nonlocal rois
-        rois += inputs[0].shape[0]
+        rois += len(inputs[0])  # a tensor of pooled RoIs or PendingRoIs
 
     def calibrate(stage):
         head.layer4 = stage
