@@ -19,7 +19,6 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -121,11 +120,11 @@ def resolve_precision(precision: str = "auto", notice: bool = True) -> str:
     return precision
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to bf16 on the CPU for ``"bf16"``; a no-op for ``"fp32"``."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(precision: str, device: torch.device | str = "cpu") -> torch.autocast:
+    """bf16 autocast on ``device``'s kind (cpu or cuda) for ``"bf16"``; off for ``"fp32"``.
+    The one autocast of training, evaluation, detection and the benchmarks."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -20,8 +20,9 @@ from torchvision.ops import box_convert, roi_align
 
 from reslab.data.coco import CocoDetection
 from reslab.engine.checkpoint import save_checkpoint
-from reslab.engine.detection import bf16_autocast, lr_factor
+from reslab.engine.detection import lr_factor
 from reslab.errors import ReslabError
+from reslab.fast import autocast
 from reslab.models.detection import mirror_boxes
 
 # the side of the pretraining's crops, in pixels of the detector's resized images
@@ -186,7 +187,7 @@ def pretrain_box_classifier(
             box[mirror] = mirror_boxes(box[mirror], side)
             if jitter:
                 box = jitter_boxes(box, jitter, side, generator)
-            with bf16_autocast(bf16):
+            with autocast("bf16" if bf16 else "fp32"):
                 logits = crop_logits(model, x, box).float()
             batch_loss = F.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ from reslab.data.coco import CocoDetection, collate, decode_rgb
 from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from reslab.engine.distributed import World, any_rank, check_batch, wrap
 from reslab.errors import ReslabError
-from reslab.fast import fold_batchnorm_
+from reslab.fast import autocast, fold_batchnorm_
 from reslab.models.detection import (
     SPEC_NAME,
     DeferredRoIAlign,
@@ -80,10 +80,6 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
     if step < warmup:
         return 0.001 + (1 - 0.001) * step / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def bf16_autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def _payload(model, optimizer, config, epoch, step, dataset: CocoDetection) -> dict:
@@ -265,7 +261,7 @@ def train_detector(
                     done = max(done, used)
                 for group in optimizer.param_groups:
                     group["lr"] = config.scaled_lr() * lr_factor(step, config.warmup_iters, done)
-                with bf16_autocast(config.bf16):
+                with autocast("bf16" if config.bf16 else "fp32"):
                     losses = trained(list(images), list(targets))
                 values = {name: value.item() for name, value in losses.items()}
                 bad = [name for name, value in values.items() if not math.isfinite(value)]
@@ -329,7 +325,7 @@ def train_detector(
 
 @torch.no_grad()
 def _detect(model, images: list[torch.Tensor], bf16: bool, flip: bool) -> list[dict]:
-    with bf16_autocast(bf16):
+    with autocast("bf16" if bf16 else "fp32"):
         return detect_flip_averaged(model, images) if flip else model(images)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reslab.data.transforms import InputSpec, to_input
+from reslab.fast import autocast
 
 
 @dataclass
@@ -23,11 +24,6 @@ class Evaluation:
         """(K,) accuracy of each true class (NaN for a class absent from the set)."""
         counts = self.confusion.sum(1).double()
         return self.confusion.diag().double() / counts
-
-
-def autocast(precision: str, device: torch.device | str = "cpu"):
-    kind = torch.device(device).type
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()

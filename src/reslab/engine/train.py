@@ -47,10 +47,10 @@ from reslab.engine.distributed import (
     sum_over_ranks,
     wrap,
 )
-from reslab.engine.evaluate import Evaluation, autocast, evaluate, logits
+from reslab.engine.evaluate import Evaluation, evaluate, logits
 from reslab.engine.plots import plot_confusion, plot_curves
 from reslab.errors import Interrupted, ReslabError
-from reslab.fast import bf16_supported
+from reslab.fast import autocast, bf16_supported
 from reslab.models import create_model
 
 
