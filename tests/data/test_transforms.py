@@ -25,6 +25,26 @@ def test_crop_moves_each_image_by_at_most_the_padding():
     assert not torch.equal(random_crop(x, 2, gen(0)), random_crop(x, 2, gen(3)))
 
 
+def test_crop_pads_with_the_fill_of_each_channel():
+    x = torch.ones(64, 2, 6, 6)
+    fill = torch.tensor([-1.0, -2.0])
+    out = random_crop(x, 2, gen(), fill)
+    for channel, value in enumerate(fill.tolist()):
+        values = set(out[:, channel].unique().tolist())
+        assert values == {1.0, value}  # the image and its padding, nothing else
+    # the same windows as padding with zeros: only the padding's value differs
+    zero = random_crop(x, 2, gen())
+    assert torch.equal(out == 1, zero == 1)
+
+
+def test_black_is_a_zero_pixel_after_normalisation():
+    spec = InputSpec(
+        size=4, source_size=4, channels=2, mean=(0.5, 0.2), std=(0.25, 0.1), stem="small"
+    )
+    black = to_input(torch.zeros(1, 2, 4, 4, dtype=torch.uint8), spec)
+    torch.testing.assert_close(black[0, :, 0, 0], spec.black())
+
+
 def test_erasing_zeros_a_rectangle_and_is_reproducible():
     x = torch.ones(64, 1, 28, 28)
     out = random_erasing(x, 1.0, gen())

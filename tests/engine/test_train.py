@@ -53,6 +53,22 @@ def test_cutmix_run_learns(fake_fmnist, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["cutmix"] == 1.0
 
 
+def test_training_crops_pad_with_black(fake_fmnist, tmp_path, monkeypatch):
+    """Not with the normalised zero (the mean grey): black, what a 0 pixel becomes."""
+    fills, augment = [], train_module.augment
+
+    def spy(x, padding, erasing, generator, fill=0.0):
+        fills.append(torch.as_tensor(fill))
+        return augment(x, padding, erasing, generator, fill)
+
+    monkeypatch.setattr(train_module, "augment", spy)
+    fit(tiny(fake_fmnist, tmp_path / "run", epochs=1), console=quiet())
+    spec = load_checkpoint(tmp_path / "run" / "last.pt")["input"]
+    black = -torch.tensor(spec["mean"]) / torch.tensor(spec["std"])
+    assert len(fills) == 40 // 8 and black.item() < -0.5
+    assert all(torch.allclose(fill, black) for fill in fills)
+
+
 def test_run_folder_contents(fake_fmnist, tmp_path):
     run = tmp_path / "run"
     result = fit(tiny(fake_fmnist, run, ema=0.9), console=quiet())

@@ -33,6 +33,10 @@ class InputSpec:
     def from_dict(cls, values: dict) -> InputSpec:
         return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
 
+    def black(self) -> torch.Tensor:
+        """(C,) what a black pixel (0) becomes in the model's input: the crop's padding."""
+        return -torch.tensor(self.mean) / torch.tensor(self.std)
+
 
 def to_input(images: torch.Tensor, spec: InputSpec, channels_last: bool = False) -> torch.Tensor:
     """uint8 (N, C, H, W) -> normalised float (N, C, size, size)."""
@@ -50,12 +54,19 @@ def to_input(images: torch.Tensor, spec: InputSpec, channels_last: bool = False)
     return x
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Pad with zeros by ``padding`` and cut a random window of the original size per sample."""
+def random_crop(
+    x: torch.Tensor, padding: int, generator: torch.Generator, fill: torch.Tensor | float = 0.0
+) -> torch.Tensor:
+    """Pad by ``padding`` with ``fill`` (a value, or one per channel) and cut a random window
+    of the original size per sample."""
     if padding == 0:
         return x
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4)
+    fill = torch.as_tensor(fill, dtype=x.dtype).to(x.device).expand(c).view(1, c, 1, 1)
+    if fill.any():
+        padded[:, :, :padding] = padded[:, :, -padding:] = fill
+        padded[:, :, :, :padding] = padded[:, :, :, -padding:] = fill
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (N, 1, H, 1)
@@ -99,10 +110,15 @@ def random_erasing(x: torch.Tensor, probability: float, generator: torch.Generat
 
 
 def augment(
-    x: torch.Tensor, padding: int, erasing: float, generator: torch.Generator
+    x: torch.Tensor,
+    padding: int,
+    erasing: float,
+    generator: torch.Generator,
+    fill: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
-    """The training augmentation on a normalised float batch: crop, flip, erase."""
-    x = random_crop(x, padding, generator)
+    """The training augmentation on a normalised float batch: crop (padded with ``fill``),
+    flip, erase."""
+    x = random_crop(x, padding, generator, fill)
     x = random_flip(x, generator)
     return random_erasing(x, erasing, generator)
 

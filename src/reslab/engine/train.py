@@ -752,7 +752,9 @@ def batch_loss(
     x = to_input(images, state.spec)
     lam, pasted = 1.0, None
     if config.augment:
-        x = augment(x, config.crop_padding, config.erasing, state.draws)
+        # the crop pads with black, the background of Fashion-MNIST and torchvision's
+        # RandomCrop fill, not with the normalised zero (the mean grey, an edge no test image has)
+        x = augment(x, config.crop_padding, config.erasing, state.draws, state.spec.black())
         x, shuffled, lam = cutmix(x, config.cutmix, state.draws)
         if lam < 1:
             pasted = labels[shuffled.to(config.device)]  # the labels of the pasted boxes
