@@ -103,6 +103,7 @@ def test_bad_flags_are_one_line_errors(fake_fmnist, tmp_path, capsys):
         (["--epochs", "-1"], "--epochs must be a whole number >= 1"),
         (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
         (["--lr", "nan"], "--lr must be a finite number"),
+        (["--crop-padding", "-1"], "--crop-padding must be a whole number >= 0"),
     ):
         assert main(["train", *flags]) == 2
         err = capsys.readouterr().err

@@ -81,6 +81,12 @@ def register(subparsers) -> None:
     add("--weight-decay", type=float)
     add("--label-smoothing", type=float)
     _bool(parser, "--augment", "random crop with padding, flip and random erasing on batches")
+    add(
+        "--crop-padding",
+        type=int,
+        metavar="N",
+        help="the random crop's black border: each image moves by up to N pixels (default 2)",
+    )
     add("--erasing", type=float, help="random-erasing probability per image")
     add(
         "--cutmix",
