@@ -205,7 +205,15 @@ def register(subparsers) -> None:
     predict.add_argument("checkpoint", help="a detector checkpoint or its run folder")
     predict.add_argument("image", nargs="+")
     predict.add_argument("--out", default="predictions", help="default %(default)s")
-    predict.add_argument("--score-thresh", type=float, default=0.5)
+    predict.add_argument(
+        "--score-thresh",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="draw and list only detections whose class probability is at least P "
+        "(default %(default)s; below 0.05, detectron2's test threshold, the model drops "
+        "them itself)",
+    )
     _add_precision(predict, "the first N of the given images")
     _add_flip(predict)
     _add_threads(predict)
