@@ -132,15 +132,30 @@ def register(subparsers) -> None:
         default=RPNConfig.post_nms_top_n_test,
         help="proposals per image at test time (default %(default)s)",
     )
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument(
+        "--epochs",
+        type=int,
+        default=defaults.epochs,
+        help="passes over the training images; with --max-minutes, at most (default %(default)s)",
+    )
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="images per optimizer step, over all --processes (default %(default)s)",
+    )
     train.add_argument(
         "--lr",
         type=float,
         default=defaults.lr,
         help="learning rate for 16 images, scaled by batch size (default %(default)s)",
     )
-    train.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
+    train.add_argument(
+        "--warmup-iters",
+        type=int,
+        default=defaults.warmup_iters,
+        help="steps of linear rise to --lr at the start (default %(default)s)",
+    )
     train.add_argument(
         "--bf16",
         action="store_true",
@@ -154,7 +169,12 @@ def register(subparsers) -> None:
         default=0.0,
         help="stop after the epoch that passes this time (0: no limit)",
     )
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed for the weights and the order of images (default %(default)s)",
+    )
     train.add_argument(
         "--pretrain-minutes",
         type=float,
@@ -189,7 +209,9 @@ def register(subparsers) -> None:
     evaluate.add_argument("checkpoint", help="a detector checkpoint or its run folder")
     _add_data(evaluate)
     evaluate.add_argument("--split", default="val", help="with --data (default %(default)s)")
-    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument(
+        "--batch-size", type=int, default=4, help="images per forward pass (default %(default)s)"
+    )
     _add_precision(
         evaluate, "the train split's first N images with --data, else the first N evaluated"
     )
@@ -203,7 +225,7 @@ def register(subparsers) -> None:
         description="Draw detections on each image and write JSON.",
     )
     predict.add_argument("checkpoint", help="a detector checkpoint or its run folder")
-    predict.add_argument("image", nargs="+")
+    predict.add_argument("image", nargs="+", help="PNG or JPEG files")
     predict.add_argument("--out", default="predictions", help="default %(default)s")
     predict.add_argument(
         "--score-thresh",

@@ -25,7 +25,9 @@ def register(subparsers) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
     parser.add_argument("--data", metavar="FOLDER", help="an ImageFolder tree to evaluate on")
     parser.add_argument("--data-dir", help="where the Fashion-MNIST files are")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument(
+        "--batch-size", type=int, default=500, help="images per forward pass (default %(default)s)"
+    )
     # fp32 by default: the accuracy then equals the training run's own evaluation
     add_inference_flags(parser, default_precision="fp32")
     parser.set_defaults(func=run)

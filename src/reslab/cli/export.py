@@ -32,7 +32,9 @@ def register(subparsers) -> None:
         "safetensors keeps the model name and arguments so reslab.load(path) rebuilds it.",
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint file, run folder or .safetensors")
-    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="onnx", help="what to write (default %(default)s)"
+    )
     parser.add_argument("--fold-bn", action="store_true", help="fold batch norm into the convs")
     parser.add_argument(
         "--input", type=parse_shape, help="C,H,W to trace with (default: from the model)"

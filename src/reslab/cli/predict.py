@@ -20,8 +20,12 @@ def register(subparsers) -> None:
         "converted to the model's input the way training saw its images.",
     )
     parser.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
-    parser.add_argument("images", metavar="IMAGE", nargs="+")
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument(
+        "images", metavar="IMAGE", nargs="+", help="PNG or JPEG files, any size or mode"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=3, help="classes to list per image (default %(default)s)"
+    )
     add_inference_flags(parser, default_precision="auto")
     parser.set_defaults(func=run)
 

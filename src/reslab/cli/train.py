@@ -74,12 +74,29 @@ def register(subparsers) -> None:
         "planned again after each of the first 3 epochs, from that epoch's own time "
         "(0 = no limit; presets: default 9.5, best 57, seed none)",
     )
-    add("--batch-size", type=int)
+    add("--batch-size", type=int, help="images per optimizer step (presets: 256)")
     add("--lr", type=float, help="peak learning rate")
-    add("--optimizer", choices=OPTIMIZERS)
-    add("--schedule", choices=SCHEDULES)
-    add("--weight-decay", type=float)
-    add("--label-smoothing", type=float)
+    add(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="sgd = SGD with Nesterov momentum 0.9 (default and best); adam (seed) or adamw",
+    )
+    add(
+        "--schedule",
+        choices=SCHEDULES,
+        help="the rate over the run: onecycle = warm-up then cosine to zero (default and best); "
+        "cosine; step = x0.1 at 50%% and 75%% of the steps; none = constant (seed)",
+    )
+    add(
+        "--weight-decay",
+        type=float,
+        help="L2 decay of the weights, not of batch norm or biases (default and best 5e-4)",
+    )
+    add(
+        "--label-smoothing",
+        type=float,
+        help="share of each target spread over the other classes (default and best 0.1)",
+    )
     _bool(parser, "--augment", "random crop with padding, flip and random erasing on batches")
     add(
         "--crop-padding",
@@ -121,7 +138,11 @@ def register(subparsers) -> None:
         "with its share of the cores; the global batch and the sequence of updates stay those "
         "of one process (default 1)",
     )
-    add("--seed", type=int)
+    add(
+        "--seed",
+        type=int,
+        help="seed for the weights, the batches and the augmentation (default 0)",
+    )
     add("--out", help="run folder (default runs/<date>-<model>, numbered if it exists)")
     parser.add_argument(
         "--force",
