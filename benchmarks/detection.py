@@ -45,6 +45,7 @@ from reslab.cli.detect import (
     add_train_proposals,
     proposal_configs,
     report_metrics,
+    scale_factors,
 )
 from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
@@ -179,6 +180,15 @@ def run_train(args, console: Console) -> None:
         started = time.monotonic()
         metrics_flip = evaluate_detector(fast_model, val, batch_size=8, flip=True)
         metrics_flip["eval_seconds"] = time.monotonic() - started
+    metrics_views = None
+    if args.scales != (1.0,):  # `detect eval --flip --scales ...`: each scale and its mirror
+        fast_model = prepare_detector_for_inference(copy.deepcopy(model))
+        started = time.monotonic()
+        metrics_views = evaluate_detector(
+            fast_model, val, batch_size=8, flip=args.flip, scales=args.scales
+        )
+        metrics_views["eval_seconds"] = time.monotonic() - started
+        metrics_views["scales"] = list(args.scales)
     result = {
         "kind": "train",
         "machine": info,
@@ -196,6 +206,7 @@ def run_train(args, console: Console) -> None:
         "metrics": metrics,
         "metrics_int8_head": metrics_int8,
         "metrics_flip": metrics_flip,
+        "metrics_views": metrics_views,
         "pretrain": pretrain,
         "note": args.note,
     }
@@ -217,6 +228,14 @@ def run_train(args, console: Console) -> None:
             metrics_flip,
             f"the same, mirror-averaged head (`detect eval --flip`), "
             f"{metrics_flip['eval_seconds']:.0f} s",
+        )
+    if metrics_views:
+        flags = ("--flip " if args.flip else "") + "--scales " + ",".join(map(str, args.scales))
+        report_metrics(
+            console,
+            metrics_views,
+            f"the same, the head averaged over views (`detect eval {flags}`), "
+            f"{metrics_views['eval_seconds']:.0f} s",
         )
     console.print(f"wrote {write_result('train', result)}")
 
@@ -444,6 +463,15 @@ def main() -> None:
         default=True,
         help="also evaluate with the box head averaged over each val image and its mirror "
         "(default: on)",
+    )
+    train.add_argument(
+        "--scales",
+        type=scale_factors,
+        default=(1.0, 1.125, 1.25),
+        metavar="F,F,...",
+        help="also evaluate with the box head averaged over the val images resized by these "
+        "factors (and their mirrors with --flip), as `detect eval --scales` (default 1,1.125,1.25; "
+        "1: skip this evaluation)",
     )
     add_anchor_sizes(train, default=(32, 64, 128, 256))
     add_train_proposals(train, pre_nms=600, proposals=300)

@@ -94,6 +94,11 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     flipped = json.loads((tmp_path / "flip" / "predictions.json").read_text())[0]["detections"]
     assert flipped and all(0 <= v <= 64 for d in flipped for v in d["box_xyxy"])
     assert {d["label"] for d in flipped} <= set(first["class_names"])
+    # and over a 1.5x view besides: other scores, boxes still in the image's own pixels
+    assert main([*predict, "--out", str(tmp_path / "views"), "--flip", "--scales", "1,1.5"]) == 0
+    viewed = json.loads((tmp_path / "views" / "predictions.json").read_text())[0]["detections"]
+    assert viewed and all(0 <= v <= 64 for d in viewed for v in d["box_xyxy"])
+    assert sorted(d["score"] for d in viewed) != sorted(d["score"] for d in flipped)
 
     # the classifier's commands name the detector's instead of failing on a missing key
     capsys.readouterr()
@@ -241,6 +246,15 @@ def test_bad_anchor_sizes_name_the_flag_and_what_works(value, tmp_path, capsys):
     err = capsys.readouterr().err
     assert stopped.value.code == 2
     assert "--anchor-sizes" in err and "such as 16,32,64,128" in err
+
+
+@pytest.mark.parametrize("value", ["1,x", "0", "1,-1", "5", ""])
+def test_bad_test_scales_name_the_flag_and_what_works(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["detect", "eval", str(tmp_path), "--data", str(tmp_path), "--scales", value])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "--scales" in err and "such as 1,1.25" in err
 
 
 class NaNAfter(nn.Module):

@@ -26,7 +26,7 @@ from reslab.models.detection import (
     RoIHeadsConfig,
     RPNConfig,
     build_detector,
-    detect_flip_averaged,
+    detect_averaged,
     load_backbone_weights,
 )
 from reslab.quantize import Int8Stage
@@ -380,11 +380,11 @@ def test_flip_averaged_detection_is_the_same_on_the_mirror_image(monkeypatch):
     proposals = torch.cat([corner, corner + 8 + torch.rand(30, 2, generator=g) * 16], 1)
     given = [proposals]
     monkeypatch.setattr(model.rpn, "forward", lambda images, features, targets=None: (given, {}))
-    averaged = detect_flip_averaged(model, [image])[0]
+    averaged = detect_averaged(model, [image])[0]
     with torch.no_grad():
         one_view = model([image])[0]
     given[0] = mirror(proposals, 64)
-    on_mirror = detect_flip_averaged(model, [image.flip(-1)])[0]
+    on_mirror = detect_averaged(model, [image.flip(-1)])[0]
 
     assert len(averaged["scores"]) > 0
     assert len(on_mirror["scores"]) == len(averaged["scores"])
@@ -396,4 +396,54 @@ def test_flip_averaged_detection_is_the_same_on_the_mirror_image(monkeypatch):
     plain, both = one_view["scores"], averaged["scores"]
     assert plain.shape != both.shape or not torch.allclose(plain, both)
     with pytest.raises(ReslabError, match="eval mode"):
-        detect_flip_averaged(model.train(), [image])
+        detect_averaged(model.train(), [image])
+
+
+def test_view_averaging_of_one_view_is_the_plain_detector_and_scales_move_the_boxes(monkeypatch):
+    """One view at scale 1 (or the same view twice) is what the model gives by itself; a view
+    at scale 2 pools the map of the doubled image at the doubled proposals, and its boxes come
+    back in the image's own pixels."""
+    torch.manual_seed(0)
+    model = build_detector(tiny()).eval()
+    images = [scene_batch(1)[0][0], scene_batch(1, seed=1)[0][0]]
+    with torch.no_grad():
+        plain = model(images)
+    for scales in ((1.0,), (1.0, 1.0)):
+        averaged = detect_averaged(model, images, scales, flip=False)
+        for one, other in zip(plain, averaged, strict=True):
+            assert len(one["scores"]) > 0 and one["labels"].tolist() == other["labels"].tolist()
+            assert torch.allclose(one["boxes"], other["boxes"], atol=1e-4)
+            assert torch.allclose(one["scores"], other["scores"], atol=1e-5)
+
+    proposals = []
+    seen = []
+    rpn = model.rpn.forward
+    pool = model.roi_heads.box_roi_pool.forward
+
+    def propose(batch, features, targets=None):
+        boxes, losses = rpn(batch, features, targets)
+        proposals.extend(boxes)
+        return boxes, losses
+
+    def pooled(features, boxes, image_sizes):
+        seen.append((features["0"].shape[-1], [b.clone() for b in boxes], list(image_sizes)))
+        return pool(features, boxes, image_sizes)
+
+    monkeypatch.setattr(model.rpn, "forward", propose)
+    monkeypatch.setattr(model.roi_heads.box_roi_pool, "forward", pooled)
+    doubled = detect_averaged(model, images, (2.0,), flip=False)
+    ((side, boxes, sizes),) = seen
+    assert side == 2 * plain_side(model, images) and sizes == [(128, 128), (128, 128)]
+    for given, used in zip(proposals, boxes, strict=True):
+        assert len(given) > 0 and torch.allclose(used, given * 2)
+    for output in doubled:
+        assert len(output["boxes"]) > 0
+        assert 0 <= output["boxes"].min() and output["boxes"].max() <= 64
+    with pytest.raises(ReslabError, match="factors in"):
+        detect_averaged(model, images, (0.0,))
+
+
+def plain_side(model, images) -> int:
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        return model.backbone(batch.tensors).shape[-1]

@@ -39,7 +39,7 @@ from reslab.models.detection import (
     DeferredRoIAlign,
     DetectorConfig,
     build_detector,
-    detect_flip_averaged,
+    detect_averaged,
 )
 from reslab.quantize import quantize_stage
 
@@ -324,22 +324,31 @@ def train_detector(
 
 
 @torch.no_grad()
-def _detect(model, images: list[torch.Tensor], bf16: bool, flip: bool) -> list[dict]:
+def _detect(
+    model, images: list[torch.Tensor], bf16: bool, flip: bool, scales: Sequence[float]
+) -> list[dict]:
     with autocast("bf16" if bf16 else "fp32"):
-        return detect_flip_averaged(model, images) if flip else model(images)
+        if flip or tuple(scales) != (1.0,):
+            return detect_averaged(model, images, scales, flip)
+        return model(images)
 
 
 def predict_dataset(
-    model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False, flip: bool = False
+    model,
+    dataset: CocoDetection,
+    batch_size: int = 4,
+    bf16: bool = False,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> list[dict]:
     """Detections over a dataset in COCO results format (original category ids, xywh boxes);
-    ``flip``: the box head averaged over each image and its mirror
-    (:func:`~reslab.models.detection.detect_flip_averaged`)."""
+    ``flip``, ``scales``: the box head averaged over each image's mirror and resized views
+    (:func:`~reslab.models.detection.detect_averaged`)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     results = []
     for images, targets in loader:
-        outputs = _detect(model, list(images), bf16, flip)
+        outputs = _detect(model, list(images), bf16, flip, scales)
         for output, target in zip(outputs, targets, strict=True):
             boxes = output["boxes"].float()
             boxes[:, 2:] -= boxes[:, :2]
@@ -462,9 +471,16 @@ def error_breakdown(ground_truth: dict, results: Sequence[dict]) -> dict:
 
 
 def evaluate_detector(
-    model, dataset: CocoDetection, batch_size: int = 4, bf16: bool = False, flip: bool = False
+    model,
+    dataset: CocoDetection,
+    batch_size: int = 4,
+    bf16: bool = False,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> dict:
-    return coco_evaluate(dataset.coco, predict_dataset(model, dataset, batch_size, bf16, flip))
+    return coco_evaluate(
+        dataset.coco, predict_dataset(model, dataset, batch_size, bf16, flip, scales)
+    )
 
 
 def read_image(path: str | Path, scale: bool = True) -> torch.Tensor:
@@ -482,6 +498,7 @@ def predict_images(
     score_thresh: float = 0.5,
     bf16: bool = False,
     flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> list[dict]:
     """Detect on image files; write ``out/<name>.png`` with boxes drawn and return the records."""
     model.eval()
@@ -490,7 +507,7 @@ def predict_images(
     records = []
     for path in map(Path, paths):
         image = read_image(path, scale=False)
-        output = _detect(model, [image.float() / 255], bf16, flip)[0]
+        output = _detect(model, [image.float() / 255], bf16, flip, scales)[0]
         keep = output["scores"] >= score_thresh
         boxes = output["boxes"][keep].float()
         labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]

@@ -10,7 +10,7 @@ module supplies the trunk, the per-RoI head and the defaults.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -319,39 +319,64 @@ def mirror_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def detect_flip_averaged(model: FasterRCNN, images: list[torch.Tensor]) -> list[dict]:
-    """Detections with the box head's outputs averaged over the image and its mirror image.
+def detect_averaged(
+    model: FasterRCNN,
+    images: list[torch.Tensor],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+) -> list[dict]:
+    """Detections with the box head's outputs averaged over views of each image: the image
+    resized by each factor of ``scales`` and, with ``flip``, the mirror image of each.
 
-    The RPN proposes on the image as given; each proposal is pooled from the trunk's map of the
-    image and, mirrored, from the map of the mirrored image; the head's class probabilities are
-    averaged and so are its box deltas (the mirrored x shift negated), then torchvision's
-    usual per-class NMS picks the boxes. The flip test-time averaging of image classifiers,
-    applied per RoI: the trunk and the head run twice, the RPN once. Eval mode only.
+    The RPN proposes once, on the image as the model resizes it; each proposal is pooled from
+    the trunk's map of every view at the matching box (scaled, or mirrored), the head's class
+    probabilities are averaged and so are its box deltas (relative to the proposal's size, so
+    alike at every scale; a mirrored view's x shift negated), then torchvision's usual per-class
+    NMS picks the boxes. The flip and multi-scale test-time averaging of image classifiers,
+    applied per RoI: the trunk and the head run once per view. Eval mode only.
     """
     if model.training:
-        raise ReslabError("flip-averaged detection needs the model in eval mode")
+        raise ReslabError("view-averaged detection needs the model in eval mode")
+    if not scales or any(not 0 < scale <= 4 for scale in scales):
+        raise ReslabError(f"test scales must be factors in (0, 4], got {list(scales)}")
     original_sizes = [tuple(image.shape[-2:]) for image in images]
     batch, _ = model.transform(images)
     features = {"0": model.backbone(batch.tensors)}
     proposals, _ = model.rpn(batch, features)
     heads = model.roi_heads
-    width = batch.tensors.shape[-1]  # the padded batch is mirrored whole
-    mirrored = [mirror_boxes(p, width) for p in proposals]
-    mirrored_features = {"0": model.backbone(batch.tensors.flip(-1))}
 
-    def head(maps: dict, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = heads.box_roi_pool(maps, boxes, batch.image_sizes)
-        logits, deltas = heads.box_predictor(heads.box_head(pooled))
-        return logits.float().softmax(-1), deltas.float()
+    height, width = batch.tensors.shape[-2:]
 
-    probs, deltas = head(features, proposals)
-    mirror_probs, mirror_deltas = head(mirrored_features, mirrored)
-    mirror_deltas = mirror_deltas.view(len(mirror_deltas), -1, 4)
-    mirror_deltas[:, :, 0].neg_()  # a shift right in the mirror is a shift left here
-    logits = ((probs + mirror_probs) / 2).clamp_min(1e-12).log()  # softmax gives them back
-    deltas = (deltas + mirror_deltas.view_as(deltas)) / 2
+    def views():
+        for scale in scales:
+            tensors, maps = batch.tensors, features
+            size = (round(height * scale), round(width * scale))
+            if size != (height, width):
+                tensors = nn.functional.interpolate(
+                    tensors, size=size, mode="bilinear", align_corners=False
+                )
+                maps = {"0": model.backbone(tensors)}
+            y, x = size[0] / height, size[1] / width
+            sizes = [(round(h * y), round(w * x)) for h, w in batch.image_sizes]
+            boxes = [p * p.new_tensor([x, y, x, y]) for p in proposals]
+            yield maps, boxes, sizes, False
+            if flip:  # the padded batch is mirrored whole
+                mirrored = [mirror_boxes(b, size[1]) for b in boxes]
+                yield {"0": model.backbone(tensors.flip(-1))}, mirrored, sizes, True
+
+    probs, deltas = 0.0, 0.0
+    count = 0
+    for maps, boxes, sizes, mirrored in views():
+        logits, shifts = heads.box_predictor(heads.box_head(heads.box_roi_pool(maps, boxes, sizes)))
+        shifts = shifts.float().view(len(shifts), -1, 4)
+        if mirrored:
+            shifts[:, :, 0].neg_()  # a shift right in the mirror is a shift left here
+        probs = probs + logits.float().softmax(-1)
+        deltas = deltas + shifts.flatten(1)
+        count += 1
+    logits = (probs / count).clamp_min(1e-12).log()  # softmax gives the average back
     boxes, scores, labels = heads.postprocess_detections(
-        logits, deltas, proposals, batch.image_sizes
+        logits, deltas / count, proposals, batch.image_sizes
     )
     detections = [
         {"boxes": b, "scores": s, "labels": label}
