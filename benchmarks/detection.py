@@ -59,6 +59,7 @@ from reslab.engine.box_pretrain import (
 )
 from reslab.engine.detection import (
     DetectTrainConfig,
+    check_ema,
     evaluate_detector,
     prepare_detector_for_inference,
     quantize_detector_head,
@@ -156,6 +157,7 @@ def run_train(args, console: Console) -> None:
         max_minutes=args.minutes - (pretrain["seconds"] / 60 if pretrain else 0.0),
         seed=args.seed,
         bf16=args.bf16,
+        ema=args.ema,
     )
     console.print(f"detector: {asdict(detector)}\ntraining: {asdict(config)}")
     started = time.monotonic()
@@ -481,6 +483,14 @@ def main() -> None:
     train.add_argument("--warmup-iters", type=int, default=100)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="evaluate a moving average of the detector's weights, this decay per step "
+        "(`detect train --ema`; default 0: off)",
+    )
+    train.add_argument(
         "--bf16",
         action="store_true",
         help="pretraining and training under bfloat16 autocast (`detect train --bf16`); the "
@@ -517,6 +527,7 @@ def main() -> None:
     if args.action == "train":
         try:
             check_jitter(args.pretrain_jitter)
+            check_ema(args.ema)
         except ReslabError as error:
             parser.error(str(error))
     if args.threads:

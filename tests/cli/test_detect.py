@@ -188,6 +188,7 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
         (["--test-proposals", "0"], "--test-proposals must be >= 1, got 0"),
         (["--pretrain-minutes", "-1"], "--pretrain-minutes must be >= 0, got -1"),
         (["--pretrain-jitter", "0.5"], "--pretrain-jitter must be at least 0 and below 0.5"),
+        (["--ema", "1"], "--ema must be at least 0 and below 1 (such as 0.999), got 1"),
         (["--pretrain-minutes", "1", "--resume"], "--resume continues one: give one"),
         (
             ["--pretrain-minutes", "5", "--max-minutes", "5"],
@@ -231,6 +232,21 @@ def test_pretraining_warm_starts_the_detector(scenes, tmp_path, capsys):
     assert from_pretrained < (trained - fresh.state_dict()[name]).abs().max()
 
 
+def test_ema_flag_averages_the_detectors_weights_and_batch_norm(scenes, tmp_path):
+    out = tmp_path / "run"
+    assert train_on_scenes(scenes, out, 1, "--ema", "0.9") == 0
+    kept = load_checkpoint(out / "last.pt")
+    assert kept["train_config"]["ema"] == 0.9
+    averaged, raw = kept["state_dict"], kept["train_state_dict"]
+    assert averaged.keys() == raw.keys()
+    for name in ("backbone.conv1.weight", "backbone.bn1.running_mean"):
+        assert not torch.equal(averaged[name], raw[name])
+    # the statistics are averaged too, not left at their initial zeros
+    assert averaged["backbone.bn1.running_mean"].abs().sum() > 0
+    # eval loads the averaged weights
+    assert main(["detect", "eval", str(out), "--data", str(scenes)]) == 0
+
+
 def test_training_proposal_flags_reach_the_rpn(scenes, tmp_path):
     out = tmp_path / "run"
     assert train_on_scenes(scenes, out, 1, "--train-pre-nms", "60", "--train-proposals", "30") == 0
@@ -267,9 +283,11 @@ class NaNAfter(nn.Module):
         self.weight = nn.Parameter(torch.ones(()))
         self.good = good
         self.calls = 0
+        self.seen: list[float] = []
 
     def forward(self, images, targets):
         self.calls += 1
+        self.seen.append(float(self.weight.detach()))  # the weights the last step left
         value = self.weight * (1.0 if self.calls <= self.good else float("nan"))
         return {"loss_classifier": value, "loss_box_reg": value * 0.5}
 
@@ -283,6 +301,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(scenes, tmp_pa
     kept = load_checkpoint(tmp_path / "last.pt")
     assert kept["epoch"] == 1 and kept["step"] == 2
     assert torch.isfinite(kept["state_dict"]["weight"])
+
+
+def test_ema_checkpoints_hold_the_average_and_resume_continues_it(scenes, tmp_path):
+    dataset = CocoDetection(scenes / "train", scenes / "annotations" / "train.json")
+    config = DetectTrainConfig(epochs=2, batch_size=4, warmup_iters=1, ema=0.5)
+    model = NaNAfter(good=10**9)  # two steps per epoch
+    train_detector(model, dataset, config, tmp_path / "straight")
+    kept = load_checkpoint(tmp_path / "straight" / "last.pt")
+    raw = float(kept["train_state_dict"]["weight"])
+    # by hand: the first step's weights, then each later step's pulled in at half weight
+    after_steps = [*model.seen[1:], raw]
+    average = after_steps[0]
+    for weight in after_steps[1:]:
+        average = 0.5 * average + 0.5 * weight
+    assert len(after_steps) == 4 and average != pytest.approx(raw)
+    assert float(kept["state_dict"]["weight"]) == pytest.approx(average)
+    assert float(model.weight) == pytest.approx(average)  # the model returns averaged
+
+    # stopped after the first epoch, then resumed: the same average as the straight run
+    with pytest.raises(NonFiniteLoss):
+        train_detector(NaNAfter(good=2), dataset, config, tmp_path / "resumed")
+    train_detector(NaNAfter(good=10**9), dataset, config, tmp_path / "resumed", resume=True)
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert resumed["step"] == 4
+    for key in ("state_dict", "train_state_dict"):
+        assert float(resumed[key]["weight"]) == pytest.approx(float(kept[key]["weight"]))
 
 
 def test_time_budget_stops_the_run_with_a_checkpoint(scenes, tmp_path):

@@ -23,6 +23,7 @@ from reslab.engine.box_pretrain import (
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import (
     DetectTrainConfig,
+    check_ema,
     detector_from_checkpoint,
     evaluate_detector,
     predict_images,
@@ -162,6 +163,15 @@ def register(subparsers) -> None:
         help="bfloat16 autocast, the box-classifier pretraining's too: a training step 1.37x "
         "faster than fp32 on an AMD EPYC with AVX512-BF16, slower on a Xeon with it; many times "
         "slower without AVX512-BF16 or AMX",
+    )
+    train.add_argument(
+        "--ema",
+        type=float,
+        default=defaults.ema,
+        metavar="DECAY",
+        help="keep a moving average of the weights and batch-norm statistics, this decay per "
+        "step (such as 0.999), and save and evaluate it instead of the last weights "
+        "(default 0: off)",
     )
     train.add_argument(
         "--max-minutes",
@@ -405,6 +415,7 @@ def _check_train_args(args) -> None:
     if args.pretrain_minutes < 0:
         raise ReslabError(f"--pretrain-minutes must be >= 0, got {args.pretrain_minutes:g}")
     check_jitter(args.pretrain_jitter)
+    check_ema(args.ema)
     if args.pretrain_minutes and args.resume:
         raise ReslabError("--pretrain-minutes starts a run; --resume continues one: give one")
     if args.pretrain_minutes and 0 < args.max_minutes <= args.pretrain_minutes:
@@ -517,6 +528,7 @@ def run_train(args) -> int:
         lr=args.lr,
         warmup_iters=args.warmup_iters,
         bf16=args.bf16,
+        ema=args.ema,
         seed=args.seed,
         max_minutes=max_minutes,
     )

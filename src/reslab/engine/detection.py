@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.io import write_png
 from torchvision.ops import box_convert, box_iou, nms
@@ -62,6 +63,9 @@ class DetectTrainConfig:
     # autocast the forward pass to bfloat16: faster only on CPUs with AVX-512 bf16 or AMX; on
     # AVX2-only CPUs (this project's machine) PyTorch falls back to slow reference kernels
     bf16: bool = False
+    # decay per step of an exponential moving average of the weights and batch-norm statistics
+    # (Polyak averaging); checkpoints and the trained model hold the average; 0: off
+    ema: float = 0.0
     seed: int = 0
     # a wall-clock budget: the schedule anneals within it and the run stops (with a checkpoint)
     # when it is spent; 0: no limit
@@ -82,7 +86,18 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _payload(model, optimizer, config, epoch, step, dataset: CocoDetection) -> dict:
+def check_ema(decay: float) -> None:
+    if not 0 <= decay < 1:
+        raise ReslabError(f"--ema must be at least 0 and below 1 (such as 0.999), got {decay:g}")
+
+
+def _payload(model, ema, optimizer, config, epoch, step, dataset: CocoDetection) -> dict:
+    extra = {}
+    if ema is not None:
+        # "state_dict" holds the averaged weights that eval and predict load; resuming also
+        # needs the raw ones the optimizer moves
+        extra["train_state_dict"] = model.state_dict()
+        model = ema.module
     return make_payload(
         model,
         task="detection",
@@ -93,6 +108,7 @@ def _payload(model, optimizer, config, epoch, step, dataset: CocoDetection) -> d
         class_names=list(dataset.class_names),
         category_ids=list(dataset.category_ids),
         rng_state=torch.get_rng_state(),
+        **extra,
     )
 
 
@@ -174,7 +190,8 @@ def train_detector(
     """Train, writing ``out/last.pt`` after each epoch and ``out/log.jsonl`` per step.
 
     Returns the last logged losses. With ``resume`` the model, optimizer, step, epoch and RNG
-    state come from ``out/last.pt``. Under torchrun (``world``) each process takes its share
+    state come from ``out/last.pt``. With ``config.ema`` the checkpoints hold the moving average
+    of the weights, and ``model`` holds it when this returns. Under torchrun (``world``) each process takes its share
     of every global batch of ``config.batch_size`` images through a DistributedSampler, DDP
     averages the gradients, and only rank 0 writes files.
     """
@@ -192,10 +209,10 @@ def train_detector(
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
-    start_epoch, step = 0, 0
+    start_epoch, step, payload = 0, 0, None
     if resume:
         payload = load_checkpoint(out / "last.pt")
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(payload.get("train_state_dict", payload["state_dict"]))
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng_state"])
         start_epoch, step = payload["epoch"], payload["step"]
@@ -230,6 +247,13 @@ def train_detector(
     # oneDNN's convolutions run faster in channels_last: 7% less per step for the quarter-width
     # ResNet-18 C4 on the 256-pixel scenes (one thread); checkpoints load in either layout
     model.to(memory_format=torch.channels_last)
+    ema = None
+    if config.ema:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+        if payload is not None:
+            ema.module.load_state_dict(payload["state_dict"])
+            # AveragedModel counts updates; past zero it averages instead of copying
+            ema.n_averaged.fill_(max(payload["step"], 1))
     trained = wrap(model, world, sync_bn=False)
     with (
         Progress(
@@ -276,6 +300,8 @@ def train_detector(
                 sum(losses.values()).backward()
                 torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 step += 1
                 last = {"loss": sum(values.values()), **values}
                 log.write(
@@ -302,7 +328,7 @@ def train_detector(
                 if world.is_main:
                     save_checkpoint(
                         out / "last.pt",
-                        _payload(model, optimizer, config, epoch + 1, step, dataset),
+                        _payload(model, ema, optimizer, config, epoch + 1, step, dataset),
                     )
                 console.print(
                     f"epoch {epoch + 1}: step {step}, "
@@ -313,13 +339,15 @@ def train_detector(
             # unfinished
             if world.is_main:
                 save_checkpoint(
-                    out / "last.pt", _payload(model, optimizer, config, epoch, step, dataset)
+                    out / "last.pt", _payload(model, ema, optimizer, config, epoch, step, dataset)
                 )
             console.print(
                 f"time budget of {config.max_minutes} min spent at step {step} "
                 f"(epoch {epoch + 1} of {config.epochs})"
             )
             break
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     return last
 
 
