@@ -72,6 +72,15 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     assert 0 <= values["found"] <= values["objects"]
     assert f"{values['found']:,} of {values['objects']:,} objects found" in capsys.readouterr().out
 
+    # --score-thresh reaches the model: nothing is that sure, everything is at least 0
+    counts = {}
+    for thresh in ("0", "1"):
+        path = tmp_path / f"thresh{thresh}.json"
+        evaluate = ["detect", "eval", str(out), "--data", str(scenes), "--json", str(path)]
+        assert main([*evaluate, "--score-thresh", thresh]) == 0
+        counts[thresh] = json.loads(path.read_text())["detections"]
+    assert counts["1"] == 0 < values["detections"] <= counts["0"]
+
     int8 = tmp_path / "int8.json"
     evaluate = ["detect", "eval", str(out), "--data", str(scenes), "--json", str(int8)]
     assert main([*evaluate, "--int8", "--calibration-images", "3"]) == 0
@@ -136,6 +145,7 @@ def test_int8_flags_are_checked(tmp_path, capsys):
         ("eval", ["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
         ("predict", ["--score-thresh", "2"], "--score-thresh is a class probability"),
         ("predict", ["--score-thresh", "-0.1"], "from 0 to 1; got -0.1"),
+        ("eval", ["--score-thresh", "1.5"], "--score-thresh is a class probability"),
     ],
 )
 def test_bad_inference_flags_name_the_flag(command, flags, message, tmp_path, capsys):
