@@ -187,6 +187,12 @@ def run_train(args, console: Console) -> None:
             model, val, args.low_score, flip=args.flip, scales=args.scales
         )
         metrics_views["scales"] = list(args.scales)
+    metrics_refined = None
+    if args.refine:  # `detect eval --refine` with the same views
+        metrics_refined = evaluate_views(
+            model, val, args.low_score, flip=args.flip, scales=args.scales, refine=True
+        )
+        metrics_refined["scales"] = list(args.scales)
     result = {
         "kind": "train",
         "machine": info,
@@ -205,6 +211,7 @@ def run_train(args, console: Console) -> None:
         "metrics_int8_head": metrics_int8,
         "metrics_flip": metrics_flip,
         "metrics_views": metrics_views,
+        "metrics_refined": metrics_refined,
         "pretrain": pretrain,
         "note": args.note,
     }
@@ -220,12 +227,14 @@ def run_train(args, console: Console) -> None:
             f"mAP@.5 {metrics_int8['mAP50']:.3f}; eval {metrics_int8['eval_seconds']:.0f} s "
             f"against {eval_s:.0f} s in fp32 (unfolded)"
         )
+    view_flags = ("--flip " if args.flip else "") + "--scales " + ",".join(map(str, args.scales))
     for views, flags, title in (
         (metrics_flip, "--flip", "mirror-averaged head"),
+        (metrics_views, view_flags, "the head averaged over views"),
         (
-            metrics_views,
-            ("--flip " if args.flip else "") + "--scales " + ",".join(map(str, args.scales)),
-            "the head averaged over views",
+            metrics_refined,
+            view_flags + " --refine",
+            "the head over views, run again where it moved the boxes",
         ),
     ):
         if not views:
@@ -498,6 +507,13 @@ def main() -> None:
         help="also evaluate with the box head averaged over the val images resized by these "
         "factors (and their mirrors with --flip), as `detect eval --scales` (default 1,1.125,1.25; "
         "1: skip this evaluation)",
+    )
+    train.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also evaluate with those views and the head run again at the boxes it moved "
+        "the proposals to, as `detect eval --refine` (default: on)",
     )
     train.add_argument(
         "--low-score",

@@ -108,6 +108,12 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
     viewed = json.loads((tmp_path / "views" / "predictions.json").read_text())[0]["detections"]
     assert viewed and all(0 <= v <= 64 for d in viewed for v in d["box_xyxy"])
     assert sorted(d["score"] for d in viewed) != sorted(d["score"] for d in flipped)
+    # the head run again where it moved the boxes: other boxes and scores, still in the image
+    refine = ["--out", str(tmp_path / "refined"), "--flip", "--scales", "1,1.5", "--refine"]
+    assert main([*predict, *refine]) == 0
+    refined = json.loads((tmp_path / "refined" / "predictions.json").read_text())[0]["detections"]
+    assert refined and all(0 <= v <= 64 for d in refined for v in d["box_xyxy"])
+    assert sorted(d["box_xyxy"] for d in refined) != sorted(d["box_xyxy"] for d in viewed)
 
     # the classifier's commands name the detector's instead of failing on a missing key
     capsys.readouterr()

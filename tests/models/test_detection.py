@@ -443,6 +443,59 @@ def test_view_averaging_of_one_view_is_the_plain_detector_and_scales_move_the_bo
         detect_averaged(model, images, (0.0,))
 
 
+def test_refined_detection_runs_the_head_again_at_the_moved_boxes(monkeypatch):
+    """With ``refine`` each proposal moves to its box for its most probable object class, the
+    head runs there too, the class probabilities of both passes are averaged and the second
+    pass's shifts give the boxes; with no box shifts at all nothing moves and the detections
+    are the plain ones."""
+    torch.manual_seed(0)
+    model = build_detector(tiny()).eval()
+    images = [scene_batch(1)[0][0], scene_batch(1, seed=1)[0][0]]
+    g = torch.Generator().manual_seed(2)
+    corner = torch.rand(2, 30, 2, generator=g) * 40
+    given = [torch.cat([c, c + 8 + torch.rand(30, 2, generator=g) * 16], 1) for c in corner]
+    monkeypatch.setattr(model.rpn, "forward", lambda images, features, targets=None: (given, {}))
+    heads = model.roi_heads
+
+    with torch.no_grad():  # the two passes by hand, from the model's parts
+        batch, _ = model.transform(images)
+        features = {"0": model.backbone(batch.tensors)}
+
+        def head(boxes):
+            logits, deltas = heads.box_predictor(
+                heads.box_head(heads.box_roi_pool(features, boxes, batch.image_sizes))
+            )
+            return logits.softmax(-1), deltas
+
+        first, shifts = head(given)
+        boxes = heads.box_coder.decode(shifts, given)
+        label = first[:, 1:].argmax(1) + 1
+        moved = boxes[torch.arange(len(label)), label].split([30, 30])
+        moved = [b.clamp(0, 64) for b in moved]  # both 64-pixel images stay 64 pixels
+        second, shifts = head(moved)
+        expected = heads.postprocess_detections(
+            ((first + second) / 2).log(), shifts, moved, batch.image_sizes
+        )
+    refined = detect_averaged(model, images, flip=False, refine=True)
+    plain = detect_averaged(model, images, flip=False)
+    for output, boxes, scores, labels, other in zip(refined, *expected, plain, strict=True):
+        assert len(scores) > 0 and output["labels"].tolist() == labels.tolist()
+        assert torch.allclose(output["boxes"], boxes, atol=1e-4)
+        assert torch.allclose(output["scores"], scores, atol=1e-5)
+        same = output["boxes"].shape == other["boxes"].shape
+        assert not same or not torch.allclose(output["boxes"], other["boxes"])
+
+    with torch.no_grad():
+        heads.box_predictor.bbox_pred.weight.zero_()
+        heads.box_predictor.bbox_pred.bias.zero_()
+    unmoved = detect_averaged(model, images, flip=False, refine=True)
+    plain = detect_averaged(model, images, flip=False)
+    for output, other in zip(unmoved, plain, strict=True):
+        assert len(other["scores"]) > 0 and output["labels"].tolist() == other["labels"].tolist()
+        assert torch.allclose(output["boxes"], other["boxes"])
+        assert torch.allclose(output["scores"], other["scores"], atol=1e-6)
+
+
 def plain_side(model, images) -> int:
     with torch.no_grad():
         batch, _ = model.transform(images)

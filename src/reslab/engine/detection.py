@@ -353,11 +353,16 @@ def train_detector(
 
 @torch.no_grad()
 def _detect(
-    model, images: list[torch.Tensor], bf16: bool, flip: bool, scales: Sequence[float]
+    model,
+    images: list[torch.Tensor],
+    bf16: bool,
+    flip: bool,
+    scales: Sequence[float],
+    refine: bool = False,
 ) -> list[dict]:
     with autocast("bf16" if bf16 else "fp32"):
-        if flip or tuple(scales) != (1.0,):
-            return detect_averaged(model, images, scales, flip)
+        if flip or refine or tuple(scales) != (1.0,):
+            return detect_averaged(model, images, scales, flip, refine)
         return model(images)
 
 
@@ -368,15 +373,17 @@ def predict_dataset(
     bf16: bool = False,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    refine: bool = False,
 ) -> list[dict]:
     """Detections over a dataset in COCO results format (original category ids, xywh boxes);
-    ``flip``, ``scales``: the box head averaged over each image's mirror and resized views
+    ``flip``, ``scales``: the box head averaged over each image's mirror and resized views,
+    ``refine``: and run again at the boxes it moved the proposals to
     (:func:`~reslab.models.detection.detect_averaged`)."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     results = []
     for images, targets in loader:
-        outputs = _detect(model, list(images), bf16, flip, scales)
+        outputs = _detect(model, list(images), bf16, flip, scales, refine)
         for output, target in zip(outputs, targets, strict=True):
             boxes = output["boxes"].float()
             boxes[:, 2:] -= boxes[:, :2]
@@ -505,9 +512,10 @@ def evaluate_detector(
     bf16: bool = False,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    refine: bool = False,
 ) -> dict:
     return coco_evaluate(
-        dataset.coco, predict_dataset(model, dataset, batch_size, bf16, flip, scales)
+        dataset.coco, predict_dataset(model, dataset, batch_size, bf16, flip, scales, refine)
     )
 
 
@@ -527,6 +535,7 @@ def predict_images(
     bf16: bool = False,
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
+    refine: bool = False,
 ) -> list[dict]:
     """Detect on image files; write ``out/<name>.png`` with boxes drawn and return the records."""
     model.eval()
@@ -535,7 +544,7 @@ def predict_images(
     records = []
     for path in map(Path, paths):
         image = read_image(path, scale=False)
-        output = _detect(model, [image.float() / 255], bf16, flip, scales)[0]
+        output = _detect(model, [image.float() / 255], bf16, flip, scales, refine)[0]
         keep = output["scores"] >= score_thresh
         boxes = output["boxes"][keep].float()
         labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]

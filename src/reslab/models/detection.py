@@ -19,6 +19,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from reslab.errors import ReslabError
@@ -324,6 +325,7 @@ def detect_averaged(
     images: list[torch.Tensor],
     scales: Sequence[float] = (1.0,),
     flip: bool = True,
+    refine: bool = False,
 ) -> list[dict]:
     """Detections with the box head's outputs averaged over views of each image: the image
     resized by each factor of ``scales`` and, with ``flip``, the mirror image of each.
@@ -334,6 +336,12 @@ def detect_averaged(
     alike at every scale; a mirrored view's x shift negated), then torchvision's usual per-class
     NMS picks the boxes. The flip and multi-scale test-time averaging of image classifiers,
     applied per RoI: the trunk and the head run once per view. Eval mode only.
+
+    ``refine``: each proposal moves to its box for the most probable object class and the head
+    runs again there, over the same views; its class probabilities are averaged with the first
+    pass's and its box shifts, from the moved box, give the boxes. Iterative box regression at
+    test time, with the stages' class scores averaged as Cascade R-CNN does (Cai and Vasconcelos
+    2018), from one head: the head runs twice per view.
     """
     if model.training:
         raise ReslabError("view-averaged detection needs the model in eval mode")
@@ -346,37 +354,54 @@ def detect_averaged(
     heads = model.roi_heads
 
     height, width = batch.tensors.shape[-2:]
+    views = []  # (trunk maps, image side, per-image sizes, mirrored), kept for a second pass
+    for scale in scales:
+        tensors, maps = batch.tensors, features
+        size = (round(height * scale), round(width * scale))
+        if size != (height, width):
+            tensors = nn.functional.interpolate(
+                tensors, size=size, mode="bilinear", align_corners=False
+            )
+            maps = {"0": model.backbone(tensors)}
+        sizes = [
+            (round(h * size[0] / height), round(w * size[1] / width)) for h, w in batch.image_sizes
+        ]
+        views.append((maps, size, sizes, False))
+        if flip:  # the padded batch is mirrored whole
+            views.append(({"0": model.backbone(tensors.flip(-1))}, size, sizes, True))
 
-    def views():
-        for scale in scales:
-            tensors, maps = batch.tensors, features
-            size = (round(height * scale), round(width * scale))
-            if size != (height, width):
-                tensors = nn.functional.interpolate(
-                    tensors, size=size, mode="bilinear", align_corners=False
-                )
-                maps = {"0": model.backbone(tensors)}
+    def head(boxes_per_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities (R, C) and box deltas (R, 4C), averaged over the views."""
+        probs, deltas = 0.0, 0.0
+        for maps, size, sizes, mirrored in views:
             y, x = size[0] / height, size[1] / width
-            sizes = [(round(h * y), round(w * x)) for h, w in batch.image_sizes]
-            boxes = [p * p.new_tensor([x, y, x, y]) for p in proposals]
-            yield maps, boxes, sizes, False
-            if flip:  # the padded batch is mirrored whole
-                mirrored = [mirror_boxes(b, size[1]) for b in boxes]
-                yield {"0": model.backbone(tensors.flip(-1))}, mirrored, sizes, True
+            boxes = [p * p.new_tensor([x, y, x, y]) for p in boxes_per_image]
+            if mirrored:
+                boxes = [mirror_boxes(b, size[1]) for b in boxes]
+            logits, shifts = heads.box_predictor(
+                heads.box_head(heads.box_roi_pool(maps, boxes, sizes))
+            )
+            shifts = shifts.float().view(len(shifts), -1, 4)
+            if mirrored:
+                shifts[:, :, 0].neg_()  # a shift right in the mirror is a shift left here
+            probs = probs + logits.float().softmax(-1)
+            deltas = deltas + shifts.flatten(1)
+        return probs / len(views), deltas / len(views)
 
-    probs, deltas = 0.0, 0.0
-    count = 0
-    for maps, boxes, sizes, mirrored in views():
-        logits, shifts = heads.box_predictor(heads.box_head(heads.box_roi_pool(maps, boxes, sizes)))
-        shifts = shifts.float().view(len(shifts), -1, 4)
-        if mirrored:
-            shifts[:, :, 0].neg_()  # a shift right in the mirror is a shift left here
-        probs = probs + logits.float().softmax(-1)
-        deltas = deltas + shifts.flatten(1)
-        count += 1
-    logits = (probs / count).clamp_min(1e-12).log()  # softmax gives the average back
+    probs, deltas = head(proposals)
+    if refine:
+        counts = [len(p) for p in proposals]
+        moved = heads.box_coder.decode(deltas, proposals)  # (R, C, 4)
+        best = probs[:, 1:].argmax(1) + 1  # the most probable class that is not background
+        moved = moved[torch.arange(len(best)), best].split(counts)
+        proposals = [
+            box_ops.clip_boxes_to_image(b, s) for b, s in zip(moved, batch.image_sizes, strict=True)
+        ]
+        again, deltas = head(proposals)
+        probs = (probs + again) / 2
+    logits = probs.clamp_min(1e-12).log()  # softmax gives the average back
     boxes, scores, labels = heads.postprocess_detections(
-        logits, deltas / count, proposals, batch.image_sizes
+        logits, deltas, proposals, batch.image_sizes
     )
     detections = [
         {"boxes": b, "scores": s, "labels": label}
