@@ -6,6 +6,7 @@ from reslab.data.transforms import (
     cutmix,
     random_crop,
     random_erasing,
+    shifted,
     to_input,
 )
 
@@ -35,6 +36,22 @@ def test_crop_pads_with_the_fill_of_each_channel():
     # the same windows as padding with zeros: only the padding's value differs
     zero = random_crop(x, 2, gen())
     assert torch.equal(out == 1, zero == 1)
+
+
+def test_shifted_views_move_the_batch_and_fill_the_border():
+    x = torch.arange(2 * 2 * 5 * 6, dtype=torch.float32).view(2, 2, 5, 6) + 1
+    fill = torch.tensor([-1.0, -2.0])
+    right, left, down, up = shifted(x, 2, fill)
+    assert all(v.shape == x.shape for v in (right, left, down, up))
+    assert torch.equal(right[..., 2:], x[..., :-2]) and torch.equal(left[..., :-2], x[..., 2:])
+    assert torch.equal(down[..., 2:, :], x[..., :-2, :]) and torch.equal(
+        up[..., :-2, :], x[..., 2:, :]
+    )
+    for channel, value in enumerate(fill.tolist()):
+        assert (right[:, channel, :, :2] == value).all() and (
+            left[:, channel, :, -2:] == value
+        ).all()
+        assert (down[:, channel, :2] == value).all() and (up[:, channel, -2:] == value).all()
 
 
 def test_black_is_a_zero_pixel_after_normalisation():

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from reslab.data.sources import fashion_mnist_source
+from reslab.data.transforms import InputSpec, to_input
 from reslab.engine import train as train_module
 from reslab.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.engine.config import build_config
@@ -192,6 +194,54 @@ def recording():
     from rich.console import Console
 
     return Console(record=True, file=open("/dev/null", "w"), force_terminal=False, width=200)
+
+
+def test_tta_shift_scores_the_last_epoch_over_ten_views(fake_fmnist, tmp_path):
+    run = tmp_path / "run"
+    result = fit(tiny(fake_fmnist, run, tta_shift=1, image_size=28), console=quiet())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_views"] for r in records] == [2, 10]
+    # by hand: the uint8 images moved one pixel with black (0) coming in, each and its mirror
+    payload = load_checkpoint(run / "last.pt")
+    model = model_from_checkpoint(payload).eval()
+    source = fashion_mnist_source(str(fake_fmnist), verify=False)
+    spec = InputSpec.from_dict(payload["input"])
+    images = source.test_images
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    h, w = images.shape[-2:]
+    moved = [images] + [
+        padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        for dy, dx in ((0, -1), (0, 1), (-1, 0), (1, 0))
+    ]
+    with torch.no_grad():
+        inputs = [to_input(m, spec) for m in moved]
+        out = sum(model(x) + model(x.flip(3)) for x in inputs) / 10
+    accuracy = (out.argmax(1) == source.test_labels).double().mean().item()
+    assert result.test_accuracy == pytest.approx(accuracy)
+    assert records[-1]["test_acc"] == pytest.approx(accuracy)
+    loss = torch.nn.functional.cross_entropy(out, source.test_labels).item()
+    assert records[-1]["test_loss"] == pytest.approx(loss, rel=1e-5)
+    flip_only = (sum(model(x) + model(x.flip(3)) for x in inputs[:1]).argmax(1)).tolist()
+    assert flip_only != out.argmax(1).tolist()  # the shifted views changed some answers
+
+
+def test_max_minutes_sets_aside_the_last_evaluations_extra_views(
+    fake_fmnist, tmp_path, monkeypatch
+):
+    # epochs of 10 s in a 60 s budget (58.2 s usable): 5 fit; the shift views' 20 s more for
+    # the last evaluation leave room for 3
+    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
+    monkeypatch.setattr(
+        train_module, "evaluation_seconds", lambda probe, source, shift=0: 25.0 if shift else 5.0
+    )
+    clock = StepClock(monkeypatch, 2.0)
+    plain = fit(tiny(fake_fmnist, tmp_path / "plain", epochs=8, max_minutes=1.0), console=quiet(),
+                hooks=clock)  # fmt: skip
+    assert len(plain.history) == 5
+    clock = StepClock(monkeypatch, 2.0)
+    config = tiny(fake_fmnist, tmp_path / "shift", epochs=8, max_minutes=1.0, tta_shift=1)
+    shift = fit(config, console=quiet(), hooks=clock)
+    assert len(shift.history) == 3 and shift.history[-1]["test_views"] == 10
 
 
 def test_max_minutes_plans_the_epochs_that_fit(fake_fmnist, tmp_path, monkeypatch):

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     print_evaluation(console, evaluation, payload["classes"])
     console.print(
         f"test accuracy {100 * evaluation.accuracy:.2f}%  loss {evaluation.loss:.4f}  "
-        f"({int(evaluation.confusion.sum())} images)",
+        f"({int(evaluation.confusion.sum())} images, {evaluation.views} test-time "
+        f"view{'s' if evaluation.views > 1 else ''} each)",
         markup=False,
         highlight=False,
     )

@@ -115,6 +115,14 @@ def register(subparsers) -> None:
     add("--ema", type=float, help="weight-averaging decay per step, 0 = off")
     _bool(parser, "--tta", "average predictions over each test image and its mirror image")
     add(
+        "--tta-shift",
+        type=int,
+        metavar="N",
+        help="the last epoch's evaluation (and eval, predict) also averages over each test "
+        "image moved N pixels right, left, down and up: 10 views with --tta, 5 without; "
+        "earlier epochs skip them (best 1, others 0 = off)",
+    )
+    add(
         "--device",
         help="cpu (default), or cuda / cuda:N for an NVIDIA GPU; fp32 stays fp32 there (no TF32)",
     )

@@ -54,6 +54,32 @@ def to_input(images: torch.Tensor, spec: InputSpec, channels_last: bool = False)
     return x
 
 
+def pad(x: torch.Tensor, padding: int, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """(N, C, H, W) with a border of ``padding`` pixels of ``fill`` (a value, or one per
+    channel) on every side."""
+    c = x.shape[1]
+    padded = F.pad(x, (padding,) * 4)
+    fill = torch.as_tensor(fill, dtype=x.dtype).to(x.device).expand(c).view(1, c, 1, 1)
+    if fill.any():
+        padded[:, :, :padding] = padded[:, :, -padding:] = fill
+        padded[:, :, :, :padding] = padded[:, :, :, -padding:] = fill
+    return padded
+
+
+def shifted(x: torch.Tensor, pixels: int, fill: torch.Tensor | float = 0.0) -> list[torch.Tensor]:
+    """The batch moved ``pixels`` right, left, down and up, the uncovered border filled with
+    ``fill``: the test-time views of the training crop's translations."""
+    h, w = x.shape[-2:]
+    padded = pad(x, pixels, fill)
+    p = pixels
+    return [
+        padded[..., p : p + h, :w],  # content moved right
+        padded[..., p : p + h, 2 * p : 2 * p + w],  # left
+        padded[..., :h, p : p + w],  # down
+        padded[..., 2 * p : 2 * p + h, p : p + w],  # up
+    ]
+
+
 def random_crop(
     x: torch.Tensor, padding: int, generator: torch.Generator, fill: torch.Tensor | float = 0.0
 ) -> torch.Tensor:
@@ -62,11 +88,7 @@ def random_crop(
     if padding == 0:
         return x
     n, c, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
-    fill = torch.as_tensor(fill, dtype=x.dtype).to(x.device).expand(c).view(1, c, 1, 1)
-    if fill.any():
-        padded[:, :, :padding] = padded[:, :, -padding:] = fill
-        padded[:, :, :, :padding] = padded[:, :, :, -padding:] = fill
+    padded = pad(x, padding, fill)
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (N, 1, H, 1)

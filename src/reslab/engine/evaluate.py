@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reslab.data.transforms import InputSpec, to_input
+from reslab.data.transforms import InputSpec, shifted, to_input
 from reslab.fast import autocast
 
 
@@ -18,12 +18,37 @@ class Evaluation:
     loss: float  # mean cross entropy, without label smoothing
     accuracy: float  # fraction correct
     confusion: torch.Tensor  # (K, K) int64, rows = true class, columns = prediction
+    views: int = 1  # test-time views averaged for each image (:func:`view_count`)
 
     @property
     def per_class(self) -> torch.Tensor:
         """(K,) accuracy of each true class (NaN for a class absent from the set)."""
         counts = self.confusion.sum(1).double()
         return self.confusion.diag().double() / counts
+
+
+def views(x: torch.Tensor, spec: InputSpec, tta: bool, shift: int) -> Iterator[torch.Tensor]:
+    """The test-time views of a model-input batch, one at a time: the batch, then moved
+    ``shift`` pixels right, left, down and up when ``shift`` (black borders, as the training
+    crops pad), each followed by its mirror image when ``tta``."""
+    batches = [x]
+    if shift:
+        layout = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        moved = shifted(x, shift, spec.black().to(x.device))
+        batches += [v.contiguous(memory_format=layout) for v in moved]
+    for batch in batches:
+        yield batch
+        if tta:
+            yield batch.flip(3)
+
+
+def view_count(tta: bool, shift: int) -> int:
+    """How many :func:`views` a test image gets."""
+    return (5 if shift else 1) * (2 if tta else 1)
 
 
 @torch.no_grad()
@@ -34,16 +59,16 @@ def logits(
     precision: str = "fp32",
     channels_last: bool = False,
     tta: bool = False,
+    shift: int = 0,
 ) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 logits (N, K). With ``tta`` the logits of each image and
-    its mirror image are averaged (flip test-time augmentation). The images go to the model's
-    device; the logits come back on the CPU."""
+    """uint8 (N, C, H, W) -> float32 logits (N, K), averaged over the test-time
+    :func:`views` (``tta``: the mirror image; ``shift``: four one-way moves of that many
+    pixels). The images go to the model's device; the logits come back on the CPU."""
     device = next(model.parameters()).device
     x = to_input(images.to(device), spec, channels_last)
     with autocast(precision, device):
-        out = model(x).float()
-        if tta:
-            out = (out + model(x.flip(3)).float()) / 2
+        out = sum(model(view).float() for view in views(x, spec, tta, shift))
+    out /= view_count(tta, shift)
     return out.cpu()
 
 
@@ -55,6 +80,7 @@ def evaluate(
     precision: str = "fp32",
     channels_last: bool = False,
     tta: bool = False,
+    shift: int = 0,
 ) -> Evaluation:
     was_training = model.training
     model.eval()
@@ -62,7 +88,7 @@ def evaluate(
     loss_sum, count = 0.0, 0
     try:
         for images, labels in batches:
-            out = logits(model, images, spec, precision, channels_last, tta)
+            out = logits(model, images, spec, precision, channels_last, tta, shift)
             loss_sum += F.cross_entropy(out, labels, reduction="sum").item()
             count += len(labels)
             pairs = labels * num_classes + out.argmax(1)
@@ -72,4 +98,6 @@ def evaluate(
     finally:
         model.train(was_training)
     correct = confusion.diag().sum().item()
-    return Evaluation(loss_sum / max(count, 1), correct / max(count, 1), confusion)
+    return Evaluation(
+        loss_sum / max(count, 1), correct / max(count, 1), confusion, view_count(tta, shift)
+    )

@@ -86,7 +86,9 @@ def evaluate_checkpoint(
         source = open_source(replace(config, data_dir=data_dir or config.data_dir))
         batches, description = source.test_batches(batch_size), source.description
     # the prepared model takes fp32 NCHW batches and handles layout and precision itself
-    evaluation = evaluate(model, batches, spec, len(classes), tta=config.tta)
+    evaluation = evaluate(
+        model, batches, spec, len(classes), tta=config.tta, shift=config.tta_shift
+    )
     return evaluation, description
 
 
@@ -109,7 +111,7 @@ def predict_files(
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = torch.stack([open_image(p, spec.channels, spec.source_size) for p in chunk])
-        probs = logits(model, images, spec, tta=config.tta).softmax(1)
+        probs = logits(model, images, spec, tta=config.tta, shift=config.tta_shift).softmax(1)
         top = probs.topk(min(top_k, len(classes)), dim=1)
         results += [
             [(classes[i], p) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]

@@ -317,26 +317,51 @@ def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> floa
                 probe.ema.update_parameters(probe.model)
             loss.item()  # waits for a GPU to finish the step
         train = (time.perf_counter() - started) / TIMED_STEPS * steps_per_epoch(config, source)
-        images, _ = next(iter(source.test_batches(config.eval_batch_size)))
-        test = functools.partial(
-            logits,
-            probe.eval_model,
-            images,
-            probe.spec,
-            config.precision,
-            config.channels_last,
-            tta=config.tta,
+        return train + evaluation_seconds(probe, source)
+
+
+def evaluation_seconds(state: TrainState, source: Source, shift: int = 0) -> float:
+    """Estimated wall seconds of evaluating ``state``'s model on the whole test set with
+    ``shift`` views (:func:`reslab.engine.evaluate.views`), timed on one test batch after an
+    untimed one and scaled."""
+    config = state.config
+    images, _ = next(iter(source.test_batches(config.eval_batch_size)))
+    test = functools.partial(
+        logits,
+        state.eval_model,
+        images,
+        state.spec,
+        config.precision,
+        config.channels_last,
+        config.tta,
+        shift,
+    )
+    test()
+    started = time.perf_counter()
+    test()
+    return (time.perf_counter() - started) * math.ceil(source.test_size / len(images))
+
+
+def last_evaluation_extra(config: TrainConfig, source: Source, world: World) -> float:
+    """Estimated seconds the last epoch's evaluation takes beyond the others': the
+    ``--tta-shift`` views are only scored then. 0 without them. The random state is kept."""
+    if not config.tta_shift:
+        return 0.0
+    devices = [] if config.device == "cpu" else [config.device]
+    with torch.random.fork_rng(devices=devices):
+        probe = build_state(config, source, Path("."))
+        probe.world = world
+        extra = evaluation_seconds(probe, source, config.tta_shift) - evaluation_seconds(
+            probe, source
         )
-        test()
-        started = time.perf_counter()
-        test()
-        batches = math.ceil(source.test_size / len(images))
-        return train + (time.perf_counter() - started) * batches
+    (total,) = sum_over_ranks(world, torch.tensor(max(extra, 0.0), dtype=torch.float64))
+    return total.item() / world.size
 
 
-def seconds_left(config: TrainConfig, elapsed: float) -> float:
-    """What the --max-minutes budget leaves for epochs after ``elapsed`` seconds of the run."""
-    return config.max_minutes * 60 * BUDGET_SHARE - elapsed
+def seconds_left(config: TrainConfig, elapsed: float, reserve: float = 0.0) -> float:
+    """What the --max-minutes budget leaves for epochs after ``elapsed`` seconds of the run,
+    ``reserve`` seconds (the last evaluation's extra views) set aside."""
+    return config.max_minutes * 60 * BUDGET_SHARE - elapsed - reserve
 
 
 def epochs_within(seconds: float, epoch_seconds: float, most: int) -> int:
@@ -403,12 +428,14 @@ def fit_to_budget(
     started: float,
     console: Console,
     estimate: float | None = None,
+    reserve: float = 0.0,
 ) -> None:
-    """Lower ``config.epochs`` to what fits in ``config.max_minutes`` from ``started``;
-    ``estimate``: an epoch's seconds if already measured (:func:`shared_epoch_estimate`)."""
+    """Lower ``config.epochs`` to what fits in ``config.max_minutes`` from ``started``, less
+    ``reserve`` seconds; ``estimate``: an epoch's seconds if already measured
+    (:func:`shared_epoch_estimate`)."""
     if estimate is None:
         estimate = shared_epoch_estimate(config, source, world)
-    left = seconds_left(config, now() - started)
+    left = seconds_left(config, now() - started, reserve)
     epochs = epochs_within(left, estimate, config.epochs)
     if epochs == 0:
         raise ReslabError(
@@ -434,6 +461,7 @@ def replan_to_budget(
     epoch_seconds: float,
     requested: int,
     console: Console,
+    reserve: float = 0.0,
 ) -> bool:
     """After epoch ``epoch`` (one of the first ``REPLAN_EPOCHS``), plan ``config.epochs`` again
     from that epoch's measured seconds (training and evaluation) and the time left: at most
@@ -444,7 +472,7 @@ def replan_to_budget(
         v.item() / world.size
         for v in sum_over_ranks(world, *map(torch.tensor, (epoch_seconds, elapsed)))
     )
-    left = seconds_left(config, elapsed)
+    left = seconds_left(config, elapsed, reserve)
     epochs = epoch + epochs_within(left, max(epoch_seconds, 1e-9), requested - epoch)
     if epochs == config.epochs:
         return False
@@ -589,8 +617,9 @@ def fit(
     if config.precision == "auto":
         estimate = choose_precision(config, source, world, console)
     requested, budgeted = config.epochs, bool(config.max_minutes) and payload is None
+    reserve = last_evaluation_extra(config, source, world) if budgeted else 0.0
     if budgeted:
-        fit_to_budget(config, source, world, start, console, estimate)
+        fit_to_budget(config, source, world, start, console, estimate, reserve)
     if world.is_main:
         run_dir = run_dir or new_run_dir(config)
     state = build_state(config, source, run_dir or Path("."))
@@ -636,6 +665,8 @@ def fit(
                 break
             state.epoch = epoch
             state.batch_in_epoch = 0
+            # the --tta-shift views cost several evaluations: the last epoch's alone gets them
+            shift = config.tta_shift if epoch == config.epochs else 0
             if world.is_main:  # rank 0 evaluates and writes; the others wait for it
                 evaluation = evaluate(
                     state.eval_model,
@@ -645,12 +676,13 @@ def fit(
                     config.precision,
                     config.channels_last,
                     config.tta,
+                    shift,
                 )
             if budgeted and epoch <= REPLAN_EPOCHS:
                 # before the checkpoint, so that it and config.json carry the new plan
                 seconds_taken = now() - epoch_started
                 changed = replan_to_budget(
-                    config, world, start, epoch, seconds_taken, requested, console
+                    config, world, start, epoch, seconds_taken, requested, console, reserve
                 )
                 if changed and world.is_main:
                     write_config(config, run_dir)
@@ -718,6 +750,7 @@ def record_epoch(
         "train_acc": train_acc,
         "test_loss": evaluation.loss,
         "test_acc": evaluation.accuracy,
+        "test_views": evaluation.views,
         "lr": state.optimizer.param_groups[0]["lr"],
         "img_per_s": images_per_s,
         "elapsed_s": now() - start,
@@ -731,10 +764,11 @@ def record_epoch(
         save_checkpoint(run_dir / "best.pt", checkpoint)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    views = f" ({evaluation.views} views)" if evaluation.views > 2 else ""
     console.print(
         f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f} acc "
         f"{100 * train_acc:.2f}%  test loss {evaluation.loss:.4f} acc "
-        f"{100 * evaluation.accuracy:.2f}%  lr {record['lr']:.2e}  "
+        f"{100 * evaluation.accuracy:.2f}%{views}  lr {record['lr']:.2e}  "
         f"{images_per_s:.0f} img/s  elapsed {record['elapsed_s']:.0f}s",
         markup=False,
         highlight=False,
