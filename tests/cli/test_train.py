@@ -50,6 +50,15 @@ def test_train_eval_predict(fake_fmnist, tmp_path, capsys, monkeypatch):
     accuracy = int((predictions == source.test_labels).sum()) / len(predictions)
     assert f"test accuracy {100 * accuracy:.2f}%" in printed
     assert payload["test_accuracy"] == accuracy
+    # --tta-shift overrides the checkpoint's views: the mirror and four moves of one pixel
+    assert main(["eval", str(run / "last.pt"), "--tta-shift", "1"]) == 0
+    shifted_out = capsys.readouterr().out
+    shifted_logits = logits(model, source.test_images, spec, "fp32", True, tta=True, shift=1)
+    shifted_acc = (shifted_logits.argmax(1) == source.test_labels).double().mean().item()
+    assert f"test accuracy {100 * shifted_acc:.2f}%" in shifted_out
+    assert "10 test-time views each" in shifted_out and "2 test-time views each" in printed
+    assert main(["eval", str(run / "last.pt"), "--tta-shift", "-1"]) == 2
+    assert "--tta-shift must be a whole number >= 0, got -1" in capsys.readouterr().err
     sneaker = 7
     in_class = source.test_labels == sneaker
     n_right = int((predictions[in_class] == sneaker).sum())
@@ -78,6 +87,8 @@ def test_train_eval_predict(fake_fmnist, tmp_path, capsys, monkeypatch):
     with pytest.raises(ReslabError, match=r"image .*missing\.png does not exist"):
         inference.predict_files(payload, [*files, str(tmp_path / "missing.png")])
     assert len(calls) == 5  # the missing file stopped it before any image was classified
+    moved = inference.predict_files(payload, files[:2], 2, "fp32", shift=1)
+    assert [p for _, p in moved[0]] != pytest.approx([p for _, p in whole[0]], abs=1e-5)
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["predict", str(run), str(tmp_path / "notes.txt")]) == 2
     err = capsys.readouterr().err

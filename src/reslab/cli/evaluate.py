@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         precision=args.precision,
         compile=args.compile,
+        shift=args.tta_shift,
     )
     console = Console()
     console.print(f"data: {description}", markup=False, highlight=False)

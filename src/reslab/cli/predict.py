@@ -45,6 +45,13 @@ def add_inference_flags(parser: argparse.ArgumentParser, default_precision: str)
         action="store_true",
         help="torch.compile the model first: pays off only for many images",
     )
+    parser.add_argument(
+        "--tta-shift",
+        type=int,
+        metavar="N",
+        help="also average over each image moved N pixels right, left, down and up; 0 = off "
+        "(default: the checkpoint's training setting)",
+    )
 
 
 # up to this many images that differ from the training images get a note each; more get one
@@ -90,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
     for note in conversion_notes(args.images, payload.get("input", {})):
         print(note, file=sys.stderr)
-    results = predict_files(payload, args.images, args.top_k, args.precision, args.compile)
+    results = predict_files(
+        payload, args.images, args.top_k, args.precision, args.compile, args.tta_shift
+    )
     for path, top in zip(args.images, results, strict=True):
         ranked = ", ".join(f"{name} {100 * p:.1f}%" for name, p in top)
         print(f"{path}: {ranked}")

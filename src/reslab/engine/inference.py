@@ -21,20 +21,24 @@ from reslab.engine.checkpoint import model_from_checkpoint, require_classifier
 from reslab.engine.config import TrainConfig
 from reslab.engine.evaluate import Evaluation, evaluate, logits
 from reslab.engine.train import open_source
-from reslab.errors import ReslabError
+from reslab.errors import ReslabError, check_whole
 
 
 def _setup(
-    payload: dict, precision: str, compile: bool
+    payload: dict, precision: str, compile: bool, shift: int | None = None
 ) -> tuple[torch.nn.Module, TrainConfig, InputSpec]:
     """The checkpoint's model on the inference fast path (batch norm folded, channels_last,
-    ``precision``: fp32, bf16, or auto = bf16 where the CPU has it), its config and input."""
+    ``precision``: fp32, bf16, or auto = bf16 where the CPU has it), its config and input;
+    ``shift`` replaces the config's ``tta_shift`` when given."""
     require_classifier(payload)
     for key in ("config", "input", "classes"):
         if key not in payload:
             raise ReslabError(f"the checkpoint has no {key!r}; it was not written by reslab train")
     model = model_from_checkpoint(payload)
     config = TrainConfig.from_dict(payload["config"])
+    if shift is not None:
+        check_whole("tta-shift", shift, least=0)
+        config = replace(config, tta_shift=shift)
     model = fast.prepare_for_inference(model, precision, fold_bn=True, compile=compile)
     return model, config, InputSpec.from_dict(payload["input"])
 
@@ -71,12 +75,13 @@ def evaluate_checkpoint(
     batch_size: int = 500,
     precision: str = "fp32",
     compile: bool = False,
+    shift: int | None = None,
 ) -> tuple[Evaluation, str]:
     """Evaluate on ``data`` (a folder), else on the test split of the data it was trained on.
 
     fp32 by default, so the numbers equal the training run's own evaluation (folding batch norm
     changes outputs by float rounding only)."""
-    model, config, spec = _setup(payload, precision, compile)
+    model, config, spec = _setup(payload, precision, compile, shift)
     classes = payload["classes"]
     if data is not None:
         batches, description = _folder_batches(
@@ -98,6 +103,7 @@ def predict_files(
     top_k: int = 3,
     precision: str = "auto",
     compile: bool = False,
+    shift: int | None = None,
     batch_size: int = 256,
 ) -> list[list[tuple[str, float]]]:
     """Top-k (class, probability) for each image file, read the way training read images.
@@ -105,7 +111,7 @@ def predict_files(
     (``predict CKPT dir/*.jpg``) never sits in memory at once."""
     for path in paths:  # a missing file stops the command before any work, not midway
         check_image_file(path)
-    model, config, spec = _setup(payload, precision, compile)
+    model, config, spec = _setup(payload, precision, compile, shift)
     classes = payload["classes"]
     results = []
     for start in range(0, len(paths), batch_size):
