@@ -57,10 +57,12 @@ from reslab.engine.box_pretrain import (
     pretrain_box_classifier,
     save_warm_start,
 )
+from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import (
     DetectTrainConfig,
     check_ema,
     coco_evaluate,
+    detector_from_checkpoint,
     evaluate_detector,
     predict_dataset,
     prepare_detector_for_inference,
@@ -253,6 +255,65 @@ def run_train(args, console: Console) -> None:
     console.print(f"wrote {write_result('train', result)}")
 
 
+def run_nms(args, console: Console) -> None:
+    """Choose the box NMS threshold on scenes the detector was not scored on, then score the
+    val split once with it: the val split stays untouched by the choice."""
+    tune_config = SceneConfig(images=args.tune_images, size=args.size, seed=args.tune_seed)
+    tune_dir = Path(args.tune_scenes)
+    if not (tune_dir / "annotations" / "train.json").is_file():
+        make_scenes(tune_dir, tune_config)
+    # the tuning scenes' train split: new canvases of Fashion-MNIST training items, so none
+    # of the val split's (test-set) items, in layouts the detector never saw
+    tune = CocoDetection(
+        tune_dir / "train", tune_dir / "annotations" / "train.json", eval_transforms()
+    )
+    scenes = Path(args.scenes)
+    val = CocoDetection(scenes / "val", scenes / "annotations" / "val.json", eval_transforms())
+    model = detector_from_checkpoint(load_checkpoint(args.checkpoint))
+    info = machine_info()
+    tuning = {}
+    for iou in args.thresholds:
+        model.roi_heads.nms_thresh = iou
+        metrics = evaluate_views(model, tune, args.low_score)
+        tuning[str(iou)] = metrics
+        console.print(
+            f"tuning scenes, plain, NMS {iou:g}: mAP@.5 {metrics['mAP50']:.4f}, at "
+            f"--score-thresh {args.low_score:g} {low_or_kept(metrics)['mAP50']:.4f} "
+            f"({metrics['eval_seconds']:.0f} s)"
+        )
+    chosen = max(args.thresholds, key=lambda iou: low_or_kept(tuning[str(iou)])["mAP50"])
+    model.roi_heads.nms_thresh = chosen
+    views = dict(flip=args.flip, scales=args.scales, refine=args.refine)
+    metrics = evaluate_views(model, val, args.low_score, **views)
+    result = {
+        "kind": "nms",
+        "machine": info,
+        "load_average_end": os.getloadavg(),
+        "checkpoint": str(args.checkpoint),
+        "tune_scenes": {**asdict(tune_config), "split": "train", "images": len(tune)},
+        "val_images": len(val),
+        "tuning": tuning,
+        "chosen_nms": chosen,
+        "views": {**views, "scales": list(args.scales)},
+        "metrics": metrics,
+        "note": args.note,
+    }
+    flags = (" --flip" if args.flip else "") + " --scales " + ",".join(map(str, args.scales))
+    flags += " --refine" if args.refine else ""
+    report_metrics(console, metrics, f"val, NMS {chosen:g} (chosen on the tuning scenes),{flags}")
+    low = low_or_kept(metrics)
+    console.print(
+        f"  with `--score-thresh {args.low_score:g}`: mAP {low['mAP']:.3f}, "
+        f"mAP@.5 {low['mAP50']:.4f}; {metrics['eval_seconds']:.0f} s"
+    )
+    console.print(f"wrote {write_result('nms', result)}")
+
+
+def low_or_kept(metrics: dict) -> dict:
+    """:func:`evaluate_views`' metrics at its low score threshold, if it scored one."""
+    return metrics.get("low_score", metrics)
+
+
 def evaluate_views(model, val, low_score: float, **views) -> dict:
     """What `detect eval` scores with these views, at the checkpoint's own score threshold and,
     under ``low_score``, at that `--score-thresh` too, from one pass over the val images.
@@ -443,6 +504,20 @@ def run_infer(args, console: Console) -> None:
     console.print(f"wrote {write_result('infer', result)}")
 
 
+def iou_list(text: str) -> tuple[float, ...]:
+    """argparse type for ``--thresholds``: IoUs in (0, 1], comma-separated."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < value <= 1 for value in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of IoU thresholds; give numbers above 0 and at most 1, "
+            "comma-separated, such as 0.4,0.5"
+        )
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     actions = parser.add_subparsers(dest="action", required=True)
@@ -562,7 +637,32 @@ def main() -> None:
         help="also time the int8 res5 head: auto = where the CPU has VNNI (default), yes = "
         "also without it (AVX2's 8-bit multiply-adds), no = never",
     )
-    for sub in (train, infer):
+    nms = actions.add_parser(
+        "nms",
+        help="choose the box NMS threshold on held-out scenes, then score val with it",
+        description="Score a trained detector's plain evaluation at each --thresholds box NMS "
+        "IoU on tuning scenes (the train split of scenes made with --tune-seed: Fashion-MNIST "
+        "training items in new layouts), take the best mAP@.5 at --low-score, and score the "
+        "val split once with it and the test-time views given.",
+    )
+    nms.add_argument("checkpoint", help="a detector checkpoint or its run folder")
+    nms.add_argument("--scenes", default="runs/scenes-8000", help="the scenes scored (val)")
+    nms.add_argument("--tune-scenes", default="runs/scenes-tune")
+    nms.add_argument("--tune-images", type=int, default=1600)
+    nms.add_argument("--tune-seed", type=int, default=1)
+    nms.add_argument("--size", type=int, default=128)
+    nms.add_argument(
+        "--thresholds",
+        type=iou_list,
+        default=(0.3, 0.4, 0.5, 0.6),
+        metavar="IOU,IOU,...",
+        help="box NMS IoU thresholds to try (default 0.3,0.4,0.5,0.6; 0.5 is detectron2's)",
+    )
+    nms.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True)
+    nms.add_argument("--scales", type=scale_factors, default=(1.0, 1.125, 1.25))
+    nms.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True)
+    nms.add_argument("--low-score", type=float, default=0.001, metavar="P")
+    for sub in (train, infer, nms):
         sub.add_argument("--note", default="", help="free text saved with the results")
         # on a loaded machine, OpenMP threads of one process spin waiting for each other; one
         # thread can then be several times faster than two
@@ -586,7 +686,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()
-    (run_train if args.action == "train" else run_infer)(args, console)
+    {"train": run_train, "infer": run_infer, "nms": run_nms}[args.action](args, console)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,16 @@ import pytest
 import torch
 from torch import nn
 
+from reslab.cli import detect as detect_cli
 from reslab.cli import main
 from reslab.data.coco import CocoDetection
 from reslab.engine.checkpoint import load_checkpoint
-from reslab.engine.detection import DetectTrainConfig, NonFiniteLoss, train_detector
+from reslab.engine.detection import (
+    DetectTrainConfig,
+    NonFiniteLoss,
+    evaluate_detector,
+    train_detector,
+)
 from reslab.models import create_model
 from reslab.models.detection import DetectorConfig, RPNConfig, build_detector
 
@@ -45,7 +51,7 @@ def scenes(tmp_path_factory):
     return root
 
 
-def test_train_resume_eval_predict(scenes, tmp_path, capsys):
+def test_train_resume_eval_predict(scenes, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert train_on_scenes(scenes, out, 1, "--anchor-sizes", "8,16,32") == 0
     printed = capsys.readouterr().out
@@ -80,6 +86,18 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys):
         assert main([*evaluate, "--score-thresh", thresh]) == 0
         counts[thresh] = json.loads(path.read_text())["detections"]
     assert counts["1"] == 0 < values["detections"] <= counts["0"]
+    # --nms reaches the model that is scored (the checkpoint's 0.5 otherwise)
+    seen = []
+
+    def scored(model, *args):
+        seen.append(model.roi_heads.nms_thresh)
+        return evaluate_detector(model, *args)
+
+    monkeypatch.setattr(detect_cli, "evaluate_detector", scored)
+    evaluate = ["detect", "eval", str(out), "--data", str(scenes)]
+    assert main(evaluate) == 0 and main([*evaluate, "--nms", "0.3"]) == 0
+    assert seen == [0.5, 0.3]
+    monkeypatch.undo()
 
     int8 = tmp_path / "int8.json"
     evaluate = ["detect", "eval", str(out), "--data", str(scenes), "--json", str(int8)]
@@ -152,6 +170,8 @@ def test_int8_flags_are_checked(tmp_path, capsys):
         ("predict", ["--score-thresh", "2"], "--score-thresh is a class probability"),
         ("predict", ["--score-thresh", "-0.1"], "from 0 to 1; got -0.1"),
         ("eval", ["--score-thresh", "1.5"], "--score-thresh is a class probability"),
+        ("eval", ["--nms", "0"], "--nms is an IoU above 0 and at most 1; got 0"),
+        ("predict", ["--nms", "1.5"], "--nms is an IoU above 0 and at most 1; got 1.5"),
     ],
 )
 def test_bad_inference_flags_name_the_flag(command, flags, message, tmp_path, capsys):

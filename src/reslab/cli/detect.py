@@ -234,6 +234,7 @@ def register(subparsers) -> None:
         "checkpoint's, 0.05 as in detectron2; COCO evaluations often use 0.001, which lets a "
         "mislabelled object's right class in at a low score)",
     )
+    _add_nms(evaluate)
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here")
     evaluate.set_defaults(func=run_eval)
 
@@ -256,8 +257,24 @@ def register(subparsers) -> None:
     )
     _add_precision(predict, "the first N of the given images")
     _add_test_views(predict)
+    _add_nms(predict)
     _add_threads(predict)
     predict.set_defaults(func=run_predict)
+
+
+def _add_nms(parser) -> None:
+    parser.add_argument(
+        "--nms",
+        type=float,
+        metavar="IOU",
+        help="drop a detection that overlaps a higher-scoring one of its class by more than "
+        "this IoU (default: the checkpoint's, 0.5 as in detectron2)",
+    )
+
+
+def _set_nms(model, iou: float | None) -> None:
+    if iou is not None:
+        model.roi_heads.nms_thresh = iou
 
 
 def _add_test_views(parser) -> None:
@@ -345,6 +362,8 @@ def _check_inference_args(args) -> None:
         raise ReslabError(
             f"--score-thresh is a class probability, from 0 to 1; got {args.score_thresh:g}"
         )
+    if args.nms is not None and not 0 < args.nms <= 1:
+        raise ReslabError(f"--nms is an IoU above 0 and at most 1; got {args.nms:g}")
 
 
 def _first_images(dataset: CocoDetection, count: int) -> list[torch.Tensor]:
@@ -615,6 +634,7 @@ def run_eval(args) -> int:
     )
     if args.score_thresh is not None:
         model.roi_heads.score_thresh = args.score_thresh
+    _set_nms(model, args.nms)
     dataset = _dataset(args, args.split, eval_transforms())
     if args.int8:
         source = dataset
@@ -638,6 +658,7 @@ def run_predict(args) -> int:
     payload = load_checkpoint(args.checkpoint)
     model = prepare_detector_for_inference(detector_from_checkpoint(payload))
     model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)
+    _set_nms(model, args.nms)
     if args.int8:
         images = [read_image(path) for path in args.image[: args.calibration_images]]
         _quantize(model, images, Console(stderr=True))
