@@ -89,20 +89,25 @@ def write_result(kind: str, result: dict) -> Path:
     return path
 
 
+def ensure_scenes(folder: Path, config: SceneConfig, flag: str) -> None:
+    """Make the scenes in ``folder`` unless there; stop if they were made otherwise."""
+    val_json = folder / "annotations" / "val.json"
+    if not val_json.is_file():
+        make_scenes(folder, config)
+    made = json.loads(val_json.read_text()).get("info", {}).get("config")
+    if made != asdict(config):
+        raise SystemExit(
+            f"detection.py: error: {folder} holds scenes made with {made}, not "
+            f"{asdict(config)} as asked; give another {flag} or remove that folder"
+        )
+
+
 def run_train(args, console: Console) -> None:
     info = machine_info()
     scenes = Path(args.scenes)
     scene_config = SceneConfig(images=args.images, size=args.size, seed=args.seed)
-    val_json = scenes / "annotations" / "val.json"
-    if not val_json.is_file():
-        make_scenes(scenes, scene_config)  # before any rank starts, so none of them races
-    made = json.loads(val_json.read_text()).get("info", {}).get("config")
-    if made != asdict(scene_config):
-        raise SystemExit(
-            f"detection.py: error: {scenes} holds scenes made with {made}, not "
-            f"{asdict(scene_config)} as --images, --size and --seed ask; give another --scenes "
-            "or remove that folder"
-        )
+    # before any rank starts, so none of them races
+    ensure_scenes(scenes, scene_config, "--scenes")
     # with --processes N this script runs again as N ranks of one DDP world (`reslab detect
     # train --processes` does the same); rank 0 evaluates and writes the result
     train_json = scenes / "annotations" / "train.json"
@@ -260,8 +265,7 @@ def run_nms(args, console: Console) -> None:
     val split once with it: the val split stays untouched by the choice."""
     tune_config = SceneConfig(images=args.tune_images, size=args.size, seed=args.tune_seed)
     tune_dir = Path(args.tune_scenes)
-    if not (tune_dir / "annotations" / "train.json").is_file():
-        make_scenes(tune_dir, tune_config)
+    ensure_scenes(tune_dir, tune_config, "--tune-scenes")
     # the tuning scenes' train split: new canvases of Fashion-MNIST training items, so none
     # of the val split's (test-set) items, in layouts the detector never saw
     tune = CocoDetection(
