@@ -79,7 +79,7 @@ def evaluate_checkpoint(
 ) -> tuple[Evaluation, str]:
     """Evaluate on ``data`` (a folder), else on the test split of the data it was trained on.
 
-    fp32 by default, so the numbers equal the training run's own evaluation (folding batch norm
+    fp32 by default, so the numbers equal an fp32 training run's evaluation (folding batch norm
     changes outputs by float rounding only)."""
     model, config, spec = _setup(payload, precision, compile, shift)
     classes = payload["classes"]
