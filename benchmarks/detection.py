@@ -43,6 +43,7 @@ from reslab.bench import machine_info
 from reslab.cli.detect import (
     add_anchor_sizes,
     add_train_proposals,
+    iou_list,
     proposal_configs,
     report_metrics,
     scale_factors,
@@ -506,20 +507,6 @@ def run_infer(args, console: Console) -> None:
         "note": args.note,
     }
     console.print(f"wrote {write_result('infer', result)}")
-
-
-def iou_list(text: str) -> tuple[float, ...]:
-    """argparse type for ``--thresholds``: IoUs in (0, 1], comma-separated."""
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(0 < value <= 1 for value in values):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a list of IoU thresholds; give numbers above 0 and at most 1, "
-            "comma-separated, such as 0.4,0.5"
-        )
-    return values
 
 
 def main() -> None:

@@ -303,18 +303,28 @@ def _add_test_views(parser) -> None:
     )
 
 
+def _numbers(text: str, most: float, what: str, example: str) -> tuple[float, ...]:
+    """Comma-separated numbers, each above 0 and at most ``most``, for an argparse type."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < value <= most for value in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of {what}; give numbers above 0 and at most {most:g}, "
+            f"comma-separated, such as {example}"
+        )
+    return values
+
+
 def scale_factors(text: str) -> tuple[float, ...]:
     """argparse type for ``--scales``: resize factors in (0, 4], comma-separated."""
-    try:
-        scales = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        scales = ()
-    if not scales or not all(0 < scale <= 4 for scale in scales):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a list of resize factors; give numbers above 0 and at most 4, "
-            "comma-separated, such as 1,1.25"
-        )
-    return scales
+    return _numbers(text, 4, "resize factors", "1,1.25")
+
+
+def iou_list(text: str) -> tuple[float, ...]:
+    """argparse type for a list of IoU thresholds in (0, 1], comma-separated."""
+    return _numbers(text, 1, "IoU thresholds", "0.4,0.5")
 
 
 def _add_precision(parser, calibration: str) -> None:

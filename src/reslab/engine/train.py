@@ -291,14 +291,22 @@ def now() -> float:
     return time.perf_counter()
 
 
-def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> float:
-    """Estimated wall seconds of one epoch of ``config`` on this machine: training, timed over
-    a few steps of a throwaway model on real batches, plus the evaluation after it, timed on
-    one test batch and scaled. The global random state is left as it was."""
+@contextmanager
+def throwaway_state(config: TrainConfig, source: Source, world: World):
+    """A fresh training state of ``config`` for timing probes, built and used with the global
+    random state forked, so that the run itself draws as if no probe had run."""
     devices = [] if config.device == "cpu" else [config.device]
     with torch.random.fork_rng(devices=devices):
         probe = build_state(config, source, Path("."))
         probe.world = world
+        yield probe
+
+
+def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> float:
+    """Estimated wall seconds of one epoch of ``config`` on this machine: training, timed over
+    a few steps of a throwaway model on real batches, plus the evaluation after it, timed on
+    one test batch and scaled. The global random state is left as it was."""
+    with throwaway_state(config, source, world) as probe:
         model = wrap(probe.model, world, config.sync_bn)
         probe.draws = epoch_generator(config.seed, 0, 1)
         batches = itertools.chain.from_iterable(
@@ -347,10 +355,7 @@ def last_evaluation_extra(config: TrainConfig, source: Source, world: World) -> 
     ``--tta-shift`` views are only scored then. 0 without them. The random state is kept."""
     if not config.tta_shift:
         return 0.0
-    devices = [] if config.device == "cpu" else [config.device]
-    with torch.random.fork_rng(devices=devices):
-        probe = build_state(config, source, Path("."))
-        probe.world = world
+    with throwaway_state(config, source, world) as probe:
         extra = evaluation_seconds(probe, source, config.tta_shift) - evaluation_seconds(
             probe, source
         )
