@@ -19,6 +19,7 @@ from reslab.engine.detection import (
     evaluate_detector,
     train_detector,
 )
+from reslab.engine.rescore import Rescorer
 from reslab.models import create_model
 from reslab.models.detection import DetectorConfig, RPNConfig, build_detector
 
@@ -228,7 +229,14 @@ def test_bad_data_is_one_line_and_exit_2(scenes, tmp_path, capsys):
         (["--pretrain-minutes", "1", "--resume"], "--resume continues one: give one"),
         (
             ["--pretrain-minutes", "5", "--max-minutes", "5"],
-            "--pretrain-minutes (5) must be less than --max-minutes (5)",
+            "(5 together) must be less than --max-minutes (5)",
+        ),
+        (["--rescore-minutes", "-1"], "--rescore-minutes must be >= 0, got -1"),
+        (["--rescore-minutes", "1", "--resume"], "--rescore-minutes starts a run; --resume"),
+        (
+            ["--rescore-minutes", "2", "--pretrain-minutes", "3", "--max-minutes", "5"],
+            "--pretrain-minutes and --rescore-minutes (5 together) must be less than "
+            "--max-minutes (5)",
         ),
     ],
 )
@@ -266,6 +274,52 @@ def test_pretraining_warm_starts_the_detector(scenes, tmp_path, capsys):
     fresh = build_detector(DetectorConfig.from_dict(load_checkpoint(out)["model"]["kwargs"]))
     from_pretrained = (trained - saved["state_dict"][name]).abs().max()
     assert from_pretrained < (trained - fresh.state_dict()[name]).abs().max()
+
+
+def test_rescorer_rides_in_the_checkpoint_and_rescores_eval_and_predict(
+    scenes, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    assert train_on_scenes(scenes, out, 1, "--rescore-minutes", "0.02") == 0
+    boxes = len(json.loads((scenes / "annotations" / "train.json").read_text())["annotations"])
+    assert f"training the rescoring classifier on {boxes:,} ground-truth crops" in (
+        capsys.readouterr().out
+    )
+    saved = load_checkpoint(out / "last.pt")["rescorer"]
+    assert saved["record"]["crops"] == boxes and saved["num_classes"] == 10
+    # a resumed run keeps it
+    assert train_on_scenes(scenes, out, 2, "--resume") == 0
+    kept = load_checkpoint(out / "last.pt")
+    assert kept["epoch"] == 2
+    torch.testing.assert_close(kept["rescorer"]["state_dict"], saved["state_dict"])
+
+    # eval scores with it unless --no-rescore
+    given = []
+
+    def scored(*args):
+        given.append(args[-1])
+        return evaluate_detector(*args)
+
+    monkeypatch.setattr(detect_cli, "evaluate_detector", scored)
+    evaluate = ["detect", "eval", str(out), "--data", str(scenes)]
+    assert main(evaluate) == 0 and main([*evaluate, "--no-rescore"]) == 0
+    assert isinstance(given[0], Rescorer) and given[1] is None
+    assert "rescored by the checkpoint's classifier" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    # predict: each score is the detector's times the classifier's probability of its label
+    image = scenes / "val" / "000000.png"
+    found = {}
+    for name, flags in (("rescored", []), ("own", ["--no-rescore"])):
+        predict = ["detect", "predict", str(out), str(image), "--score-thresh", "0", *flags]
+        assert main([*predict, "--out", str(tmp_path / name)]) == 0
+        [record] = json.loads((tmp_path / name / "predictions.json").read_text())
+        found[name] = record["detections"]
+    own = {(d["label"], tuple(d["box_xyxy"])): d["score"] for d in found["own"]}
+    rescored = {(d["label"], tuple(d["box_xyxy"])): d["score"] for d in found["rescored"]}
+    assert own.keys() == rescored.keys() and own
+    assert all(rescored[key] <= own[key] + 1e-4 for key in own)
+    assert any(rescored[key] < own[key] - 1e-3 for key in own)
 
 
 def test_ema_flag_averages_the_detectors_weights_and_batch_norm(scenes, tmp_path):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from torchvision.io import write_png
 from torchvision.ops import box_iou
 
-from reslab.data.coco import CocoDetection
 from reslab.engine import box_pretrain
 from reslab.engine.box_pretrain import (
     box_crops,
@@ -23,26 +20,7 @@ from reslab.errors import ReslabError
 from reslab.models.detection import DetectorConfig, build_detector
 
 
-def write_bars(root, count: int = 16, size: int = 64) -> CocoDetection:
-    """One white bar per black image: wide ones are class 1, tall ones class 2."""
-    g = torch.Generator().manual_seed(0)
-    images, annotations = [], []
-    for i in range(count):
-        label = 1 + i % 2
-        w, h = (24, 8) if label == 1 else (8, 24)
-        x, y = (int(v) for v in torch.randint(0, size - 24, (2,), generator=g))
-        pixels = torch.zeros(3, size, size, dtype=torch.uint8)
-        pixels[:, y : y + h, x : x + w] = 255
-        write_png(pixels, str(root / f"{i}.png"))
-        images.append({"id": i, "file_name": f"{i}.png", "width": size, "height": size})
-        annotations.append({"id": i + 1, "image_id": i, "category_id": label, "bbox": [x, y, w, h]})
-    categories = [{"id": 1, "name": "wide"}, {"id": 2, "name": "tall"}]
-    data = {"images": images, "annotations": annotations, "categories": categories}
-    (root / "ann.json").write_text(json.dumps(data))
-    return CocoDetection(root, root / "ann.json")
-
-
-def test_crops_centre_each_box_with_a_margin(tmp_path):
+def test_crops_centre_each_box_with_a_margin(tmp_path, write_bars):
     crops, boxes, labels = box_crops(write_bars(tmp_path, 4), side=64, margin=0.25)
     assert crops.shape == (4, 3, 64, 64) and crops.dtype == torch.uint8
     assert labels.tolist() == [1, 2, 1, 2]
@@ -56,7 +34,7 @@ def test_crops_centre_each_box_with_a_margin(tmp_path):
     assert crops[0, :, : y1 - 2].max() < 30 and crops[0, :, y2 + 2 :].max() < 30  # around it
 
 
-def test_crops_at_the_detectors_scale_keep_each_objects_size(tmp_path):
+def test_crops_at_the_detectors_scale_keep_each_objects_size(tmp_path, write_bars):
     dataset = write_bars(tmp_path, 2)  # 64-pixel images, a 24x8 bar and an 8x24 one
     # a detector at 128 pixels doubles the images: a 128-pixel crop is a 64-pixel window of
     # the image, the bar 48x16 in its middle, black around it
@@ -73,7 +51,7 @@ def test_crops_at_the_detectors_scale_keep_each_objects_size(tmp_path):
     assert detector_scale(100, 200, (50, 80)) == 0.4
 
 
-def test_pretraining_teaches_the_head_to_name_the_boxes(tmp_path):
+def test_pretraining_teaches_the_head_to_name_the_boxes(tmp_path, write_bars):
     dataset = write_bars(tmp_path)
     torch.manual_seed(0)
     model = build_detector(
@@ -87,7 +65,7 @@ def test_pretraining_teaches_the_head_to_name_the_boxes(tmp_path):
     assert model.training
 
 
-def test_bf16_pretraining_runs_the_head_under_bf16_autocast(tmp_path, monkeypatch):
+def test_bf16_pretraining_runs_the_head_under_bf16_autocast(tmp_path, monkeypatch, write_bars):
     dataset = write_bars(tmp_path)
     torch.manual_seed(0)
     model = build_detector(
@@ -111,7 +89,7 @@ def test_bf16_pretraining_runs_the_head_under_bf16_autocast(tmp_path, monkeypatc
     assert seen == [(False, torch.float32)]
 
 
-def test_no_boxes_is_a_one_line_error(tmp_path):
+def test_no_boxes_is_a_one_line_error(tmp_path, write_bars):
     dataset = write_bars(tmp_path, 2)
     dataset.annotations = {key: [] for key in dataset.annotations}
     with pytest.raises(ReslabError, match="no boxes"):

@@ -40,6 +40,12 @@ from reslab.engine.distributed import (
     init_world,
     relaunch,
 )
+from reslab.engine.rescore import (
+    load_rescorer_payload,
+    rescorer_from_checkpoint,
+    save_rescorer,
+    train_rescorer,
+)
 from reslab.errors import ReslabError, check_whole, finite_positive
 from reslab.models.detection import (
     BACKBONES,
@@ -202,6 +208,16 @@ def register(subparsers) -> None:
         help="with --pretrain-minutes: move each crop box's edges at random by up to F of its "
         "width or height every time it is drawn, like proposals near the object (default 0)",
     )
+    train.add_argument(
+        "--rescore-minutes",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help="first train a small classifier on windows of the image around the training "
+        "boxes for M minutes, part of --max-minutes; eval and predict multiply each "
+        "detection's score by its probability of the detection's label (decoupled "
+        "classification refinement; default 0: none)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument(
         "--processes",
@@ -226,6 +242,7 @@ def register(subparsers) -> None:
         evaluate, "the train split's first N images with --data, else the first N evaluated"
     )
     _add_test_views(evaluate)
+    _add_no_rescore(evaluate)
     evaluate.add_argument(
         "--score-thresh",
         type=float,
@@ -257,6 +274,7 @@ def register(subparsers) -> None:
     )
     _add_precision(predict, "the first N of the given images")
     _add_test_views(predict)
+    _add_no_rescore(predict)
     _add_nms(predict)
     _add_threads(predict)
     predict.set_defaults(func=run_predict)
@@ -301,6 +319,20 @@ def _add_test_views(parser) -> None:
         "the same views) and average the two passes' class probabilities, the boxes taking "
         "the second pass's shifts: iterative box regression; the head runs twice",
     )
+
+
+def _add_no_rescore(parser) -> None:
+    parser.add_argument(
+        "--no-rescore",
+        action="store_true",
+        help="leave the scores as the detector gives them when the checkpoint has a rescoring "
+        "classifier (detect train --rescore-minutes); by default it rescores",
+    )
+
+
+def _rescorer(args, payload: dict):
+    """The checkpoint's rescoring classifier unless --no-rescore; None without one."""
+    return None if args.no_rescore else rescorer_from_checkpoint(payload)
 
 
 def _numbers(text: str, most: float, what: str, example: str) -> tuple[float, ...]:
@@ -460,12 +492,17 @@ def _check_train_args(args) -> None:
         raise ReslabError(f"--pretrain-minutes must be >= 0, got {args.pretrain_minutes:g}")
     check_jitter(args.pretrain_jitter)
     check_ema(args.ema)
-    if args.pretrain_minutes and args.resume:
-        raise ReslabError("--pretrain-minutes starts a run; --resume continues one: give one")
-    if args.pretrain_minutes and 0 < args.max_minutes <= args.pretrain_minutes:
+    if args.rescore_minutes < 0:
+        raise ReslabError(f"--rescore-minutes must be >= 0, got {args.rescore_minutes:g}")
+    for flag in ("pretrain_minutes", "rescore_minutes"):
+        if getattr(args, flag) and args.resume:
+            name = "--" + flag.replace("_", "-")
+            raise ReslabError(f"{name} starts a run; --resume continues one: give one")
+    before = args.pretrain_minutes + args.rescore_minutes
+    if before and 0 < args.max_minutes <= before:
         raise ReslabError(
-            f"--pretrain-minutes ({args.pretrain_minutes:g}) must be less than --max-minutes "
-            f"({args.max_minutes:g}), whose budget it shares"
+            f"--pretrain-minutes and --rescore-minutes ({before:g} together) must be less "
+            f"than --max-minutes ({args.max_minutes:g}), whose budget they share"
         )
 
 
@@ -540,6 +577,19 @@ def _pretrain(args) -> None:
     save_warm_start(model, args.out, record)
 
 
+def _train_rescorer(args) -> None:
+    """--rescore-minutes, in this process with all its threads, before any rank starts."""
+    console = Console()
+    rescorer, record = train_rescorer(
+        _dataset(args, "train", None),
+        args.rescore_minutes,
+        seed=args.seed,
+        bf16=args.bf16,
+        console=console,
+    )
+    save_rescorer(rescorer, args.out, record)
+
+
 def run_train(args) -> int:
     _check_train_args(args)
     processes = args.processes or cpu_cores()
@@ -547,6 +597,8 @@ def run_train(args) -> int:
     if launcher:
         check_batch(World(size=processes), args.batch_size)
     _set_threads(args)
+    if args.rescore_minutes and not in_launched_world():
+        _train_rescorer(args)
     if args.pretrain_minutes and not in_launched_world():
         _pretrain(args)
     if launcher:
@@ -566,6 +618,11 @@ def run_train(args) -> int:
         record = load_warm_start(model, args.out)
         if max_minutes:  # the pretraining, crops' making included, came out of the budget
             max_minutes -= record["seconds"] / 60
+    rescorer = None
+    if args.rescore_minutes:
+        rescorer = load_rescorer_payload(args.out)
+        if max_minutes:  # so did the rescorer's training
+            max_minutes -= rescorer["record"]["seconds"] / 60
     config = DetectTrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -586,7 +643,14 @@ def run_train(args) -> int:
             f"({config.batch_size // world.size} per process)"
         )
     losses = train_detector(
-        model, dataset, config, args.out, resume=args.resume, console=console, world=world
+        model,
+        dataset,
+        config,
+        args.out,
+        resume=args.resume,
+        console=console,
+        world=world,
+        rescorer=rescorer,
     )
     console.print("last step: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
     console.print(f"checkpoint: {Path(args.out) / 'last.pt'}")
@@ -594,7 +658,11 @@ def run_train(args) -> int:
         report_metrics(
             console,
             evaluate_detector(
-                model, _dataset(args, "val", eval_transforms()), config.batch_size, config.bf16
+                model,
+                _dataset(args, "val", eval_transforms()),
+                config.batch_size,
+                config.bf16,
+                rescorer=rescorer_from_checkpoint(load_checkpoint(Path(args.out) / "last.pt")),
             ),
             "val",
         )
@@ -639,9 +707,8 @@ def errors_line(metrics: dict, top: int = 3) -> str:
 def run_eval(args) -> int:
     _set_threads(args)
     _check_inference_args(args)
-    model = prepare_detector_for_inference(
-        detector_from_checkpoint(load_checkpoint(args.checkpoint))
-    )
+    payload = load_checkpoint(args.checkpoint)
+    model = prepare_detector_for_inference(detector_from_checkpoint(payload))
     if args.score_thresh is not None:
         model.roi_heads.score_thresh = args.score_thresh
     _set_nms(model, args.nms)
@@ -653,8 +720,11 @@ def run_eval(args) -> int:
             if annotations.is_file():
                 source = CocoDetection(images, annotations, eval_transforms())
         _quantize(model, _first_images(source, args.calibration_images), Console())
+    rescorer = _rescorer(args, payload)
+    if rescorer is not None:
+        Console().print("scores rescored by the checkpoint's classifier (--no-rescore: not)")
     metrics = evaluate_detector(
-        model, dataset, args.batch_size, args.bf16, args.flip, args.scales, args.refine
+        model, dataset, args.batch_size, args.bf16, args.flip, args.scales, args.refine, rescorer
     )
     report_metrics(Console(), metrics, args.split if args.data else str(args.annotations))
     if args.json:
@@ -682,6 +752,7 @@ def run_predict(args) -> int:
         args.flip,
         args.scales,
         args.refine,
+        _rescorer(args, payload),
     )
     path = Path(args.out) / "predictions.json"
     path.write_text(json.dumps(records, indent=1))

@@ -91,8 +91,10 @@ def check_ema(decay: float) -> None:
         raise ReslabError(f"--ema must be at least 0 and below 1 (such as 0.999), got {decay:g}")
 
 
-def _payload(model, ema, optimizer, config, epoch, step, dataset: CocoDetection) -> dict:
-    extra = {}
+def _payload(
+    model, ema, optimizer, config, epoch, step, dataset: CocoDetection, rescorer: dict | None
+) -> dict:
+    extra = {} if rescorer is None else {"rescorer": rescorer}
     if ema is not None:
         # "state_dict" holds the averaged weights that eval and predict load; resuming also
         # needs the raw ones the optimizer moves
@@ -186,6 +188,7 @@ def train_detector(
     resume: bool = False,
     console: Console | None = None,
     world: World | None = None,
+    rescorer: dict | None = None,
 ) -> dict:
     """Train, writing ``out/last.pt`` after each epoch and ``out/log.jsonl`` per step.
 
@@ -193,7 +196,9 @@ def train_detector(
     state come from ``out/last.pt``. With ``config.ema`` the checkpoints hold the moving average
     of the weights, and ``model`` holds it when this returns. Under torchrun (``world``) each process takes its share
     of every global batch of ``config.batch_size`` images through a DistributedSampler, DDP
-    averages the gradients, and only rank 0 writes files.
+    averages the gradients, and only rank 0 writes files. ``rescorer``, a trained
+    :class:`~reslab.engine.rescore.Rescorer`'s payload, rides in every checkpoint (a resumed run
+    keeps the one its checkpoint has).
     """
     world = world or World()
     check_batch(world, config.batch_size)
@@ -216,6 +221,7 @@ def train_detector(
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng_state"])
         start_epoch, step = payload["epoch"], payload["step"]
+        rescorer = rescorer or payload.get("rescorer")
         console.print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}, step {step}")
     if world.active:
         sampler = DistributedSampler(dataset, world.size, world.rank, True, config.seed, True)
@@ -328,7 +334,7 @@ def train_detector(
                 if world.is_main:
                     save_checkpoint(
                         out / "last.pt",
-                        _payload(model, ema, optimizer, config, epoch + 1, step, dataset),
+                        _payload(model, ema, optimizer, config, epoch + 1, step, dataset, rescorer),
                     )
                 console.print(
                     f"epoch {epoch + 1}: step {step}, "
@@ -339,7 +345,8 @@ def train_detector(
             # unfinished
             if world.is_main:
                 save_checkpoint(
-                    out / "last.pt", _payload(model, ema, optimizer, config, epoch, step, dataset)
+                    out / "last.pt",
+                    _payload(model, ema, optimizer, config, epoch, step, dataset, rescorer),
                 )
             console.print(
                 f"time budget of {config.max_minutes} min spent at step {step} "
@@ -359,11 +366,14 @@ def _detect(
     flip: bool,
     scales: Sequence[float],
     refine: bool = False,
+    rescorer=None,
 ) -> list[dict]:
     with autocast("bf16" if bf16 else "fp32"):
         if flip or refine or tuple(scales) != (1.0,):
-            return detect_averaged(model, images, scales, flip, refine)
-        return model(images)
+            outputs = detect_averaged(model, images, scales, flip, refine)
+        else:
+            outputs = model(images)
+    return outputs if rescorer is None else rescorer.rescore(outputs, images, bf16)
 
 
 def predict_dataset(
@@ -374,16 +384,18 @@ def predict_dataset(
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
     refine: bool = False,
+    rescorer=None,
 ) -> list[dict]:
     """Detections over a dataset in COCO results format (original category ids, xywh boxes);
     ``flip``, ``scales``: the box head averaged over each image's mirror and resized views,
     ``refine``: and run again at the boxes it moved the proposals to
-    (:func:`~reslab.models.detection.detect_averaged`)."""
+    (:func:`~reslab.models.detection.detect_averaged`); ``rescorer``: each score times a
+    :class:`~reslab.engine.rescore.Rescorer`'s probability of its label."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     results = []
     for images, targets in loader:
-        outputs = _detect(model, list(images), bf16, flip, scales, refine)
+        outputs = _detect(model, list(images), bf16, flip, scales, refine, rescorer)
         for output, target in zip(outputs, targets, strict=True):
             boxes = output["boxes"].float()
             boxes[:, 2:] -= boxes[:, :2]
@@ -513,9 +525,11 @@ def evaluate_detector(
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
     refine: bool = False,
+    rescorer=None,
 ) -> dict:
     return coco_evaluate(
-        dataset.coco, predict_dataset(model, dataset, batch_size, bf16, flip, scales, refine)
+        dataset.coco,
+        predict_dataset(model, dataset, batch_size, bf16, flip, scales, refine, rescorer),
     )
 
 
@@ -536,6 +550,7 @@ def predict_images(
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
     refine: bool = False,
+    rescorer=None,
 ) -> list[dict]:
     """Detect on image files; write ``out/<name>.png`` with boxes drawn and return the records."""
     model.eval()
@@ -544,7 +559,7 @@ def predict_images(
     records = []
     for path in map(Path, paths):
         image = read_image(path, scale=False)
-        output = _detect(model, [image.float() / 255], bf16, flip, scales, refine)[0]
+        output = _detect(model, [image.float() / 255], bf16, flip, scales, refine, rescorer)[0]
         keep = output["scores"] >= score_thresh
         boxes = output["boxes"][keep].float()
         labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]
