@@ -134,6 +134,17 @@ def crop_accuracy(model, crops: torch.Tensor, boxes: torch.Tensor, labels: torch
     return right / len(labels)
 
 
+def classifier_step(
+    optimizer, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[float, float]:
+    """One optimizer step on a batch's class scores; the batch's loss and accuracy."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+
+
 def pretrain_box_classifier(
     model,
     dataset: CocoDetection,
@@ -189,13 +200,8 @@ def pretrain_box_classifier(
                 box = jitter_boxes(box, jitter, side, generator)
             with autocast("bf16" if bf16 else "fp32"):
                 logits = crop_logits(model, x, box).float()
-            batch_loss = F.cross_entropy(logits, labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
+            loss, accuracy = classifier_step(optimizer, logits, labels[index])
             step += 1
-            loss = batch_loss.item()
-            accuracy = (logits.argmax(1) == labels[index]).float().mean().item()
             if step % 100 == 0:
                 console.print(f"pretrain step {step}: loss={loss:.4f} accuracy={accuracy:.3f}")
     seconds = time.monotonic() - started

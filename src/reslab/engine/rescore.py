@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 from torchvision.ops import box_convert, roi_align
 
 from reslab.data.coco import CocoDetection
-from reslab.engine.box_pretrain import box_crops, jitter_boxes
+from reslab.engine.box_pretrain import box_crops, classifier_step, jitter_boxes
 from reslab.engine.checkpoint import save_checkpoint
 from reslab.engine.detection import lr_factor
 from reslab.errors import ReslabError
@@ -207,13 +206,8 @@ def train_rescorer(
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
         with autocast("bf16" if bf16 else "fp32"):
             logits = rescorer(x).float()
-        batch_loss = F.cross_entropy(logits, labels[index], label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        batch_loss.backward()
-        optimizer.step()
+        loss, accuracy = classifier_step(optimizer, logits, labels[index], label_smoothing=0.1)
         step += 1
-        loss = batch_loss.item()
-        accuracy = (logits.argmax(1) == labels[index]).float().mean().item()
         if step % 500 == 0:
             console.print(f"rescorer step {step}: loss={loss:.4f} accuracy={accuracy:.3f}")
     seconds = time.monotonic() - started
