@@ -366,9 +366,15 @@ def report_not_rescored(console: Console, metrics: dict) -> None:
 def scored(val, results: list[dict], rescorer: Rescorer | None) -> dict:
     """COCO metrics of detections, rescored when there is a rescorer, the detector's own
     under ``not_rescored``."""
-    if rescorer is None:
+    return scored_as(val, results, rescorer and rescorer.rescore_results(results, val))
+
+
+def scored_as(val, results: list[dict], rescored: list[dict] | None) -> dict:
+    """:func:`scored` with the detections already rescored (``rescored``, in the same order;
+    None: not rescored)."""
+    if rescored is None:
         return coco_evaluate(val.coco, results)
-    metrics = coco_evaluate(val.coco, rescorer.rescore_results(results, val))
+    metrics = coco_evaluate(val.coco, rescored)
     metrics["not_rescored"] = coco_evaluate(val.coco, results)
     return metrics
 
@@ -388,10 +394,13 @@ def evaluate_views(model, val, low_score: float, rescorer=None, **views) -> dict
     started = time.monotonic()
     results = predict_dataset(model, val, batch_size=8, **views)
     seconds = time.monotonic() - started
-    metrics = scored(val, [r for r in results if r["score"] >= kept], rescorer)
+    # a detection's rescored score depends on it alone: rescore once, then keep by threshold
+    rescored = rescorer and rescorer.rescore_results(results, val)
+    keep = [k for k, r in enumerate(results) if r["score"] >= kept]
+    metrics = scored_as(val, [results[k] for k in keep], rescored and [rescored[k] for k in keep])
     metrics["eval_seconds"] = seconds
     if low_score < kept:
-        metrics["low_score"] = {"score_thresh": low_score, **scored(val, results, rescorer)}
+        metrics["low_score"] = {"score_thresh": low_score, **scored_as(val, results, rescored)}
     return metrics
 
 
