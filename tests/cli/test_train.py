@@ -126,6 +126,27 @@ def test_bad_flags_are_one_line_errors(fake_fmnist, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+def test_widths_sets_each_stage_and_rides_in_the_checkpoint(fake_fmnist, tmp_path, capsys):
+    run = tmp_path / "run"
+    # resnet20 has three stages; --width 0.5 multiplies the given widths into 4, 6 and 12
+    assert train(fake_fmnist, run, "--widths", "8,12,24", "--width", "0.5", "--epochs", "1") == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_kwargs"]["widths"] == [8, 12, 24]
+    model = model_from_checkpoint(load_checkpoint(run / "last.pt"))
+    assert [model.layer1[0].conv1.out_channels, model.layer2[0].conv1.out_channels] == [4, 6]
+    assert model.fc.in_features == 12
+    capsys.readouterr()
+    assert train(fake_fmnist, tmp_path / "bad", "--widths", "8,16") == 2
+    err = capsys.readouterr().err
+    assert "--widths gives 2 stage widths (8,16) but resnet20 has 3 stages; give 3" in err
+    for widths in ("8,0,16", "8,x,16"):  # refused by argparse, before anything runs
+        with pytest.raises(SystemExit) as stop:
+            train(fake_fmnist, tmp_path / "bad", "--widths", widths)
+        assert stop.value.code == 2
+        assert f"'{widths}' is not a list of stage widths" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_image_folder_training(tmp_path, capsys):
     for split, n in (("train", 8), ("val", 2)):
         for c, name in enumerate(("light", "dark")):

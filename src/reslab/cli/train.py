@@ -23,6 +23,20 @@ def _bool(parser, name: str, help: str) -> None:
     )
 
 
+def stage_widths(text: str) -> list[int]:
+    """argparse type for ``--widths``: one positive channel count per stage, comma-separated."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of stage widths; give one positive whole number of "
+            "channels per stage, comma-separated, such as 64,128,256,512"
+        )
+    return widths
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -43,6 +57,13 @@ def register(subparsers) -> None:
     add("--model", help="any name from `reslab models` (the preset's stem and width still apply)")
     add("--stem", choices=("imagenet", "cifar", "small"), help="override the model's stem")
     add("--width", type=float, help="channel width multiplier")
+    add(
+        "--widths",
+        type=stage_widths,
+        metavar="C,C,...",
+        help="channels of each stage before --width multiplies them (ResNet-18: 64,128,256,512; "
+        "the best preset's 1/4 width makes that 16,32,64,128)",
+    )
     add(
         "--data",
         metavar="FOLDER",
@@ -184,7 +205,7 @@ def config_from_args(args: argparse.Namespace):
     if "epochs" in given:
         # an epoch count the user typed is what they get; a budget only if they typed one too
         given.setdefault("max_minutes", 0.0)
-    model_kwargs = {k: given.pop(k) for k in ("stem", "width") if k in given}
+    model_kwargs = {k: given.pop(k) for k in ("stem", "width", "widths") if k in given}
     config = build_config(args.preset, **given)
     config.model_kwargs = {**config.model_kwargs, **model_kwargs}
     return config, None, None
