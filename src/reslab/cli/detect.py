@@ -241,8 +241,7 @@ def register(subparsers) -> None:
     _add_precision(
         evaluate, "the train split's first N images with --data, else the first N evaluated"
     )
-    _add_test_views(evaluate)
-    _add_no_rescore(evaluate)
+    _add_scoring(evaluate)
     evaluate.add_argument(
         "--score-thresh",
         type=float,
@@ -273,8 +272,7 @@ def register(subparsers) -> None:
         "detectron2, the model is asked to keep them too)",
     )
     _add_precision(predict, "the first N of the given images")
-    _add_test_views(predict)
-    _add_no_rescore(predict)
+    _add_scoring(predict)
     _add_nms(predict)
     _add_threads(predict)
     predict.set_defaults(func=run_predict)
@@ -295,7 +293,9 @@ def _set_nms(model, iou: float | None) -> None:
         model.roi_heads.nms_thresh = iou
 
 
-def _add_test_views(parser) -> None:
+def _add_scoring(parser) -> None:
+    """How eval and predict score each detection: the views the box head averages over, a
+    second head pass, and the checkpoint's rescoring classifier or not."""
     parser.add_argument(
         "--flip",
         action="store_true",
@@ -319,9 +319,6 @@ def _add_test_views(parser) -> None:
         "the same views) and average the two passes' class probabilities, the boxes taking "
         "the second pass's shifts: iterative box regression; the head runs twice",
     )
-
-
-def _add_no_rescore(parser) -> None:
     parser.add_argument(
         "--no-rescore",
         action="store_true",
