@@ -49,7 +49,7 @@ def _conv(module: nn.Module) -> nn.Conv2d:
             return convs[0]
     raise ReslabError(
         f"cannot quantize {type(module).__name__}: only residual blocks with folded batch norm "
-        "and projection (option B/C) shortcuts are supported"
+        "and 1x1 projection (option B/C) shortcuts are supported, not D's average pool"
     )
 
 

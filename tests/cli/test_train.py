@@ -147,6 +147,21 @@ def test_widths_sets_each_stage_and_rides_in_the_checkpoint(fake_fmnist, tmp_pat
     assert not (tmp_path / "bad").exists()
 
 
+def test_shortcut_and_zero_init_flags_reach_the_model(fake_fmnist, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(fake_fmnist, run, "--shortcut", "D", "--zero-init-residual", "--epochs", "1") == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_kwargs"]["shortcut"] == "D"
+    assert config["model_kwargs"]["zero_init_residual"] is True
+    model = model_from_checkpoint(load_checkpoint(run / "last.pt"))
+    assert isinstance(model.layer2[0].downsample[0], torch.nn.AvgPool2d)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train(fake_fmnist, tmp_path / "bad", "--shortcut", "E")
+    assert stop.value.code == 2
+    assert "--shortcut: invalid choice: 'E'" in capsys.readouterr().err
+
+
 def test_image_folder_training(tmp_path, capsys):
     for split, n in (("train", 8), ("val", 2)):
         for c, name in enumerate(("light", "dark")):

@@ -1,4 +1,4 @@
-"""Block wiring: what the shortcut takes, what plain blocks lack, and the three options."""
+"""Block wiring: what the shortcut takes, what plain blocks lack, and the shortcut options."""
 
 import pytest
 import torch
@@ -89,6 +89,29 @@ def test_option_c_projects_everywhere_and_costs_parameters():
         c = create_model("resnet34", shortcut="C")
     assert all(blk.downsample is not None for s in c.stages for blk in s)
     assert sum(p.numel() for p in c.parameters()) > sum(p.numel() for p in b.parameters())
+
+
+@pytest.mark.parametrize("side", [8, 7])
+def test_option_d_pools_before_the_projection_and_matches_the_branch(side):
+    block = BasicBlock(8, 16, stride=2, shortcut="D").eval()
+    pool, conv, norm = block.downsample
+    assert conv.stride == (1, 1) and isinstance(norm, nn.BatchNorm2d)
+    x = torch.randn(2, 8, side, side)
+    # every input position counts: the mean of each 2x2 window (ragged at an odd edge)
+    pooled = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True, count_include_pad=False)
+    assert torch.equal(pool(x), pooled)
+    assert torch.allclose(block.downsample(x), norm(conv(pooled)))
+    assert block(x).shape == block.branch(x).shape == (2, 16, (side + 1) // 2, (side + 1) // 2)
+
+
+def test_option_d_is_option_b_where_the_map_keeps_its_size():
+    d = create_model("resnet50", shortcut="D", width=0.25)
+    b = create_model("resnet50", shortcut="B", width=0.25)
+    # as many parameters (the pool has none), named one index later in each projection
+    assert [n for n, _ in d.named_parameters()] != [n for n, _ in b.named_parameters()]
+    assert sum(p.numel() for p in d.parameters()) == sum(p.numel() for p in b.parameters())
+    assert isinstance(d.layer1[0].downsample[0], nn.Conv2d)  # stride 1, channels change
+    assert all(isinstance(d.stages[i][0].downsample[0], nn.AvgPool2d) for i in (1, 2, 3))
 
 
 def test_stride_placement_v1_and_v1_5():

@@ -15,6 +15,7 @@ from reslab.engine.config import (
 from reslab.engine.distributed import World, check_batch, cpu_cores, in_launched_world, relaunch
 from reslab.engine.train import BF16_MIN_SPEEDUP, fit, resume_config
 from reslab.errors import ReslabError
+from reslab.models.blocks import SHORTCUTS
 
 
 def _bool(parser, name: str, help: str) -> None:
@@ -63,6 +64,19 @@ def register(subparsers) -> None:
         metavar="C,C,...",
         help="channels of each stage before --width multiplies them (ResNet-18: 64,128,256,512; "
         "the best preset's 1/4 width makes that 16,32,64,128)",
+    )
+    add(
+        "--shortcut",
+        choices=SHORTCUTS,
+        help="A = zero-padded identity, B = 1x1 projection where the shape changes, C = on "
+        "every block (He et al. 2015); D = B with a 2x2 average pool before the projection "
+        "where the map shrinks (He et al. 2019, ResNet-D). Default: the model's own",
+    )
+    _bool(
+        parser,
+        "--zero-init-residual",
+        "start each residual branch's last batch norm at zero, so every block begins as the "
+        "identity (Goyal et al. 2017)",
     )
     add(
         "--data",
@@ -205,7 +219,8 @@ def config_from_args(args: argparse.Namespace):
     if "epochs" in given:
         # an epoch count the user typed is what they get; a budget only if they typed one too
         given.setdefault("max_minutes", 0.0)
-    model_kwargs = {k: given.pop(k) for k in ("stem", "width", "widths") if k in given}
+    model_keys = ("stem", "width", "widths", "shortcut", "zero_init_residual")
+    model_kwargs = {k: given.pop(k) for k in model_keys if k in given}
     config = build_config(args.preset, **given)
     config.model_kwargs = {**config.model_kwargs, **model_kwargs}
     return config, None, None

@@ -14,6 +14,12 @@ Shortcut options are those of He et al. 2015 ("Deep Residual Learning"), section
 * ``"B"``: identity, with a 1x1 projection only where the shape changes (the default; what
   torchvision and most ImageNet models use);
 * ``"C"``: a 1x1 projection on every block.
+
+and one from He et al. 2019 ("Bag of Tricks for Image Classification", section 4.1, "ResNet-D"):
+
+* ``"D"``: as B, but where the map shrinks the projection is a 2x2 average pool of stride 2
+  followed by a 1x1 convolution of stride 1, so every input position reaches the sum (a 1x1
+  convolution of stride 2 reads one position in four). Same multiply-adds as B plus the pool.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SHORTCUTS = ("A", "B", "C")
+SHORTCUTS = ("A", "B", "C", "D")
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -67,9 +73,14 @@ def make_shortcut(
     changes_shape = stride != 1 or in_channels != out_channels
     if shortcut == "A":
         return PadShortcut(in_channels, out_channels, stride) if changes_shape else None
-    if shortcut == "B" and not changes_shape:
+    if shortcut in "BD" and not changes_shape:
         return None
-    layers = [conv1x1(in_channels, out_channels, stride)]
+    if shortcut == "D" and stride > 1:
+        # ceil_mode and no padding count keep odd sides right: 7x7 -> 4x4, as the strided conv
+        pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        layers = [pool, conv1x1(in_channels, out_channels)]
+    else:
+        layers = [conv1x1(in_channels, out_channels, stride)]
     if norm:
         layers.append(nn.BatchNorm2d(out_channels))
     return nn.Sequential(*layers)
