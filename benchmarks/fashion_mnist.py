@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -102,6 +103,9 @@ def main() -> None:
         except json.JSONDecodeError:  # a bare word: stem=cifar means the string "cifar"
             overrides[key] = value
 
+    if args.threads:
+        # the machine record's torch_threads is read in this process: make it the runs' count
+        torch.set_num_threads(args.threads)
     console = Console()
     rows = []
     for preset in args.presets:
