@@ -160,6 +160,11 @@ def test_shortcut_and_zero_init_flags_reach_the_model(fake_fmnist, tmp_path, cap
         train(fake_fmnist, tmp_path / "bad", "--shortcut", "E")
     assert stop.value.code == 2
     assert "--shortcut: invalid choice: 'E'" in capsys.readouterr().err
+    bad = tmp_path / "plain"
+    assert train(fake_fmnist, bad, "--model", "plain_resnet20", "--zero-init-residual") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plain_resnet20 has none" in err
+    assert not bad.exists()
 
 
 def test_image_folder_training(tmp_path, capsys):

@@ -127,6 +127,8 @@ def test_zero_init_residual_zeroes_the_last_norm_of_each_branch():
     for block in model.layer1:
         assert torch.count_nonzero(block.bn3.weight) == 0
     assert torch.count_nonzero(model.layer1[0].bn1.weight) > 0
+    with pytest.raises(ReslabError, match="a plain network would start dead"):
+        create_model("plain_resnet20", zero_init_residual=True)
 
 
 def test_spec_rebuilds_the_model():

@@ -236,6 +236,11 @@ def validate(config: TrainConfig) -> None:
                 f"--widths gives {len(widths)} stage widths ({','.join(map(str, widths))}) but "
                 f"{config.model} has {stages} stages; give {stages}"
             )
+    if config.model_kwargs.get("zero_init_residual") and config.model.startswith("plain_"):
+        raise ReslabError(
+            f"--zero-init-residual needs residual blocks; {config.model} has none, and its "
+            "blocks would start at zero and never train"
+        )
     finite_positive("max-minutes", config.max_minutes, allow_zero=True)
     finite_positive("weight-decay", config.weight_decay, allow_zero=True)
     finite_positive("momentum", config.momentum, allow_zero=True)

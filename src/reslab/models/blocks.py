@@ -73,7 +73,7 @@ def make_shortcut(
     changes_shape = stride != 1 or in_channels != out_channels
     if shortcut == "A":
         return PadShortcut(in_channels, out_channels, stride) if changes_shape else None
-    if shortcut in "BD" and not changes_shape:
+    if shortcut in ("B", "D") and not changes_shape:
         return None
     if shortcut == "D" and stride > 1:
         # ceil_mode and no padding count keep odd sides right: 7x7 -> 4x4, as the strided conv

@@ -65,6 +65,12 @@ class ResNet(nn.Module):
             raise ReslabError(f"{len(layers)} stages but {len(widths)} widths")
         if not math.isfinite(width) or width <= 0:
             raise ReslabError(f"width multiplier must be a positive number, got {width}")
+        if zero_init_residual and not block.residual:
+            # a plain block's last batch norm feeds the ReLU alone: at zero it outputs zero and
+            # passes back no gradient, so the network could never train
+            raise ReslabError(
+                "zero_init_residual needs residual blocks; a plain network would start dead"
+            )
         block_options = {"shortcut": shortcut}
         if stride_in_1x1:
             if block.expansion == 1:
