@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 from reslab.errors import ReslabError, check_whole, finite_positive
-from reslab.models import list_models, model_defaults
+from reslab.models import BLOCKS, list_models, model_defaults
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
@@ -236,7 +236,8 @@ def validate(config: TrainConfig) -> None:
                 f"--widths gives {len(widths)} stage widths ({','.join(map(str, widths))}) but "
                 f"{config.model} has {stages} stages; give {stages}"
             )
-    if config.model_kwargs.get("zero_init_residual") and config.model.startswith("plain_"):
+    residual = BLOCKS[model_defaults(config.model)["block"]].residual
+    if config.model_kwargs.get("zero_init_residual") and not residual:
         raise ReslabError(
             f"--zero-init-residual needs residual blocks; {config.model} has none, and its "
             "blocks would start at zero and never train"
