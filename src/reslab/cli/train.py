@@ -148,6 +148,21 @@ def register(subparsers) -> None:
         "batches, mixing the labels by area (default 0 = off)",
     )
     add("--ema", type=float, help="weight-averaging decay per step, 0 = off")
+    add(
+        "--sam",
+        type=float,
+        metavar="RHO",
+        help="sharpness-aware minimisation (Foret et al. 2021): each step's gradient is taken "
+        "at the weights moved RHO along the batch's gradient, a second forward and backward "
+        "pass that --max-minutes plans for (typical RHO 0.05; default 0 = off)",
+    )
+    add(
+        "--sam-start",
+        type=float,
+        metavar="F",
+        help="SAM only on the steps after this share of the run (default 0.75: the last "
+        "quarter, where Zhou et al. 2024 found most of its gain; 0 = every step)",
+    )
     _bool(parser, "--tta", "average predictions over each test image and its mirror image")
     add(
         "--tta-shift",

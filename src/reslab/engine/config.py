@@ -60,6 +60,12 @@ class TrainConfig:
     # shuffled copy of the batch, the loss mixing the two labels by area; 0 = off
     cutmix: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
+    # sharpness-aware minimisation (Foret et al. 2021): each step takes its gradient at the
+    # weights moved sam (the radius rho) along the batch's normalised gradient, a second
+    # forward and backward pass; on only after sam_start of the run's steps (Zhou et al. 2024
+    # found SAM late in training finds most of its flatter minima); 0 = off
+    sam: float = 0.0
+    sam_start: float = 0.75
     tta: bool = True  # average the logits of each test image and its mirror image
     # the last epoch's evaluation also averages over the image moved this many pixels right,
     # left, down and up (5 or, with tta, 10 views); 0 = off. Earlier epochs skip these views,
@@ -250,6 +256,11 @@ def validate(config: TrainConfig) -> None:
         finite_positive(name.replace("_", "-"), value, allow_zero=True)
         if value >= 1:
             raise ReslabError(f"--{name.replace('_', '-')} must be below 1, got {value}")
+    finite_positive("sam", config.sam, allow_zero=True)
+    if not 0 <= config.sam_start < 1:
+        raise ReslabError(
+            f"--sam-start must be a share of the steps in [0, 1), got {config.sam_start}"
+        )
     if config.cutmix != 0 and not 0 < config.cutmix <= 1:
         raise ReslabError(f"--cutmix must be between 0 and 1, got {config.cutmix}")
     check_device(config.device)

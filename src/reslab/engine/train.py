@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
@@ -374,6 +374,22 @@ def epochs_within(seconds: float, epoch_seconds: float, most: int) -> int:
     return max(0, min(most, math.floor(seconds / epoch_seconds)))
 
 
+def planned_epochs(
+    config: TrainConfig, n_steps: int, seconds: float, epoch_seconds: float, done: int, most: int
+) -> int:
+    """The most epochs in all, from ``done`` up to ``most``, whose epochs after ``done`` fit in
+    ``seconds``: each takes ``epoch_seconds`` without SAM, and each step that takes SAM's
+    second pass (:func:`sam_begins`, which moves with the plan) costs a step more."""
+    total = done + epochs_within(seconds, epoch_seconds, most - done)
+    while total > done:
+        planned = replace(config, epochs=total)
+        extra = sam_steps(planned, n_steps, done * n_steps, total * n_steps) / n_steps
+        if (total - done + extra) * epoch_seconds <= seconds:
+            break
+        total -= 1
+    return total
+
+
 def shared_epoch_estimate(config: TrainConfig, source: Source, world: World) -> float:
     """:func:`seconds_per_epoch` averaged over the processes, so that every process plans the
     same: the same precision, the same number of epochs."""
@@ -441,16 +457,21 @@ def fit_to_budget(
     if estimate is None:
         estimate = shared_epoch_estimate(config, source, world)
     left = seconds_left(config, now() - started, reserve)
-    epochs = epochs_within(left, estimate, config.epochs)
+    n_steps = steps_per_epoch(config, source)
+    epochs = planned_epochs(config, n_steps, left, estimate, 0, config.epochs)
     if epochs == 0:
         raise ReslabError(
             f"--max-minutes {config.max_minutes:g}: one epoch takes about "
             f"{format_time(estimate)} on this machine (measured), more than the budget leaves "
             "for training; give a larger --max-minutes, or a smaller --width or --batch-size"
         )
+    sam = ""
+    if config.sam:
+        share = sam_steps(replace(config, epochs=epochs), n_steps, 0, epochs * n_steps)
+        sam = f", {share / n_steps:.1f} more for SAM's second passes"
     console.print(
         f"time budget {config.max_minutes:g} min: one epoch takes about {format_time(estimate)} "
-        f"here (measured), so {epochs} of {config.epochs} epochs",
+        f"here (measured), so {epochs} of {config.epochs} epochs{sam}",
         markup=False,
         highlight=False,
         soft_wrap=True,
@@ -467,6 +488,7 @@ def replan_to_budget(
     requested: int,
     console: Console,
     reserve: float = 0.0,
+    n_steps: int = 1,
 ) -> bool:
     """After epoch ``epoch`` (one of the first ``REPLAN_EPOCHS``), plan ``config.epochs`` again
     from that epoch's measured seconds (training and evaluation) and the time left: at most
@@ -478,7 +500,10 @@ def replan_to_budget(
         for v in sum_over_ranks(world, *map(torch.tensor, (epoch_seconds, elapsed)))
     )
     left = seconds_left(config, elapsed, reserve)
-    epochs = epoch + epochs_within(left, max(epoch_seconds, 1e-9), requested - epoch)
+    # an epoch without SAM: this one's time less its own SAM passes' share
+    own = sam_steps(config, n_steps, (epoch - 1) * n_steps, epoch * n_steps) / n_steps
+    plain = max(epoch_seconds / (1 + own), 1e-9)
+    epochs = planned_epochs(config, n_steps, left, plain, epoch, requested)
     if epochs == config.epochs:
         return False
     console.print(
@@ -687,7 +712,15 @@ def fit(
                 # before the checkpoint, so that it and config.json carry the new plan
                 seconds_taken = now() - epoch_started
                 changed = replan_to_budget(
-                    config, world, start, epoch, seconds_taken, requested, console, reserve
+                    config,
+                    world,
+                    start,
+                    epoch,
+                    seconds_taken,
+                    requested,
+                    console,
+                    reserve,
+                    n_steps,
                 )
                 if changed and world.is_main:
                     write_config(config, run_dir)
@@ -781,11 +814,19 @@ def record_epoch(
     )
 
 
-def batch_loss(
-    state: TrainState, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One global uint8 batch augmented with ``state.draws``: this process's logits, its
-    labels and the loss (CutMix mixes the pasted boxes' labels in by area)."""
+@dataclass
+class Batch:
+    """One process's share of an augmented batch, ready for the model: the input, its labels,
+    and for CutMix the pasted boxes' labels with the share ``lam`` of the image kept."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    pasted: torch.Tensor | None = None
+    lam: float = 1.0
+
+
+def batch_input(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+    """One global uint8 batch augmented with ``state.draws``, this process's slice of it."""
     config, world = state.config, state.world
     images, labels = images.to(config.device), labels.to(config.device)
     x = to_input(images, state.spec)
@@ -796,18 +837,83 @@ def batch_loss(
         x = augment(x, config.crop_padding, config.erasing, state.draws, state.spec.black())
         x, shuffled, lam = cutmix(x, config.cutmix, state.draws)
         if lam < 1:
-            pasted = labels[shuffled.to(config.device)]  # the labels of the pasted boxes
+            pasted = world.shard(labels[shuffled.to(config.device)])  # the boxes' labels
     x, labels = world.shard(x), world.shard(labels)
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    return Batch(x, labels, pasted, lam)
+
+
+def forward_loss(
+    config: TrainConfig, model: nn.Module, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the loss of ``batch`` (CutMix mixes the pasted boxes' labels in by area)."""
     with autocast(config.precision, config.device):
-        out = model(x).float()
-        loss = F.cross_entropy(out, labels, label_smoothing=config.label_smoothing)
-        if pasted is not None:
-            loss = lam * loss + (1 - lam) * F.cross_entropy(
-                out, world.shard(pasted), label_smoothing=config.label_smoothing
+        out = model(batch.x).float()
+        loss = F.cross_entropy(out, batch.labels, label_smoothing=config.label_smoothing)
+        if batch.pasted is not None:
+            loss = batch.lam * loss + (1 - batch.lam) * F.cross_entropy(
+                out, batch.pasted, label_smoothing=config.label_smoothing
             )
-    return out, labels, loss
+    return out, loss
+
+
+def batch_loss(
+    state: TrainState, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_input` then :func:`forward_loss`: the logits, the labels and the loss."""
+    batch = batch_input(state, images, labels)
+    out, loss = forward_loss(state.config, model, batch)
+    return out, batch.labels, loss
+
+
+def sam_begins(config: TrainConfig, n_steps: int) -> int | None:
+    """The first optimizer step (counted from 0) that takes SAM's second pass; None when off."""
+    if not config.sam:
+        return None
+    return math.ceil(config.sam_start * config.epochs * n_steps)
+
+
+def sam_steps(config: TrainConfig, n_steps: int, first: int, end: int) -> int:
+    """How many of the steps ``first`` ... ``end - 1`` take SAM's second pass."""
+    begins = sam_begins(config, n_steps)
+    return 0 if begins is None else max(0, end - max(first, begins))
+
+
+@contextmanager
+def running_stats_frozen(model: nn.Module):
+    """Batch norms normalise with the batch's statistics as usual but leave their running
+    statistics alone (momentum 0): SAM's second pass is at perturbed weights, and the step's
+    batch is already counted by the first."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, kept, strict=True):
+            m.momentum = momentum
+
+
+def sam_gradient(state: TrainState, model: nn.Module, batch: Batch) -> None:
+    """Replace the gradients of the batch's loss by SAM's (Foret et al. 2021, "Sharpness-Aware
+    Minimization for Efficiently Improving Generalization", algorithm 1): the weights move
+    ``config.sam`` along the normalised gradient (the steepest ascent to first order), the
+    loss's gradient is taken there, and the weights move back, so that the optimizer steps
+    from where it was with the gradient of the worst point nearby. Under DDP the first
+    gradient is already the processes' average, so every process moves alike."""
+    params = [p for p in state.model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        moves = [p.grad * (state.config.sam / (norm + 1e-12)) for p in params]
+        torch._foreach_add_(params, moves)
+    state.optimizer.zero_grad(set_to_none=True)
+    with running_stats_frozen(model):
+        _, loss = forward_loss(state.config, model, batch)
+    loss.backward()
+    with torch.no_grad():
+        torch._foreach_sub_(params, moves)
 
 
 def train_epoch(
@@ -824,6 +930,7 @@ def train_epoch(
     model.train()
     order = epoch_generator(config.seed, epoch, 0)
     state.draws = epoch_generator(config.seed, epoch, 1)
+    sam_from = sam_begins(config, steps_per_epoch(config, source))
     skip, loss_sum, correct, seen = 0, 0.0, 0, 0
     progress_in = state.resume_progress
     state.resume_progress = None
@@ -841,7 +948,9 @@ def train_epoch(
     for index, (images, labels) in enumerate(source.train_batches(config.batch_size, order)):
         if index < skip:
             continue
-        out, labels, loss = batch_loss(state, model, images, labels)
+        batch = batch_input(state, images, labels)
+        out, loss = forward_loss(config, model, batch)
+        labels = batch.labels
         non_finite, signalled = any_rank(world, not torch.isfinite(loss), bool(state.signal))
         if non_finite:
             last = state.run_dir / "last.pt"
@@ -853,6 +962,8 @@ def train_epoch(
             )
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sam_from is not None and state.step >= sam_from:
+            sam_gradient(state, model, batch)
         state.optimizer.step()
         state.scheduler.step()
         if state.ema is not None:
