@@ -115,6 +115,7 @@ def test_bad_flags_are_one_line_errors(fake_fmnist, tmp_path, capsys):
         (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
         (["--lr", "nan"], "--lr must be a finite number"),
         (["--crop-padding", "-1"], "--crop-padding must be a whole number >= 0"),
+        (["--sam-start", "1"], "--sam-start must be a share of the steps in [0, 1)"),
     ):
         assert main(["train", *flags]) == 2
         err = capsys.readouterr().err
@@ -165,6 +166,14 @@ def test_shortcut_and_zero_init_flags_reach_the_model(fake_fmnist, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "plain_resnet20 has none" in err
     assert not bad.exists()
+
+
+def test_sam_flags_reach_the_config(fake_fmnist, tmp_path):
+    run = tmp_path / "run"
+    assert train(fake_fmnist, run, "--sam", "0.05", "--sam-start", "0.5", "--epochs", "1") == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["sam"], config["sam_start"]) == (0.05, 0.5)
+    assert load_checkpoint(run / "last.pt")["config"]["sam"] == 0.05
 
 
 def test_image_folder_training(tmp_path, capsys):
