@@ -144,15 +144,23 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 @pytest.mark.parametrize(
-    "launcher, flags",
-    [(TORCHRUN, []), ([sys.executable], ["--processes=2"])],
-    ids=["torchrun", "processes"],
+    "launcher, flags, extra",
+    [
+        (TORCHRUN, [], []),
+        ([sys.executable], ["--processes=2"], []),
+        # SAM's ascent follows the gradient averaged over the processes, so it moves as one
+        # process's does; its second half of the run takes the second pass
+        ([sys.executable], ["--processes=2"], ["--sam=0.05", "--sam-start=0.5"]),
+    ],
+    ids=["torchrun", "processes", "processes-sam"],
 )
-def test_two_processes_match_one_with_the_same_global_batch(fake_fmnist, tmp_path, launcher, flags):
+def test_two_processes_match_one_with_the_same_global_batch(
+    fake_fmnist, tmp_path, launcher, flags, extra
+):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    args = ["--sync-bn", "--no-augment"]
+    args = ["--sync-bn", "--no-augment", *extra]
     single = run_script(
         tmp_path, -1, "SIGKILL", train_args(fake_fmnist, one / "run", *args), one, [sys.executable]
     )
