@@ -486,14 +486,15 @@ def replan_to_budget(
     epoch: int,
     epoch_seconds: float,
     requested: int,
+    n_steps: int,
     console: Console,
     reserve: float = 0.0,
-    n_steps: int = 1,
 ) -> bool:
     """After epoch ``epoch`` (one of the first ``REPLAN_EPOCHS``), plan ``config.epochs`` again
     from that epoch's measured seconds (training and evaluation) and the time left: at most
     ``requested``, at least the epochs done. The schedule follows, since it reads
-    ``config.epochs`` at every step. Returns whether the plan changed."""
+    ``config.epochs`` at every step; SAM's second passes count as steps of ``n_steps`` an
+    epoch (:func:`planned_epochs`). Returns whether the plan changed."""
     elapsed = now() - started
     epoch_seconds, elapsed = (
         v.item() / world.size
@@ -712,15 +713,7 @@ def fit(
                 # before the checkpoint, so that it and config.json carry the new plan
                 seconds_taken = now() - epoch_started
                 changed = replan_to_budget(
-                    config,
-                    world,
-                    start,
-                    epoch,
-                    seconds_taken,
-                    requested,
-                    console,
-                    reserve,
-                    n_steps,
+                    config, world, start, epoch, seconds_taken, requested, n_steps, console, reserve
                 )
                 if changed and world.is_main:
                     write_config(config, run_dir)
