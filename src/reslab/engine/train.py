@@ -853,11 +853,12 @@ def forward_loss(
 
 def batch_loss(
     state: TrainState, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`batch_input` then :func:`forward_loss`: the logits, the labels and the loss."""
+) -> tuple[torch.Tensor, Batch, torch.Tensor]:
+    """:func:`batch_input` then :func:`forward_loss`: the logits, the batch (which SAM's second
+    pass runs again) and the loss."""
     batch = batch_input(state, images, labels)
     out, loss = forward_loss(state.config, model, batch)
-    return out, batch.labels, loss
+    return out, batch, loss
 
 
 def sam_begins(config: TrainConfig, n_steps: int) -> int | None:
@@ -941,8 +942,7 @@ def train_epoch(
     for index, (images, labels) in enumerate(source.train_batches(config.batch_size, order)):
         if index < skip:
             continue
-        batch = batch_input(state, images, labels)
-        out, loss = forward_loss(config, model, batch)
+        out, batch, loss = batch_loss(state, model, images, labels)
         labels = batch.labels
         non_finite, signalled = any_rank(world, not torch.isfinite(loss), bool(state.signal))
         if non_finite:
