@@ -82,19 +82,40 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return counter.get_total_flops()
 
 
+def cpu_identity(cpuinfo: str) -> dict:
+    """The first processor's name, vendor, family and model number from /proc/cpuinfo text.
+
+    Different processors can report the same name ("AMD EPYC" for both the CPU family 25 and
+    the family 26 hosts these benchmarks ran on), so a result records the family and model
+    number too, to say which of them ran it; a field the text lacks is None."""
+    keys = {
+        "model name": "cpu_model",
+        "vendor_id": "cpu_vendor",
+        "cpu family": "cpu_family",
+        "model": "cpu_model_number",
+    }
+    found = dict.fromkeys(keys.values())
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, _, value = line.partition(":")
+        name = keys.get(key.strip())
+        if name:
+            value = value.strip()
+            found[name] = int(value) if value.isdigit() else value
+    return found
+
+
 def machine_info() -> dict:
-    cpu_model = platform.processor()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+        cpu = cpu_identity(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        cpu = cpu_identity("")
+    cpu["cpu_model"] = cpu["cpu_model"] or platform.processor()
     import onnxruntime
 
     return {
-        "cpu_model": cpu_model,
+        **cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "bf16_native": fast.bf16_supported(),
