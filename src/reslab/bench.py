@@ -82,35 +82,26 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     return counter.get_total_flops()
 
 
-def cpu_identity(cpuinfo: str) -> dict:
-    """The first processor's name, vendor, family and model number from /proc/cpuinfo text.
+def cpu_identity(cpuinfo: str | None = None) -> dict:
+    """The first processor's name, vendor, family and model number from /proc/cpuinfo text
+    (default: the file).
 
     Different processors can report the same name ("AMD EPYC" for both the CPU family 25 and
     the family 26 hosts these benchmarks ran on), so a result records the family and model
     number too, to say which of them ran it; a field the text lacks is None."""
+    fields = fast.cpuinfo_fields(cpuinfo)
     keys = {
         "model name": "cpu_model",
         "vendor_id": "cpu_vendor",
         "cpu family": "cpu_family",
         "model": "cpu_model_number",
     }
-    found = dict.fromkeys(keys.values())
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break  # the end of the first processor's block
-        key, _, value = line.partition(":")
-        name = keys.get(key.strip())
-        if name:
-            value = value.strip()
-            found[name] = int(value) if value.isdigit() else value
-    return found
+    found = {name: fields.get(key) for key, name in keys.items()}
+    return {k: int(v) if v is not None and v.isdigit() else v for k, v in found.items()}
 
 
 def machine_info() -> dict:
-    try:
-        cpu = cpu_identity(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        cpu = cpu_identity("")
+    cpu = cpu_identity()
     cpu["cpu_model"] = cpu["cpu_model"] or platform.processor()
     import onnxruntime
 

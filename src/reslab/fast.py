@@ -52,16 +52,26 @@ NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
 @functools.cache
+def cpuinfo_fields(text: str | None = None) -> dict[str, str]:
+    """The first processor's ``key: value`` lines of /proc/cpuinfo (``text``, else the file);
+    empty where Linux gives none."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags Linux reports (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset(cpuinfo_fields().get("flags", "").split())
 
 
 def bf16_supported() -> bool:
