@@ -58,12 +58,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--size", type=int, default=28, help="image side (the seed preset: 96)")
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--se", type=int, default=0, help="squeeze-and-excitation ratio; 0: off")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model_args = dict(
         name=args.model, stem=args.stem, width=args.width, in_channels=1, num_classes=10
     )
+    if args.se:
+        model_args["se"] = args.se
     load_before = os.getloadavg()
     rows = []
     for precision in ("fp32", "bf16"):

@@ -38,10 +38,11 @@ def test_every_block_type_is_covered():
     assert set(TINY) == set(BLOCKS)
 
 
+@pytest.mark.parametrize("se", [0, 4], ids=["", "se"])
 @pytest.mark.parametrize("kind", sorted(TINY))
-def test_folded_model_matches(kind):
+def test_folded_model_matches(kind, se):
     name, kwargs = TINY[kind]
-    model = randomized(name, **kwargs)
+    model = randomized(name, **kwargs, se=se)
     folded = fast.fold_batchnorm(model)
     x = torch.randn(4, model.conv1.in_channels, 28, 28)
     with torch.no_grad():

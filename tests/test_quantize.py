@@ -61,3 +61,9 @@ def test_zero_padding_shortcut_is_refused():
     model = fold_batchnorm(create_model("resnet20"))
     with pytest.raises(ReslabError, match="option B/C"):
         quantize_stage(model.layer2, lambda observed: None)
+
+
+def test_squeeze_excite_blocks_are_refused_not_silently_dropped():
+    model = fold_batchnorm(create_model("resnet18", width=0.125, se=4))
+    with pytest.raises(ReslabError, match="squeeze-and-excitation"):
+        quantize_stage(model.layer4, lambda observed: None)

@@ -69,6 +69,11 @@ class Int8Block(nn.Module):
                 f"cannot quantize {type(block).__name__}: fold its batch norms first, and only "
                 "post-activation residual blocks (basic or bottleneck) are supported"
             )
+        if getattr(block, "se", None) is not None:
+            raise ReslabError(
+                f"cannot quantize {type(block).__name__} with squeeze-and-excitation (se): "
+                "its channel gates have no int8 path here; quantize a model built with se=0"
+            )
         convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
         layers = [ConvReLU2d(_conv(c), nn.ReLU()) for c in convs[:-1]] + [_conv(convs[-1])]
         self.branch = nn.Sequential(*layers)

@@ -148,7 +148,7 @@ def test_widths_sets_each_stage_and_rides_in_the_checkpoint(fake_fmnist, tmp_pat
     assert not (tmp_path / "bad").exists()
 
 
-def test_shortcut_and_zero_init_flags_reach_the_model(fake_fmnist, tmp_path, capsys):
+def test_shortcut_se_and_zero_init_flags_reach_the_model(fake_fmnist, tmp_path, capsys):
     run = tmp_path / "run"
     assert train(fake_fmnist, run, "--shortcut", "D", "--zero-init-residual", "--epochs", "1") == 0
     config = json.loads((run / "config.json").read_text())
@@ -156,7 +156,16 @@ def test_shortcut_and_zero_init_flags_reach_the_model(fake_fmnist, tmp_path, cap
     assert config["model_kwargs"]["zero_init_residual"] is True
     model = model_from_checkpoint(load_checkpoint(run / "last.pt"))
     assert isinstance(model.layer2[0].downsample[0], torch.nn.AvgPool2d)
+    assert model.layer1[0].se is None
     capsys.readouterr()
+    gated = tmp_path / "se"
+    assert train(fake_fmnist, gated, "--se", "2", "--epochs", "1") == 0
+    assert json.loads((gated / "config.json").read_text())["model_kwargs"]["se"] == 2
+    model = model_from_checkpoint(load_checkpoint(gated / "last.pt"))
+    assert model.layer3[0].se.fc1.out_channels == model.layer3[0].conv2.out_channels // 2
+    capsys.readouterr()
+    assert train(fake_fmnist, tmp_path / "bad", "--se", "-1") == 2
+    assert "--se" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         train(fake_fmnist, tmp_path / "bad", "--shortcut", "E")
     assert stop.value.code == 2

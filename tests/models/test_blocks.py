@@ -126,3 +126,32 @@ def test_stride_placement_v1_and_v1_5():
 def test_plain_networks_have_no_shortcut_modules():
     model = create_model("plain_resnet50", width=0.25)
     assert not any("downsample" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("block_class", RESIDUAL + PLAIN)
+def test_squeeze_excite_gates_the_branch_before_the_addition(block_class):
+    block = block_class(16, 16 // block_class.expansion, se=4).eval()
+    assert (block.se.fc1.out_channels, block.se.fc2.out_channels) == (4, 16)
+    # a gate of zero everywhere silences the branch: what is left is the shortcut alone
+    nn.init.zeros_(block.se.fc2.weight)
+    nn.init.constant_(block.se.fc2.bias, -1e4)
+    x = torch.rand(2, 16, 8, 8) + 0.1
+    silent = block(x)
+    assert torch.equal(silent, x if block.residual else torch.zeros_like(x))
+    # a constant gate of one half halves it
+    nn.init.zeros_(block.se.fc2.bias)
+    preact = getattr(block, "preact", False)
+    branch = block.branch(torch.relu(block.bn1(x)) if preact else x)
+    expected = 0.5 * branch + (x if block.residual else 0)
+    assert torch.allclose(block(x), expected if preact else torch.relu(expected), atol=1e-6)
+
+
+def test_squeeze_excite_gate_follows_the_channel_means():
+    block = BasicBlock(8, 8, se=2).eval()
+    out = torch.randn(3, 8, 5, 5)
+    gate = torch.sigmoid(block.se.fc2(torch.relu(block.se.fc1(out.mean((2, 3), keepdim=True)))))
+    assert gate.shape == (3, 8, 1, 1) and gate.std() > 0  # differs by channel and image
+    assert torch.allclose(block.se(out), out * gate)
+    # the same means, moved around inside each map, give the same gates
+    shuffled = out.flatten(2)[:, :, torch.randperm(25)].view_as(out)
+    assert torch.allclose(block.se(shuffled) / shuffled, gate.expand_as(out), atol=1e-5)

@@ -131,6 +131,21 @@ def test_zero_init_residual_zeroes_the_last_norm_of_each_branch():
         create_model("plain_resnet20", zero_init_residual=True)
 
 
+def test_squeeze_excite_adds_a_gate_to_every_block_and_only_its_weights():
+    plain = create_model("resnet18", width=0.25)
+    gated = create_model("resnet18", width=0.25, se=4)
+    blocks = [b for stage in gated.stages for b in stage]
+    assert all(b.se is not None for b in blocks) and plain.layer1[0].se is None
+    added = {k for k in gated.state_dict() if k not in plain.state_dict()}
+    assert added and all(".se.fc" in k for k in added)
+    # per block: C -> C/4 -> C, with biases
+    expected = sum(2 * (c * (c // 4)) + c // 4 + c for c in (16, 16, 32, 32, 64, 64, 128, 128))
+    assert sum(gated.state_dict()[k].numel() for k in added) == expected
+    for bad in (-1, 1.5, True, "4"):
+        with pytest.raises(ReslabError, match="reduction ratio"):
+            create_model("resnet18", se=bad)
+
+
 def test_spec_rebuilds_the_model():
     model = create_model("plain_resnet20", in_channels=1, width=0.5)
     assert model.spec == {"name": "plain_resnet20", "kwargs": {"in_channels": 1, "width": 0.5}}

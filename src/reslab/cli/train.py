@@ -72,6 +72,14 @@ def register(subparsers) -> None:
         "every block (He et al. 2015); D = B with a 2x2 average pool before the projection "
         "where the map shrinks (He et al. 2019, ResNet-D). Default: the model's own",
     )
+    add(
+        "--se",
+        type=int,
+        metavar="R",
+        help="squeeze-and-excitation in every block (Hu et al. 2018): each residual branch's "
+        "channels are gated by a bottleneck of channels/R units on their means; 0 = off "
+        "(default)",
+    )
     _bool(
         parser,
         "--zero-init-residual",
@@ -234,7 +242,7 @@ def config_from_args(args: argparse.Namespace):
     if "epochs" in given:
         # an epoch count the user typed is what they get; a budget only if they typed one too
         given.setdefault("max_minutes", 0.0)
-    model_keys = ("stem", "width", "widths", "shortcut", "zero_init_residual")
+    model_keys = ("stem", "width", "widths", "shortcut", "se", "zero_init_residual")
     model_kwargs = {k: given.pop(k) for k in model_keys if k in given}
     config = build_config(args.preset, **given)
     config.model_kwargs = {**config.model_kwargs, **model_kwargs}

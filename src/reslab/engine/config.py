@@ -13,6 +13,7 @@ import torch
 
 from reslab.errors import ReslabError, check_whole, finite_positive
 from reslab.models import BLOCKS, list_models, model_defaults
+from reslab.models.resnet import check_se
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
@@ -245,6 +246,7 @@ def validate(config: TrainConfig) -> None:
                 f"--widths gives {len(widths)} stage widths ({','.join(map(str, widths))}) but "
                 f"{config.model} has {stages} stages; give {stages}"
             )
+    check_se(config.model_kwargs.get("se", 0))
     residual = BLOCKS[model_defaults(config.model)["block"]].residual
     if config.model_kwargs.get("zero_init_residual") and not residual:
         raise ReslabError(

@@ -20,6 +20,10 @@ and one from He et al. 2019 ("Bag of Tricks for Image Classification", section 4
 * ``"D"``: as B, but where the map shrinks the projection is a 2x2 average pool of stride 2
   followed by a 1x1 convolution of stride 1, so every input position reaches the sum (a 1x1
   convolution of stride 2 reads one position in four). Same multiply-adds as B plus the pool.
+
+Any block takes ``se=R`` (default 0, off): squeeze-and-excitation (Hu et al. 2018, "SE-ResNet
+module", figure 3) rescales each channel of the residual branch, before the addition, by a
+gate computed from the branch's spatial means through a bottleneck of ``channels // R`` units.
 """
 
 from __future__ import annotations
@@ -86,6 +90,25 @@ def make_shortcut(
     return nn.Sequential(*layers)
 
 
+class SqueezeExcite(nn.Module):
+    """Channel gates from global means: mean -> 1x1 down -> ReLU -> 1x1 up -> sigmoid -> scale."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(gate)
+
+
+def squeeze_excite(channels: int, se: int) -> nn.Module | None:
+    """The branch's SE gate, or ``None`` when ``se`` is 0."""
+    return SqueezeExcite(channels, se) if se else None
+
+
 def residual_shortcut(block: nn.Module, *args, **kwargs) -> nn.Module | None:
     """The shortcut module of a residual block; plain blocks have none at all."""
     return make_shortcut(*args, **kwargs) if block.residual else None
@@ -97,7 +120,9 @@ class BasicBlock(nn.Module):
     expansion = 1
     residual = True
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "B"):
+    def __init__(
+        self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "B", se: int = 0
+    ):
         super().__init__()
         out_channels = channels * self.expansion
         self.conv1 = conv3x3(in_channels, channels, stride)
@@ -105,6 +130,7 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
+        self.se = squeeze_excite(out_channels, se)
         self.downsample = residual_shortcut(self, in_channels, out_channels, stride, shortcut)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +143,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.branch(x)
+        if self.se is not None:
+            out = self.se(out)
         if self.residual:
             # the shortcut takes the block's *input*; applying the projection to the branch's
             # output instead is the bug in the tutorial code this project started from
@@ -144,6 +172,7 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         shortcut: str = "B",
         stride_in_1x1: bool = False,
+        se: int = 0,
     ):
         super().__init__()
         out_channels = channels * self.expansion
@@ -155,6 +184,7 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(channels, out_channels)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
+        self.se = squeeze_excite(out_channels, se)
         self.downsample = residual_shortcut(self, in_channels, out_channels, stride, shortcut)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +219,9 @@ class PreActBasicBlock(nn.Module):
     residual = True
     preact = True
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "B"):
+    def __init__(
+        self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "B", se: int = 0
+    ):
         super().__init__()
         out_channels = channels * self.expansion
         self.bn1 = nn.BatchNorm2d(in_channels)
@@ -197,6 +229,7 @@ class PreActBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
         self.conv2 = conv3x3(channels, out_channels)
         self.relu = nn.ReLU()
+        self.se = squeeze_excite(out_channels, se)
         self.downsample = residual_shortcut(
             self, in_channels, out_channels, stride, shortcut, norm=False
         )
@@ -210,6 +243,8 @@ class PreActBasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activated = self.relu(self.bn1(x))
         out = self.branch(activated)
+        if self.se is not None:
+            out = self.se(out)
         if not self.residual:
             return out
         return out + (x if self.downsample is None else self.downsample(activated))
@@ -225,6 +260,7 @@ class PreActBottleneck(PreActBasicBlock):
         stride: int = 1,
         shortcut: str = "B",
         stride_in_1x1: bool = False,
+        se: int = 0,
     ):
         nn.Module.__init__(self)
         out_channels = channels * self.expansion
@@ -236,6 +272,7 @@ class PreActBottleneck(PreActBasicBlock):
         self.bn3 = nn.BatchNorm2d(channels)
         self.conv3 = conv1x1(channels, out_channels)
         self.relu = nn.ReLU()
+        self.se = squeeze_excite(out_channels, se)
         self.downsample = residual_shortcut(
             self, in_channels, out_channels, stride, shortcut, norm=False
         )

@@ -40,6 +40,15 @@ CIFAR_DEPTHS: dict[int, int] = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18, 1202: 200}
 FAMILIES = {"": "", "preact_": "preact_", "plain_": "plain_"}  # name prefix -> block prefix
 
 
+def check_se(se) -> int:
+    """``se`` itself, if it is a squeeze-and-excitation reduction ratio (0 = off)."""
+    if isinstance(se, bool) or not isinstance(se, int) or se < 0:
+        raise ReslabError(
+            f"se (--se) must be a whole reduction ratio such as 4 or 16, or 0 for off; got {se!r}"
+        )
+    return se
+
+
 class ResNet(nn.Module):
     """Stem, stages of residual blocks, global average pooling and a linear classifier."""
 
@@ -55,6 +64,7 @@ class ResNet(nn.Module):
         width: float = 1.0,
         zero_init_residual: bool = False,
         stride_in_1x1: bool = False,
+        se: int = 0,
     ):
         super().__init__()
         if stem not in STEMS:
@@ -76,6 +86,8 @@ class ResNet(nn.Module):
             if block.expansion == 1:
                 raise ReslabError("stride_in_1x1 applies to bottleneck blocks only")
             block_options["stride_in_1x1"] = True
+        if check_se(se):
+            block_options["se"] = se
         widths = [max(1, round(w * width)) for w in widths]
         preact = getattr(block, "preact", False)
         kernel, stride, padding, pool = STEMS[stem]
@@ -221,4 +233,5 @@ _ACCEPTED = {
     "zero_init_residual",
     "stride_in_1x1",
     "widths",
+    "se",
 }
