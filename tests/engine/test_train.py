@@ -71,6 +71,31 @@ def test_training_crops_pad_with_black(fake_fmnist, tmp_path, monkeypatch):
     assert all(torch.allclose(fill, black) for fill in fills)
 
 
+def test_clean_epochs_train_the_last_epochs_on_flipped_whole_images(
+    fake_fmnist, tmp_path, monkeypatch
+):
+    calls, augment, flip = [], train_module.augment, train_module.random_flip
+
+    def spy_augment(x, *args, **kwargs):
+        calls.append("augment")
+        return augment(x, *args, **kwargs)
+
+    def spy_flip(x, generator):
+        out = flip(x, generator)
+        # each image is itself or its mirror, never shifted
+        pairs = zip(out, x, strict=True)
+        assert all(torch.equal(o, i) or torch.equal(o, i.flip(2)) for o, i in pairs)
+        calls.append("flip")
+        return out
+
+    monkeypatch.setattr(train_module, "augment", spy_augment)
+    monkeypatch.setattr(train_module, "random_flip", spy_flip)
+    config = tiny(fake_fmnist, tmp_path / "run", epochs=3, clean_epochs=1)
+    fit(config, console=quiet())
+    batches = 40 // 8
+    assert calls == ["augment"] * (2 * batches) + ["flip"] * batches
+
+
 def test_run_folder_contents(fake_fmnist, tmp_path):
     run = tmp_path / "run"
     result = fit(tiny(fake_fmnist, run, ema=0.9), console=quiet())

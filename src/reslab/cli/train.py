@@ -149,6 +149,13 @@ def register(subparsers) -> None:
     )
     add("--erasing", type=float, help="random-erasing probability per image")
     add(
+        "--clean-epochs",
+        type=int,
+        metavar="N",
+        help="train the last N epochs on whole images: flip only, no crop, erasing or CutMix "
+        "(default 0 = augment to the end)",
+    )
+    add(
         "--cutmix",
         type=float,
         metavar="P",

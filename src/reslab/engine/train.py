@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from reslab.data.folders import DEFAULT_SIZE, FolderSource
 from reslab.data.sources import Source, fashion_mnist_source
-from reslab.data.transforms import InputSpec, augment, cutmix, to_input
+from reslab.data.transforms import InputSpec, augment, cutmix, random_flip, to_input
 from reslab.engine.checkpoint import (
     load_checkpoint,
     make_payload,
@@ -824,7 +824,9 @@ def batch_input(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -
     images, labels = images.to(config.device), labels.to(config.device)
     x = to_input(images, state.spec)
     lam, pasted = 1.0, None
-    if config.augment:
+    if config.augment and state.epoch >= config.epochs - config.clean_epochs:
+        x = random_flip(x, state.draws)  # a clean epoch: the flip alone
+    elif config.augment:
         # the crop pads with black, the background of Fashion-MNIST and torchvision's
         # RandomCrop fill, not with the normalised zero (the mean grey, an edge no test image has)
         x = augment(x, config.crop_padding, config.erasing, state.draws, state.spec.black())
