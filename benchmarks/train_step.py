@@ -1,6 +1,7 @@
 """Training throughput (images/s) of one model under each precision and memory layout.
 
     .venv/bin/python benchmarks/train_step.py --model resnet18 --width 0.5 --threads 1
+    .venv/bin/python benchmarks/train_step.py --stem cifar --width 0.25 --widths 64,192,384,768
 
 Times full SGD steps (forward, backward, update) on random single-channel batches (28x28, or
 --size) after warm-up steps, and writes benchmarks/results/train_step-<time>.json with the
@@ -59,6 +60,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=28, help="image side (the seed preset: 96)")
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--se", type=int, default=0, help="squeeze-and-excitation ratio; 0: off")
+    parser.add_argument(
+        "--widths",
+        help="channels of each stage before --width multiplies them, e.g. 64,192,384,768",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,6 +72,8 @@ def main() -> None:
     )
     if args.se:
         model_args["se"] = args.se
+    if args.widths:
+        model_args["widths"] = [int(c) for c in args.widths.split(",")]
     load_before = os.getloadavg()
     rows = []
     for precision in ("fp32", "bf16"):
