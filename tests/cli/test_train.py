@@ -116,6 +116,7 @@ def test_bad_flags_are_one_line_errors(fake_fmnist, tmp_path, capsys):
         (["--lr", "nan"], "--lr must be a finite number"),
         (["--crop-padding", "-1"], "--crop-padding must be a whole number >= 0"),
         (["--clean-epochs", "-2"], "--clean-epochs must be a whole number >= 0"),
+        (["--warmup", "1"], "--warmup must be below 1"),
         (["--sam-start", "1"], "--sam-start must be a share of the steps in [0, 1)"),
     ):
         assert main(["train", *flags]) == 2

@@ -131,6 +131,12 @@ def register(subparsers) -> None:
         "cosine; step = x0.1 at 50%% and 75%% of the steps; none = constant (seed)",
     )
     add(
+        "--warmup",
+        type=float,
+        metavar="F",
+        help="share of the steps that onecycle spends rising from lr/25 to lr (default 0.2)",
+    )
+    add(
         "--weight-decay",
         type=float,
         help="L2 decay of the weights, not of batch norm or biases (default and best 5e-4)",
