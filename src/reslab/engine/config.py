@@ -185,7 +185,7 @@ PRESETS: dict[str, dict] = {
     # squeeze-and-excitation (--se 4: 95.21% with seed 0), nor the last 4 epochs on whole
     # images (--clean-epochs 4: the same to epoch 44, then 95.44% with seed 0), nor stages
     # 2-4 at 1.5x (--widths 64,192,384,768: 1.4x the step time, 95.50% with seed 0; a wider
-    # stage 1 costs about 2x, README).
+    # stage 1 costs about 2x, README), nor half the warm-up (--warmup 0.1: 95.31% with seed 0).
     "best": dict(
         model="resnet18",
         model_kwargs={"stem": "cifar", "width": 0.25},
