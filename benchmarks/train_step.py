@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from reslab.bench import machine_info
+from reslab.cli.train import stage_widths
 from reslab.models import create_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--se", type=int, default=0, help="squeeze-and-excitation ratio; 0: off")
     parser.add_argument(
         "--widths",
+        type=stage_widths,
         help="channels of each stage before --width multiplies them, e.g. 64,192,384,768",
     )
     args = parser.parse_args()
@@ -73,7 +75,7 @@ def main() -> None:
     if args.se:
         model_args["se"] = args.se
     if args.widths:
-        model_args["widths"] = [int(c) for c in args.widths.split(",")]
+        model_args["widths"] = args.widths
     load_before = os.getloadavg()
     rows = []
     for precision in ("fp32", "bf16"):

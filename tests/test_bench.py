@@ -41,7 +41,7 @@ def test_machine_info_carries_the_identity(monkeypatch):
     # a CPU no development machine is, so that reading the real file cannot pass by chance;
     # the first read of /proc/cpuinfo is cached, so the cache is emptied around the fake one
     fake = CPUINFO.replace("AMD EPYC\n", "Test CPU\n", 1).replace(": 26\n", ": 99\n", 1)
-    monkeypatch.setattr("reslab.bench.Path.read_text", lambda self: fake)
+    monkeypatch.setattr("reslab.fast.Path.read_text", lambda self: fake)
     fast.cpuinfo_fields.cache_clear()
     try:
         info = machine_info()

@@ -824,8 +824,9 @@ def batch_input(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -
     images, labels = images.to(config.device), labels.to(config.device)
     x = to_input(images, state.spec)
     lam, pasted = 1.0, None
-    if config.augment and state.epoch >= config.epochs - config.clean_epochs:
-        x = random_flip(x, state.draws)  # a clean epoch: the flip alone
+    clean_epoch = state.epoch >= config.epochs - config.clean_epochs
+    if config.augment and clean_epoch:
+        x = random_flip(x, state.draws)  # the flip alone
     elif config.augment:
         # the crop pads with black, the background of Fashion-MNIST and torchvision's
         # RandomCrop fill, not with the normalised zero (the mean grey, an edge no test image has)
