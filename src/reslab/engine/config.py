@@ -184,9 +184,11 @@ PRESETS: dict[str, dict] = {
     # upsampled to 32x32 (--image-size 32, about 1.1x the step time: 95.52% and 95.30%), nor
     # squeeze-and-excitation (--se 4: 95.21% with seed 0), nor the last 4 epochs on whole
     # images (--clean-epochs 4: the same to epoch 44, then 95.44% with seed 0), nor stages
-    # 2-4 at 1.5x yet (--widths 64,192,384,768: 1.4x the step time, 95.50% with seed 0 on a
-    # Xeon with AMX where this preset's seed 0 scored 95.36%: one seed, so not yet; a wider
-    # stage 1 costs about 2x, README), nor half the warm-up (--warmup 0.1: 95.31% there).
+    # 2-4 at 1.5x (--widths 64,192,384,768: 1.4x the step time; 95.50, 95.41 and 95.44% for
+    # seeds 0-2 on a Xeon with AMX, a mean of 95.45% against 95.49% for this preset's seeds
+    # 0-2 on the EPYC, though 0.14 and 0.11 over this preset's seeds 0 and 1 on that Xeon;
+    # a wider stage 1 costs about 2x, README), nor half the warm-up (--warmup 0.1:
+    # 95.31% on that Xeon, where this preset's seed 0 scored 95.36%).
     "best": dict(
         model="resnet18",
         model_kwargs={"stem": "cifar", "width": 0.25},
