@@ -26,7 +26,9 @@ from rich.console import Console
 from rich.table import Table
 
 from reslab.bench import machine_info
+from reslab.cli.train import add_set_argument, parse_overrides, train_flags
 from reslab.engine.config import PRESETS
+from reslab.errors import ReslabError
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,22 +38,10 @@ def time_to(history: list[dict], accuracy: float) -> float | None:
     return next((r["elapsed_s"] for r in history if r["test_acc"] >= accuracy), None)
 
 
-def flags(overrides: dict) -> list[str]:
-    """`reslab train` flags for config overrides: --key value, or --key / --no-key."""
-    out = []
-    for key, value in overrides.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else f"--no-{key.replace('_', '-')}")
-        else:
-            out += [flag, str(value)]
-    return out
-
-
 def run_preset(preset: str, overrides: dict, out: Path) -> tuple[int, float, str]:
     """Run `reslab train`; (exit status, wall seconds, its data line). Output passes through."""
     command = [sys.executable, "-m", "reslab", "train", "--preset", preset, "--out", str(out)]
-    command += flags(overrides)
+    command += train_flags(overrides)
     print(" ".join(command[1:]), flush=True)
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -80,28 +70,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override every preset's epochs")
     parser.add_argument("--model", help="override every preset's model")
     parser.add_argument("--threads", type=int, help="CPU threads per process")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field that `reslab train` has a flag for, e.g. --set "
-        "erasing=0 width=0.5 stem=cifar (values are JSON, else strings)",
-    )
+    add_set_argument(parser, "erasing=0 width=0.5 stem=cifar")
     parser.add_argument("--note", default="", help="free text saved with the results")
     args = parser.parse_args()
 
     overrides = {
         key: getattr(args, key) for key in ("epochs", "model", "threads") if getattr(args, key)
     }
-    for item in args.set:
-        key, equals, value = item.partition("=")
-        if not equals:
-            parser.error(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:  # a bare word: stem=cifar means the string "cifar"
-            overrides[key] = value
+    try:
+        overrides.update(parse_overrides(args.set))
+    except ReslabError as error:
+        parser.error(str(error))
 
     if args.threads:
         # the machine record's torch_threads is read in this process: make it the runs' count

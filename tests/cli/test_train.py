@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from reslab.cli import build_parser, main
-from reslab.cli.train import config_from_args
+from reslab.cli.train import config_from_args, parse_overrides, train_flags
 from reslab.data.sources import fashion_mnist_source
 from reslab.data.transforms import InputSpec
 from reslab.engine import inference
@@ -225,3 +225,22 @@ def test_typed_epochs_drop_the_presets_time_budget():
     assert (config("--epochs", "30").epochs, config("--epochs", "30").max_minutes) == (30, 0)
     both = config("--preset", "best", "--epochs", "60", "--max-minutes", "20")
     assert (both.epochs, both.max_minutes) == (60, 20)
+
+
+def test_benchmark_overrides_become_the_train_flags_config():
+    words = ["epochs=44", "stem=cifar", "widths=64,192,384,768", "augment=false", "ema=0.999"]
+    overrides = parse_overrides(words)
+    assert overrides == {
+        "epochs": 44,
+        "stem": "cifar",
+        "widths": "64,192,384,768",
+        "augment": False,
+        "ema": 0.999,
+    }
+    assert "--no-augment" in train_flags(overrides)
+    argv = ["train", "--preset", "best", *train_flags(overrides)]
+    config = config_from_args(build_parser().parse_args(argv))[0]
+    assert (config.epochs, config.augment, config.ema) == (44, False, 0.999)
+    assert config.model_kwargs["widths"] == [64, 192, 384, 768]
+    with pytest.raises(ReslabError, match="KEY=VALUE"):
+        parse_overrides(["epochs"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from reslab.engine.config import (
     OPTIMIZERS,
@@ -260,6 +261,46 @@ def config_from_args(args: argparse.Namespace):
     config = build_config(args.preset, **given)
     config.model_kwargs = {**config.model_kwargs, **model_kwargs}
     return config, None, None
+
+
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """The benchmarks' ``--set KEY=VALUE ...``, read by :func:`parse_overrides`."""
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field that `reslab train` has a flag for, e.g. --set "
+        f"{example} (values are JSON, else strings)",
+    )
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` words (the benchmarks' ``--set``) as config overrides; a VALUE is JSON
+    where it parses (``epochs=44``, ``ema=0.999``, ``augment=false``), else a string
+    (``stem=cifar``, ``widths=64,192,384,768``)."""
+    overrides = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ReslabError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def train_flags(overrides: dict) -> list[str]:
+    """`reslab train` flags for config overrides: --key value, or --key / --no-key."""
+    out = []
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{key.replace('_', '-')}")
+        else:
+            out += [flag, str(value)]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
