@@ -1,0 +1,228 @@
+"""Many seeds of one Fashion-MNIST training recipe at once: grouped copies of its model.
+
+    python benchmarks/seed_screen.py --copies 8 --device cuda --set widths=64,192,384,768
+    python benchmarks/seed_screen.py --copies 8 --device cuda --set epochs=44 --note "..."
+
+A recipe change worth 0.1 point is smaller than the spread of one recipe over seeds (about 0.1
+point of test accuracy for `best`), so one run per variant decides nothing and a 2-core CPU
+gives one run an hour. This screen trains N copies of `reslab train --preset P [flags]`'s model
+as one grouped network (reslab.models.grouped): each copy has its own initial weights (seed
+S + i), its own batch order, crops and flips, and its own SGD step and EMA, all as the preset
+does, so the N final accuracies are N seeds of the recipe. On a GPU eight copies cost about
+what one does. At the end each copy is unpacked and scored on all 10,000 test images by
+`reslab.engine.evaluate` with the preset's test-time views, as a run scores its last epoch.
+
+Not the CPU path: batches are drawn per copy, not as `reslab train` draws them, and the
+precision is the GPU's; what a variant gains here is evidence for a CPU run, not a CPU result.
+Time budgets (--max-minutes) do not apply: every copy runs the config's epochs. Writes
+benchmarks/results/seed_screen-<time>.json with the machine, the config and every copy's
+accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from reslab.bench import machine_info
+from reslab.cli import build_parser
+from reslab.cli.train import add_set_argument, config_from_args, parse_overrides, train_flags
+from reslab.data.sources import fashion_mnist_source, train_order
+from reslab.data.transforms import augment, to_input
+from reslab.engine.config import PRESETS, TrainConfig
+from reslab.engine.evaluate import evaluate
+from reslab.engine.train import epoch_generator, input_spec, lr_factor, make_optimizer
+from reslab.errors import ReslabError
+from reslab.fast import autocast
+from reslab.models import create_model
+from reslab.models.grouped import pack, unpack
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def screen_config(preset: str, overrides: dict) -> TrainConfig:
+    """The config `reslab train --preset P` with these overrides would run."""
+    argv = ["train", "--preset", preset, *train_flags(overrides)]
+    config, _, _ = config_from_args(build_parser().parse_args(argv))
+    unsupported = {"data": None, "cutmix": 0.0, "sam": 0.0, "clean_epochs": 0, "resume": None}
+    for key, off in unsupported.items():
+        if getattr(config, key) != off:
+            raise ReslabError(
+                f"the seed screen does not support {key} (got {getattr(config, key)})"
+            )
+    return config
+
+
+def batch_of_copies(source, spec, config, orders, k, draws, device) -> tuple:
+    """Step ``k``'s input (B, copies * C, H, W) and labels (B, copies): copy i's batch from its
+    own order, all augmented with the preset's crop and flip (one draw per image and copy)."""
+    index = torch.stack([order[k] for order in orders])  # (copies, B)
+    copies, batch = index.shape
+    x = to_input(source.train_images[index.flatten()].to(device), spec)  # (copies * B, C, H, W)
+    if config.augment:
+        x = augment(x, config.crop_padding, config.erasing, draws, spec.black())
+    x = x.view(copies, batch, *x.shape[1:]).transpose(0, 1).flatten(1, 2)  # (B, copies * C, ...)
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, source.train_labels[index].t().to(device)
+
+
+def score(ema_or_model, source, spec, config, shift: int) -> list[float]:
+    """Each copy's test accuracy, scored on its own by reslab's evaluation (unpacked)."""
+    device = next(ema_or_model.parameters()).device
+    out = []
+    for model in unpack(ema_or_model):
+        model = model.to(device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        evaluation = evaluate(
+            model,
+            source.test_batches(config.eval_batch_size),
+            spec,
+            len(source.classes),
+            config.precision,
+            config.channels_last,
+            config.tta,
+            shift,
+        )
+        out.append(evaluation.accuracy)
+    return out
+
+
+def screen(config: TrainConfig, copies: int, eval_every: int) -> dict:
+    """Train ``copies`` seeds of ``config`` as one grouped network; the record of the run."""
+    device = torch.device(config.device)
+    source = fashion_mnist_source(config.data_dir, verify=config.verify)
+    spec = input_spec(config, source)
+    models = []
+    for i in range(copies):
+        torch.manual_seed(config.seed + i)
+        kwargs = {**config.model_kwargs, "in_channels": source.channels}
+        models.append(create_model(config.model, num_classes=len(source.classes), **kwargs))
+    network = pack(models).to(device)
+    if config.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    ema = None
+    if config.ema:
+        ema = AveragedModel(
+            network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True
+        )
+    optimizer = make_optimizer(config, network)
+    n_steps = max(source.train_size // config.batch_size, 1)
+    total = config.epochs * n_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config.schedule, step, total, config.warmup)
+    )
+    history, start = [], time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        orders = [
+            train_order(
+                source.train_size, config.batch_size, epoch_generator(config.seed + i, epoch, 0)
+            )
+            for i in range(copies)
+        ]
+        draws = epoch_generator(config.seed, epoch, 1)
+        loss_sum = torch.zeros((), device=device)
+        for k in range(n_steps):
+            x, labels = batch_of_copies(source, spec, config, orders, k, draws, device)
+            with autocast(config.precision, device):
+                out = network(x).float()  # (B, copies, classes)
+            loss = F.cross_entropy(
+                out.flatten(0, 1), labels.flatten(), label_smoothing=config.label_smoothing
+            )
+            optimizer.zero_grad(set_to_none=True)
+            (loss * copies).backward()  # the sum of the copies' mean losses: each its own
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(network)
+            loss_sum += loss.detach()
+        last = epoch == config.epochs
+        record = {"epoch": epoch, "train_loss": loss_sum.item() / n_steps}
+        if last or epoch % eval_every == 0:
+            evaluated = ema.module if ema is not None else network
+            record["mirror"] = score(evaluated, source, spec, config, 0)
+            if last and config.tta_shift:
+                record["views"] = score(evaluated, source, spec, config, config.tta_shift)
+        record["elapsed_s"] = time.perf_counter() - start
+        history.append(record)
+        accuracies = record.get("views", record.get("mirror"))
+        summary = (
+            f" mean test accuracy {100 * statistics.fmean(accuracies):.2f}%" if accuracies else ""
+        )
+        print(
+            f"epoch {epoch}/{config.epochs} train loss {record['train_loss']:.4f}{summary} "
+            f"elapsed {record['elapsed_s']:.0f}s",
+            flush=True,
+        )
+    final = history[-1].get("views", history[-1]["mirror"])
+    return {
+        "config": config.to_dict(),
+        "copies": copies,
+        "seeds": [config.seed + i for i in range(copies)],
+        "test_accuracy": final,
+        "mean": statistics.fmean(final),
+        "stdev": statistics.stdev(final) if copies > 1 else math.nan,
+        "mirror_mean": statistics.fmean(history[-1]["mirror"]),
+        "seconds": time.perf_counter() - start,
+        "history": history,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="best", choices=sorted(PRESETS))
+    parser.add_argument("--copies", type=int, default=8, help="seeds trained at once (default 8)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="bf16",
+        help="the copies' autocast (default bf16, what the presets' auto picks where it pays)",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=8,
+        metavar="E",
+        help="mirror-only scores every E epochs (default 8; the last epoch always)",
+    )
+    add_set_argument(parser, "epochs=44 widths=64,192,384,768")
+    parser.add_argument("--out", type=Path, help="result file (default benchmarks/results/...)")
+    parser.add_argument("--note", default="", help="free text saved with the results")
+    args = parser.parse_args(argv)
+    if args.copies < 1 or args.eval_every < 1:
+        parser.error("--copies and --eval-every take a whole number of at least 1")
+    try:
+        overrides = parse_overrides(args.set)
+        overrides.update(device=args.device, precision=args.precision)
+        config = screen_config(args.preset, overrides)
+        result = screen(config, args.copies, args.eval_every)
+    except ReslabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or RESULTS / f"seed_screen-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": machine_info(), "note": args.note, "preset": args.preset, **result}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    accuracies = ", ".join(f"{100 * a:.2f}" for a in result["test_accuracy"])
+    print(
+        f"{args.copies} seeds: mean {100 * result['mean']:.2f}% (sd {100 * result['stdev']:.2f}; "
+        f"{accuracies}); mirror alone {100 * result['mirror_mean']:.2f}%; "
+        f"{result['seconds'] / 60:.1f} min on {record['machine']['gpu'] or 'the CPU'}; wrote {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
