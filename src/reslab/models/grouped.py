@@ -6,8 +6,8 @@ are the ``i``-th groups of grouped convolutions, its batch norms are channels of
 Nothing mixes copies: the sum of the copies' losses gives each its own gradient, and any
 per-element optimizer step (SGD with momentum, weight decay, an EMA of the weights) moves each
 copy as it would move alone. On a GPU, where one small model leaves the device mostly idle
-between kernel launches, N copies cost little more than one, so a recipe can be judged over
-N seeds in the time of one run (``benchmarks/seed_screen.py``).
+between kernel launches, the copies share every launch, so a recipe can be judged over N
+seeds at a fraction of N runs' cost (``benchmarks/seed_screen.py``; README, GPU probes).
 """
 
 from __future__ import annotations
