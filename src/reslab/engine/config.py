@@ -184,11 +184,13 @@ PRESETS: dict[str, dict] = {
     # upsampled to 32x32 (--image-size 32, about 1.1x the step time: 95.52% and 95.30%), nor
     # squeeze-and-excitation (--se 4: 95.21% with seed 0), nor the last 4 epochs on whole
     # images (--clean-epochs 4: the same to epoch 44, then 95.44% with seed 0), nor stages
-    # 2-4 at 1.5x (--widths 64,192,384,768: 1.4x the step time; 95.50, 95.41 and 95.44% for
-    # seeds 0-2 on a Xeon with AMX, a mean of 95.45% against 95.49% for this preset's seeds
-    # 0-2 on the EPYC, though 0.14 and 0.11 over this preset's seeds 0 and 1 on that Xeon;
-    # a wider stage 1 costs about 2x, README), nor half the warm-up (--warmup 0.1:
-    # 95.31% on that Xeon, where this preset's seed 0 scored 95.36%).
+    # 2-4 at 1.5x (--widths 64,192,384,768: 1.4-1.5x the step time; 95.45% over four seeds
+    # on a Xeon with AMX against 95.34% for three of this preset there, but 95.34% against
+    # 95.33% over 7 seeds each in benchmarks/seed_screen.py on an H200; a wider stage 1 costs
+    # about 2x, README), nor half the warm-up (--warmup 0.1: 95.31% on that Xeon, where this
+    # preset's seed 0 scored 95.36%), nor weight averaging along a constant rate over the
+    # last 12 epochs (SWA, 95.29% over 6 seeds on the H200). This preset's eight CPU runs
+    # average 95.39% (95.30-95.56%).
     "best": dict(
         model="resnet18",
         model_kwargs={"stem": "cifar", "width": 0.25},
