@@ -186,8 +186,9 @@ PRESETS: dict[str, dict] = {
     # images (--clean-epochs 4: the same to epoch 44, then 95.44% with seed 0), nor stages
     # 2-4 at 1.5x (--widths 64,192,384,768: 1.4-1.5x the step time; 95.45% over four seeds
     # on a Xeon with AMX against 95.34% for three of this preset there, but 95.34% against
-    # 95.33% over 7 seeds each in benchmarks/seed_screen.py on an H200; a wider stage 1 costs
-    # about 2x, README), nor half the warm-up (--warmup 0.1: 95.31% on that Xeon, where this
+    # 95.33% over 7 seeds each in a seed screen on an H200 (benchmarks/seed_screen.py), and
+    # 95.24% in the 40 epochs the budget left it on the EPYC; a wider stage 1 costs about
+    # 2x, README), nor half the warm-up (--warmup 0.1: 95.31% on that Xeon, where this
     # preset's seed 0 scored 95.36%), nor weight averaging along a constant rate over the
     # last 12 epochs (SWA, 95.29% over 6 seeds on the H200). This preset's eight CPU runs
     # average 95.39% (95.30-95.56%).
