@@ -43,7 +43,13 @@ from reslab.data.sources import fashion_mnist_source, train_order
 from reslab.data.transforms import augment, to_input
 from reslab.engine.config import PRESETS, TrainConfig
 from reslab.engine.evaluate import evaluate
-from reslab.engine.train import epoch_generator, input_spec, lr_factor, make_optimizer
+from reslab.engine.train import (
+    epoch_generator,
+    input_spec,
+    lr_factor,
+    make_optimizer,
+    steps_per_epoch,
+)
 from reslab.errors import ReslabError
 from reslab.fast import autocast
 from reslab.models import create_model
@@ -65,18 +71,19 @@ def screen_config(preset: str, overrides: dict) -> TrainConfig:
     return config
 
 
-def batch_of_copies(source, spec, config, orders, k, draws, device) -> tuple:
-    """Step ``k``'s input (B, copies * C, H, W) and labels (B, copies): copy i's batch from its
-    own order, all augmented with the preset's crop and flip (one draw per image and copy)."""
-    index = torch.stack([order[k] for order in orders])  # (copies, B)
+def batch_of_copies(images, labels, spec, config, orders, k, draws) -> tuple:
+    """Step ``k``'s input (B, copies * C, H, W) and labels (B, copies) from the training set
+    held on the device: copy i's batch from its own order, all augmented with the preset's crop
+    and flip (one draw per image and copy)."""
+    index = torch.stack([order[k] for order in orders]).to(images.device)  # (copies, B)
     copies, batch = index.shape
-    x = to_input(source.train_images[index.flatten()].to(device), spec)  # (copies * B, C, H, W)
+    x = to_input(images[index.flatten()], spec)  # (copies * B, C, H, W)
     if config.augment:
         x = augment(x, config.crop_padding, config.erasing, draws, spec.black())
     x = x.view(copies, batch, *x.shape[1:]).transpose(0, 1).flatten(1, 2)  # (B, copies * C, ...)
     if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, source.train_labels[index].t().to(device)
+    return x, labels[index].t()
 
 
 def score(ema_or_model, source, spec, config, shift: int) -> list[float]:
@@ -106,10 +113,10 @@ def screen(config: TrainConfig, copies: int, eval_every: int) -> dict:
     device = torch.device(config.device)
     source = fashion_mnist_source(config.data_dir, verify=config.verify)
     spec = input_spec(config, source)
+    kwargs = {**config.model_kwargs, "in_channels": source.channels}
     models = []
     for i in range(copies):
         torch.manual_seed(config.seed + i)
-        kwargs = {**config.model_kwargs, "in_channels": source.channels}
         models.append(create_model(config.model, num_classes=len(source.classes), **kwargs))
     network = pack(models).to(device)
     if config.channels_last:
@@ -120,7 +127,9 @@ def screen(config: TrainConfig, copies: int, eval_every: int) -> dict:
             network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True
         )
     optimizer = make_optimizer(config, network)
-    n_steps = max(source.train_size // config.batch_size, 1)
+    n_steps = steps_per_epoch(config, source)
+    # the whole uint8 training set on the device once (47 MB), not a batch copied every step
+    images, labels = source.train_images.to(device), source.train_labels.to(device)
     total = config.epochs * n_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(config.schedule, step, total, config.warmup)
@@ -136,11 +145,11 @@ def screen(config: TrainConfig, copies: int, eval_every: int) -> dict:
         draws = epoch_generator(config.seed, epoch, 1)
         loss_sum = torch.zeros((), device=device)
         for k in range(n_steps):
-            x, labels = batch_of_copies(source, spec, config, orders, k, draws, device)
+            x, targets = batch_of_copies(images, labels, spec, config, orders, k, draws)
             with autocast(config.precision, device):
                 out = network(x).float()  # (B, copies, classes)
             loss = F.cross_entropy(
-                out.flatten(0, 1), labels.flatten(), label_smoothing=config.label_smoothing
+                out.flatten(0, 1), targets.flatten(), label_smoothing=config.label_smoothing
             )
             optimizer.zero_grad(set_to_none=True)
             (loss * copies).backward()  # the sum of the copies' mean losses: each its own
