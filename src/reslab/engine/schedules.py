@@ -1,0 +1,78 @@
+"""Every learning-rate schedule in reslab, as a factor on the base rate, and the hook that
+applies one. Trainers name a schedule here; none defines its own."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from reslab.engine.loop import Hook, Loop
+
+
+def onecycle(t: float, warmup: float) -> float:
+    """Linear rise from 1/25 over the first ``warmup`` of the run, then cosine decay to zero
+    (Smith & Topin 2017, "Super-Convergence"; torch's OneCycleLR without momentum cycling)."""
+    if t < warmup:
+        return 0.04 + 0.96 * t / warmup
+    return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup)))
+
+
+def cosine(t: float) -> float:
+    """Cosine decay from 1 to 0 as ``t`` goes from 0 to 1 (Loshchilov & Hutter 2017)."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def step_decay(t: float) -> float:
+    """x0.1 at 50% and 75% of the run (He et al. 2015, section 3.4)."""
+    return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
+    """The classifier's schedules by name, at optimizer step ``step`` of ``total``:
+    ``onecycle``, ``cosine``, ``step`` or ``constant``."""
+    t = min(step / max(total, 1), 1.0)
+    if schedule == "onecycle":
+        return onecycle(t, warmup)
+    if schedule == "cosine":
+        return cosine(t)
+    if schedule == "step":
+        return step_decay(t)
+    return 1.0
+
+
+def warmup_cosine(step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up from 1/1000 over ``warmup`` steps (Goyal et al. 2017; detectron2), then
+    cosine decay to zero as ``progress`` goes from 0 to 1.
+
+    ``progress`` is the larger of the steps done and the time used, as shares of the plan, so
+    that a run cut by a time budget still ends with its rate annealed.
+    """
+    if step < warmup:
+        return 0.001 + (1 - 0.001) * step / warmup
+    return cosine(progress)
+
+
+def paper_steps(step: int, total: int) -> float:
+    """The ResNet paper's CIFAR schedule (x0.1 at 32k and 48k of 64k iterations, section 4.2)
+    scaled to ``total`` steps."""
+    return 0.1 ** ((step >= total // 2) + (step >= 3 * total // 4))
+
+
+class Schedule(Hook):
+    """Before each step, every parameter group's rate is its base rate times
+    ``factor(loop)``. The base rates are the groups' rates when the hook is made."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[Loop], float]):
+        self.optimizer, self.factor = optimizer, factor
+        self.base = [group["lr"] for group in optimizer.param_groups]
+
+    def rate(self, loop: Loop) -> float:
+        """The first group's rate at the loop's next step."""
+        return self.base[0] * self.factor(loop)
+
+    def before_step(self, loop: Loop) -> None:
+        factor = self.factor(loop)
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = base * factor
