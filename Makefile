@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.reslab-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data train test lint bench clean
+.PHONY: setup data train test lint bench clean docs
 
 setup: $(STAMP) data
 
@@ -35,6 +35,11 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+
+# the reference site: results page regenerated first, then a strict build (broken links fail)
+docs: $(STAMP)
+	$(PY) benchmarks/report.py
+	$(VENV)/bin/mkdocs build --strict -d build/site
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
