@@ -10,7 +10,8 @@ classifier learns is the path detection uses.
 
 from __future__ import annotations
 
-import time
+import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -19,8 +20,10 @@ from rich.console import Console
 from torchvision.ops import box_convert, roi_align
 
 from reslab.data.coco import CocoDetection
+from reslab.engine.budget import Budget, StopAtDeadline
 from reslab.engine.checkpoint import save_checkpoint
-from reslab.engine.detection import lr_factor
+from reslab.engine.loop import Every, Hook, Loop, run
+from reslab.engine.schedules import Schedule, warmup_cosine
 from reslab.errors import ReslabError
 from reslab.fast import autocast
 from reslab.models.detection import mirror_boxes
@@ -134,15 +137,102 @@ def crop_accuracy(model, crops: torch.Tensor, boxes: torch.Tensor, labels: torch
     return right / len(labels)
 
 
-def classifier_step(
-    optimizer, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
-) -> tuple[float, float]:
-    """One optimizer step on a batch's class scores; the batch's loss and accuracy."""
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+class ClassifierStep:
+    """A training step of a classifier for :func:`~reslab.engine.loop.run`: ``scores(batch)``
+    gives a batch's class scores and labels; the losses are the cross-entropy (``"loss"``) and
+    the share of the batch named right (``"accuracy"``); the update is one optimizer step."""
+
+    def __init__(self, optimizer, scores: Callable, label_smoothing: float = 0.0):
+        self.optimizer, self.scores, self.label_smoothing = optimizer, scores, label_smoothing
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        logits, labels = self.scores(batch)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
+
+    def update(self, losses: dict[str, torch.Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+
+
+class StopAfterSteps(Hook):
+    """``max_steps`` > 0: the run ends after that many steps."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def after_step(self, loop: Loop) -> None:
+        if self.max_steps and loop.step >= self.max_steps:
+            loop.stop = True
+
+
+# steps of linear warm-up before the cosine decay over the budget
+WARMUP_STEPS = 50
+
+
+def train_until_deadline(
+    step: ClassifierStep,
+    batches: Callable[[Loop], Iterable],
+    budget: Budget,
+    max_steps: int,
+    log: Callable[[Loop], None],
+    log_every: int,
+) -> Loop:
+    """Run ``step`` on ``batches`` until ``budget`` is spent or ``max_steps`` (0: none) are
+    taken, with a warm-up of WARMUP_STEPS then a cosine decay to zero over the budget
+    (:func:`~reslab.engine.schedules.warmup_cosine`); ``log(loop)`` every ``log_every``
+    steps."""
+    schedule = Schedule(
+        step.optimizer, lambda loop: warmup_cosine(loop.step, WARMUP_STEPS, budget.used())
+    )
+    hooks = [StopAtDeadline(budget), schedule, StopAfterSteps(max_steps), Every(log, log_every)]
+    # a budget of no minutes trains nothing
+    return run(Loop(stop=not budget.limited), batches, step, hooks)
+
+
+def deadline_record(loop: Loop, budget: Budget, crops: int) -> dict:
+    """What :func:`train_until_deadline` did: steps, seconds since the budget started, the
+    ``crops`` it drew from, and the last batch's loss and accuracy (NaN without a step)."""
+    last = {name: value.item() for name, value in loop.losses.items()}
+    return {
+        "steps": loop.step,
+        "seconds": budget.elapsed(),
+        "crops": crops,
+        "loss": last.get("loss", math.nan),
+        "accuracy": last.get("accuracy", math.nan),
+    }
+
+
+def log_line(console: Console, name: str) -> Callable[[Loop], None]:
+    """The periodic line: ``{name} step N: loss=... accuracy=...``."""
+
+    def log(loop: Loop) -> None:
+        accuracy = loop.losses["accuracy"].item()
+        console.print(f"{name} step {loop.step}: loss={loop.loss:.4f} accuracy={accuracy:.3f}")
+
+    return log
+
+
+def crop_batches(
+    crops: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    jitter: float,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """An epoch of (crops, boxes, labels) batches in a random order, each crop mirrored with
+    its box at random and, with ``jitter`` > 0, its box's edges moved (:func:`jitter_boxes`)."""
+    side = crops.shape[-1]
+    for index in torch.randperm(len(labels), generator=generator).split(batch_size):
+        x, box = crops[index], boxes[index].clone()
+        mirror = torch.rand(len(index), generator=generator) < 0.5
+        x[mirror] = x[mirror].flip(-1)
+        box[mirror] = mirror_boxes(box[mirror], side)
+        if jitter:
+            box = jitter_boxes(box, jitter, side, generator)
+        yield x, box, labels[index]
 
 
 def pretrain_box_classifier(
@@ -166,15 +256,13 @@ def pretrain_box_classifier(
     sooner. Returns steps, seconds, crops and the last batch's loss and accuracy
     (training mode).
 
-    Why the detector's scale: detection's head sees each object at the size the resized image
-    gives it, its batch norm normalising over whole scenes. On the 8,000 scenes (128 px, the
-    detector at 256) a classifier pretrained for 6 minutes on 64-pixel crops, each object
-    resized to fill one, named 30% of the val scenes' ground-truth boxes right when put back
-    in the detector (batch statistics, as detection training starts), though 87% of the same
-    objects in such crops; on 128-pixel crops at the detector's scale it named 61% right.
+    The crops are at the detector's scale because detection's head sees each object at the
+    size the resized image gives it, with its batch norm normalising over whole scenes: a crop
+    that keeps that size, and the black canvas and neighbours around the object, teaches the
+    head what detection then shows it.
     """
     console = console or Console()
-    started = time.monotonic()
+    budget = Budget(minutes)
     crops, boxes, labels = detector_crops(model, dataset, side)
     console.print(f"pretraining the box classifier on {len(labels):,} ground-truth crops")
     heads = model.roi_heads
@@ -182,37 +270,25 @@ def pretrain_box_classifier(
     params = [p for part in parts for p in part.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
     generator = torch.Generator().manual_seed(seed)
-    budget = 60 * minutes
     model.train()
-    step, loss, accuracy = 0, float("nan"), float("nan")
-    while time.monotonic() - started < budget and not (max_steps and step >= max_steps):
-        for index in torch.randperm(len(labels), generator=generator).split(batch_size):
-            progress = (time.monotonic() - started) / budget
-            if progress >= 1 or (max_steps and step >= max_steps):
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr * lr_factor(step, 50, progress)
-            x, box = crops[index], boxes[index].clone()
-            mirror = torch.rand(len(index), generator=generator) < 0.5
-            x[mirror] = x[mirror].flip(-1)
-            box[mirror] = mirror_boxes(box[mirror], side)
-            if jitter:
-                box = jitter_boxes(box, jitter, side, generator)
-            with autocast("bf16" if bf16 else "fp32"):
-                logits = crop_logits(model, x, box).float()
-            loss, accuracy = classifier_step(optimizer, logits, labels[index])
-            step += 1
-            if step % 100 == 0:
-                console.print(f"pretrain step {step}: loss={loss:.4f} accuracy={accuracy:.3f}")
-    seconds = time.monotonic() - started
-    console.print(f"pretrained {step} steps in {seconds / 60:.1f} min")
-    return {
-        "steps": step,
-        "seconds": seconds,
-        "crops": len(labels),
-        "loss": loss,
-        "accuracy": accuracy,
-    }
+
+    def scores(batch):
+        x, box, batch_labels = batch
+        with autocast("bf16" if bf16 else "fp32"):
+            logits = crop_logits(model, x, box).float()
+        return logits, batch_labels
+
+    loop = train_until_deadline(
+        ClassifierStep(optimizer, scores),
+        lambda loop: crop_batches(crops, boxes, labels, batch_size, jitter, generator),
+        budget,
+        max_steps,
+        log_line(console, "pretrain"),
+        100,
+    )
+    record = deadline_record(loop, budget, len(labels))
+    console.print(f"pretrained {record['steps']} steps in {record['seconds'] / 60:.1f} min")
+    return record
 
 
 WARM_START = "pretrained.pt"

@@ -4,15 +4,15 @@ detected box's own pixels, whose probability for the detection's label multiplie
 This is the decoupled classification refinement of Cheng et al. (2018, "Revisiting RCNN: On
 Awakening the Classification Power of Faster RCNN"): a C4 detector classifies each RoI from the
 shared stride-16 map, where a 25-58 pixel object of the Fashion-MNIST scenes covers a few cells,
-so it finds nearly every object but names 85-88% of them right. A classifier on a window cut
-from the image around the box sees the object at full resolution, alone. It trains on crops
-around the ground-truth boxes, the edges moved at random as a proposal's would be, and is
-cheap: a quarter-width ResNet-18 with the "small" stem on 28x28 windows.
+so it finds objects more surely than it names them. A classifier on a window cut from the
+image around the box sees the object at full resolution, alone. It trains on crops around the
+ground-truth boxes, the edges moved at random as a proposal's would be, and is cheap: a
+quarter-width ResNet-18 with the "small" stem on 28x28 windows.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,9 +21,16 @@ from torch import nn
 from torchvision.ops import box_convert, roi_align
 
 from reslab.data.coco import CocoDetection
-from reslab.engine.box_pretrain import box_crops, classifier_step, jitter_boxes
+from reslab.engine.box_pretrain import (
+    ClassifierStep,
+    box_crops,
+    deadline_record,
+    jitter_boxes,
+    log_line,
+    train_until_deadline,
+)
+from reslab.engine.budget import Budget
 from reslab.engine.checkpoint import save_checkpoint
-from reslab.engine.detection import lr_factor
 from reslab.errors import ReslabError
 from reslab.fast import autocast
 from reslab.models import create_model
@@ -164,6 +171,25 @@ def rescorer_accuracy(rescorer: Rescorer, dataset: CocoDetection, bf16: bool = F
     return right / total if total else 0.0
 
 
+def window_batches(
+    crops: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    jitter: float,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (windows, labels) batches of crops drawn with replacement: each box's edges
+    moved by up to ``jitter`` of its size, its window cut from the uint8 crop at SIDE pixels
+    in [0, 1] and mirrored at random."""
+    while True:
+        index = torch.randint(len(labels), (batch_size,), generator=generator)
+        box = jitter_boxes(boxes[index], jitter, CROP_SIDE, generator)
+        x = roi_align(crops[index].float() / 255, list(squares(box)[:, None]), SIDE, aligned=True)
+        mirror = torch.rand(batch_size, generator=generator) < 0.5
+        yield torch.where(mirror[:, None, None, None], x.flip(-1), x), labels[index]
+
+
 def train_rescorer(
     dataset: CocoDetection,
     minutes: float,
@@ -181,7 +207,7 @@ def train_rescorer(
     to ``jitter`` of its size every time it is drawn. ``max_steps`` (0: none) stops it sooner.
     Returns the classifier and a record (steps, seconds, crops, last loss and accuracy)."""
     console = console or Console()
-    started = time.monotonic()
+    budget = Budget(minutes)
     crops, boxes, labels = box_crops(dataset, CROP_SIDE, MARGIN)  # uint8, a batch is made float
     labels = labels - 1
     console.print(f"training the rescoring classifier on {len(labels):,} ground-truth crops")
@@ -193,32 +219,24 @@ def train_rescorer(
         rescorer.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True
     )
     generator = torch.Generator().manual_seed(seed)
-    budget = 60 * minutes
-    step, loss, accuracy = 0, float("nan"), float("nan")
-    while time.monotonic() - started < budget and not (max_steps and step >= max_steps):
-        progress = (time.monotonic() - started) / budget
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, 50, progress)
-        index = torch.randint(len(labels), (batch_size,), generator=generator)
-        box = jitter_boxes(boxes[index], jitter, CROP_SIDE, generator)
-        x = roi_align(crops[index].float() / 255, list(squares(box)[:, None]), SIDE, aligned=True)
-        mirror = torch.rand(batch_size, generator=generator) < 0.5
-        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+
+    def scores(batch):
+        x, batch_labels = batch
         with autocast("bf16" if bf16 else "fp32"):
-            logits = rescorer(x).float()
-        loss, accuracy = classifier_step(optimizer, logits, labels[index], label_smoothing=0.1)
-        step += 1
-        if step % 500 == 0:
-            console.print(f"rescorer step {step}: loss={loss:.4f} accuracy={accuracy:.3f}")
-    seconds = time.monotonic() - started
-    console.print(f"trained the rescorer for {step} steps in {seconds / 60:.1f} min")
-    record = {
-        "steps": step,
-        "seconds": seconds,
-        "crops": len(labels),
-        "loss": loss,
-        "accuracy": accuracy,
-    }
+            return rescorer(x).float(), batch_labels
+
+    loop = train_until_deadline(
+        ClassifierStep(optimizer, scores, label_smoothing=0.1),
+        lambda loop: window_batches(crops, boxes, labels, batch_size, jitter, generator),
+        budget,
+        max_steps,
+        log_line(console, "rescorer"),
+        500,
+    )
+    record = deadline_record(loop, budget, len(labels))
+    console.print(
+        f"trained the rescorer for {record['steps']} steps in {record['seconds'] / 60:.1f} min"
+    )
     return rescorer.eval(), record
 
 
