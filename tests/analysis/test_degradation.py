@@ -5,9 +5,9 @@ from reslab.analysis.degradation import (
     DegradationConfig,
     degradation_study,
     final_rows,
-    paper_lr,
     plot_degradation,
 )
+from reslab.engine.schedules import paper_steps
 from reslab.errors import ReslabError
 
 
@@ -19,7 +19,7 @@ def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_lr_follows_the_papers_steps_scaled_to_the_budget():
     # He et al. 2015, section 4.2: 0.1, divided by 10 at 32k and 48k of 64k iterations
-    assert [paper_lr(0.1, s, 64) for s in (0, 31, 32, 47, 48, 63)] == pytest.approx(
+    assert [0.1 * paper_steps(s, 64) for s in (0, 31, 32, 47, 48, 63)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     )
 

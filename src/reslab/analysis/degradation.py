@@ -8,7 +8,6 @@ what the study needs, not a general trainer.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reslab.engine.budget import now
+from reslab.engine.loop import Hook, Loop, StopOnNonFinite
+from reslab.engine.loop import run as run_loop
 from reslab.engine.plots import pyplot
+from reslab.engine.schedules import Schedule, paper_steps
 from reslab.errors import ReslabError, finite_positive
 from reslab.models.resnet import CIFAR_DEPTHS, create_model
 
@@ -62,11 +65,6 @@ def random_subset(
     return normalize(images[keep]), labels[keep]
 
 
-def paper_lr(lr: float, step: int, total: int) -> float:
-    """The paper's schedule (0.1, /10 at 32k and 48k of 64k iterations) scaled to ``total``."""
-    return lr * 0.1 ** ((step >= total // 2) + (step >= 3 * total // 4))
-
-
 @torch.no_grad()
 def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
     model.eval()
@@ -77,6 +75,55 @@ def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 
     return wrong / len(y)
 
 
+class Classify:
+    """A step of the study's recipe on batches of indices into the training images: the
+    cross-entropy (``"loss"``), the batch's misclassified images (``"wrong"``), one SGD step.
+    It tallies the epoch's summed loss and errors."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x, y):
+        self.model, self.optimizer, self.x, self.y = model, optimizer, x, y
+        self.images, self.loss_sum, self.wrong = 0, 0.0, 0
+
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.images = len(batch)
+        logits = self.model(self.x[batch])
+        loss = F.cross_entropy(logits, self.y[batch])
+        return {"loss": loss, "wrong": (logits.argmax(1) != self.y[batch]).sum()}
+
+    def update(self, losses: dict[str, torch.Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.wrong += losses["wrong"].item()
+        self.loss_sum += losses["loss"].item() * self.images
+
+
+class EpochRow(Hook):
+    """Per epoch: the model in training mode, then a row of the mean training loss and error
+    (the tallies of :class:`Classify`), the test error and the epoch's seconds, handed to
+    ``on_epoch``."""
+
+    def __init__(self, step: Classify, test, on_epoch: Callable[[dict], None]):
+        self.step, self.test, self.on_epoch = step, test, on_epoch
+        self.started = 0.0
+
+    def before_epoch(self, loop: Loop) -> None:
+        self.step.model.train()
+        self.started, self.step.wrong, self.step.loss_sum = now(), 0, 0.0
+
+    def after_epoch(self, loop: Loop) -> None:
+        images = len(self.step.y)
+        self.on_epoch(
+            {
+                "epoch": loop.epoch,
+                "train_loss": self.step.loss_sum / images,
+                "train_error": self.step.wrong / images,
+                "test_error": error_rate(self.step.model, *self.test),
+                "seconds": now() - self.started,
+            }
+        )
+
+
 def train_fixed_budget(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -84,7 +131,8 @@ def train_fixed_budget(
     config: DegradationConfig,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """SGD with momentum for ``config.epochs``; per epoch, training and test error.
+    """SGD with momentum for ``config.epochs`` on the paper's step schedule
+    (:func:`~reslab.engine.schedules.paper_steps`); per epoch, training and test error.
 
     Training error is that of each mini-batch as it was trained on, averaged over the epoch:
     no second pass over the training set, which would cost a third of the training again.
@@ -98,34 +146,27 @@ def train_fixed_budget(
     )
     # the same seed for every model: each sees the same batches in the same order
     order = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = -(-len(y) // config.batch_size)
-    total = config.epochs * steps_per_epoch
+    total = config.epochs * -(-len(y) // config.batch_size)
     history = []
-    for epoch in range(config.epochs):
-        model.train()
-        start, wrong, loss_sum = time.perf_counter(), 0, 0.0
-        for i, batch in enumerate(torch.randperm(len(y), generator=order).split(config.batch_size)):
-            for group in optimizer.param_groups:
-                group["lr"] = paper_lr(config.lr, epoch * steps_per_epoch + i, total)
-            logits = model(x[batch])
-            loss = F.cross_entropy(logits, y[batch])
-            if not torch.isfinite(loss):
-                raise ReslabError(f"the loss became {loss.item()} in epoch {epoch + 1}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            wrong += (logits.argmax(1) != y[batch]).sum().item()
-            loss_sum += loss.item() * len(batch)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / len(y),
-            "train_error": wrong / len(y),
-            "test_error": error_rate(model, *test),
-            "seconds": time.perf_counter() - start,
-        }
-        history.append(row)
+
+    def row(values: dict) -> None:
+        history.append(values)
         if on_epoch is not None:
-            on_epoch(row)
+            on_epoch(values)
+
+    step = Classify(model, optimizer, x, y)
+    hooks = [
+        Schedule(optimizer, lambda loop: paper_steps(loop.step, total)),
+        StopOnNonFinite(
+            lambda loop, bad: f"the loss became {bad['loss']} in epoch {loop.epoch + 1}; lower --lr"
+        ),
+        EpochRow(step, test, row),
+    ]
+
+    def batches(loop: Loop):
+        return torch.randperm(len(y), generator=order).split(config.batch_size)
+
+    run_loop(Loop(epochs=config.epochs), batches, step, hooks)
     return history
 
 
