@@ -4,15 +4,14 @@
     python benchmarks/seed_screen.py --copies 8 --device cuda --set epochs=44 --note "..."
 
 A recipe change worth 0.1 point is smaller than the spread of one recipe over seeds (about 0.1
-point of test accuracy for `best`), so one run per variant decides nothing and a 2-core CPU
-gives one run an hour. This screen trains N copies of `reslab train --preset P [flags]`'s model
-as one grouped network (reslab.models.grouped): each copy has its own initial weights (seed
-S + i), its own batch order, crops and flips, and its own SGD step and EMA, all as the preset
-does, so the N final accuracies are N seeds of the recipe. On an H200, 8 copies of `best`'s
-model trained 216,800 img/s in bf16, about 7 times what one `reslab train` process per model
-reached there in all, in fp32 (README, GPU probes). At the end each copy is unpacked and
-scored on all 10,000 test images by `reslab.engine.evaluate` with the preset's test-time views,
-as a run scores its last epoch.
+point of test accuracy for `best`: benchmarks/results/seed_screen-20261204-gpu-prototype.json),
+so one run per variant decides nothing. This screen trains N copies of `reslab train --preset P
+[flags]`'s model as one grouped network (reslab.models.grouped), on the engine's loop: each
+copy has its own initial weights (seed S + i), its own batch order, crops and flips, and its
+own SGD step and EMA, all as the preset does, so the N final accuracies are N seeds of the
+recipe, trained in one pass. At the end each copy is unpacked and scored on all 10,000 test
+images by `reslab.engine.evaluate` with the preset's test-time views, as a run scores its last
+epoch.
 
 Not the CPU path: batches are drawn per copy, not as `reslab train` draws them, and the
 precision is the GPU's; what a variant gains here is evidence for a CPU run, not a CPU result.
@@ -34,22 +33,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from reslab.bench import machine_info
 from reslab.cli import build_parser
 from reslab.cli.train import add_set_argument, config_from_args, parse_overrides, train_flags
 from reslab.data.sources import fashion_mnist_source, train_order
 from reslab.data.transforms import augment, to_input
+from reslab.engine.budget import now
 from reslab.engine.config import PRESETS, TrainConfig
+from reslab.engine.ema import UpdateEma, make_ema
 from reslab.engine.evaluate import evaluate
-from reslab.engine.train import (
-    epoch_generator,
-    input_spec,
-    lr_factor,
-    make_optimizer,
-    steps_per_epoch,
-)
+from reslab.engine.loop import Hook, Loop, run
+from reslab.engine.schedules import Schedule, lr_factor
+from reslab.engine.train import epoch_generator, input_spec, make_optimizer, steps_per_epoch
 from reslab.errors import ReslabError
 from reslab.fast import autocast
 from reslab.models import create_model
@@ -108,6 +104,94 @@ def score(ema_or_model, source, spec, config, shift: int) -> list[float]:
     return out
 
 
+class CopyBatches:
+    """The loop's batches: an epoch's steps, each copy's batch drawn from its own order
+    (:func:`batch_of_copies`), from the training set held on ``device``."""
+
+    def __init__(self, source, spec, config: TrainConfig, copies: int, device: torch.device):
+        # the whole uint8 training set on the device once (47 MB), not a batch copied every step
+        self.images = source.train_images.to(device)
+        self.labels = source.train_labels.to(device)
+        self.size, self.steps = source.train_size, steps_per_epoch(config, source)
+        self.spec, self.config, self.copies = spec, config, copies
+
+    def __call__(self, loop: Loop):
+        epoch, seed, batch_size = loop.epoch + 1, self.config.seed, self.config.batch_size
+        orders = [
+            train_order(self.size, batch_size, epoch_generator(seed + i, epoch, 0))
+            for i in range(self.copies)
+        ]
+        draws = epoch_generator(seed, epoch, 1)
+        for k in range(self.steps):
+            yield batch_of_copies(
+                self.images, self.labels, self.spec, self.config, orders, k, draws
+            )
+
+
+class GroupedStep:
+    """A step of the grouped copies: the mean of their cross-entropies (``"loss"``) and one
+    optimizer step on their sum, so that each copy's gradient is its own mean loss's."""
+
+    def __init__(self, network, optimizer, config: TrainConfig, copies: int, device):
+        self.network, self.optimizer, self.config = network, optimizer, config
+        self.copies, self.device = copies, device
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        x, targets = batch
+        with autocast(self.config.precision, self.device):
+            out = self.network(x).float()  # (B, copies, classes)
+        loss = F.cross_entropy(
+            out.flatten(0, 1), targets.flatten(), label_smoothing=self.config.label_smoothing
+        )
+        return {"loss": loss}
+
+    def update(self, losses: dict[str, torch.Tensor]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        (losses["loss"] * self.copies).backward()
+        self.optimizer.step()
+
+
+class EpochRecord(Hook):
+    """Per epoch: the mean training loss over its ``steps``, every copy's scores
+    (:func:`score`) of ``scored`` every ``eval_every`` epochs and after the last, and the
+    seconds since the run started; printed and kept in ``history``."""
+
+    def __init__(self, scored, source, spec, config: TrainConfig, steps: int, eval_every: int):
+        self.scored, self.source, self.spec = scored, source, spec
+        self.config, self.steps, self.eval_every = config, steps, eval_every
+        self.history: list[dict] = []
+        self.started, self.loss_sum = 0.0, torch.zeros(())
+
+    def before_run(self, loop: Loop) -> None:
+        self.started = now()
+
+    def before_epoch(self, loop: Loop) -> None:
+        self.loss_sum = torch.zeros((), device=self.config.device)
+
+    def after_step(self, loop: Loop) -> None:
+        self.loss_sum += loop.losses["loss"].detach()
+
+    def after_epoch(self, loop: Loop) -> None:
+        epoch, last = loop.epoch, loop.epoch == loop.epochs
+        record = {"epoch": epoch, "train_loss": self.loss_sum.item() / self.steps}
+        if last or epoch % self.eval_every == 0:
+            record["mirror"] = score(self.scored, self.source, self.spec, self.config, 0)
+            if last and self.config.tta_shift:
+                shift = self.config.tta_shift
+                record["views"] = score(self.scored, self.source, self.spec, self.config, shift)
+        record["elapsed_s"] = now() - self.started
+        self.history.append(record)
+        accuracies = record.get("views", record.get("mirror"))
+        summary = (
+            f" mean test accuracy {100 * statistics.fmean(accuracies):.2f}%" if accuracies else ""
+        )
+        print(
+            f"epoch {epoch}/{loop.epochs} train loss {record['train_loss']:.4f}{summary} "
+            f"elapsed {record['elapsed_s']:.0f}s",
+            flush=True,
+        )
+
+
 def screen(config: TrainConfig, copies: int, eval_every: int) -> dict:
     """Train ``copies`` seeds of ``config`` as one grouped network; the record of the run."""
     device = torch.device(config.device)
@@ -121,62 +205,23 @@ def screen(config: TrainConfig, copies: int, eval_every: int) -> dict:
     network = pack(models).to(device)
     if config.channels_last:
         network = network.to(memory_format=torch.channels_last)
-    ema = None
-    if config.ema:
-        ema = AveragedModel(
-            network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True
-        )
+    ema = make_ema(network, config.ema)
     optimizer = make_optimizer(config, network)
-    n_steps = steps_per_epoch(config, source)
-    # the whole uint8 training set on the device once (47 MB), not a batch copied every step
-    images, labels = source.train_images.to(device), source.train_labels.to(device)
-    total = config.epochs * n_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(config.schedule, step, total, config.warmup)
-    )
-    history, start = [], time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        orders = [
-            train_order(
-                source.train_size, config.batch_size, epoch_generator(config.seed + i, epoch, 0)
-            )
-            for i in range(copies)
-        ]
-        draws = epoch_generator(config.seed, epoch, 1)
-        loss_sum = torch.zeros((), device=device)
-        for k in range(n_steps):
-            x, targets = batch_of_copies(images, labels, spec, config, orders, k, draws)
-            with autocast(config.precision, device):
-                out = network(x).float()  # (B, copies, classes)
-            loss = F.cross_entropy(
-                out.flatten(0, 1), targets.flatten(), label_smoothing=config.label_smoothing
-            )
-            optimizer.zero_grad(set_to_none=True)
-            (loss * copies).backward()  # the sum of the copies' mean losses: each its own
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(network)
-            loss_sum += loss.detach()
-        last = epoch == config.epochs
-        record = {"epoch": epoch, "train_loss": loss_sum.item() / n_steps}
-        if last or epoch % eval_every == 0:
-            evaluated = ema.module if ema is not None else network
-            record["mirror"] = score(evaluated, source, spec, config, 0)
-            if last and config.tta_shift:
-                record["views"] = score(evaluated, source, spec, config, config.tta_shift)
-        record["elapsed_s"] = time.perf_counter() - start
-        history.append(record)
-        accuracies = record.get("views", record.get("mirror"))
-        summary = (
-            f" mean test accuracy {100 * statistics.fmean(accuracies):.2f}%" if accuracies else ""
-        )
-        print(
-            f"epoch {epoch}/{config.epochs} train loss {record['train_loss']:.4f}{summary} "
-            f"elapsed {record['elapsed_s']:.0f}s",
-            flush=True,
-        )
-    final = history[-1].get("views", history[-1]["mirror"])
+    batches = CopyBatches(source, spec, config, copies, device)
+    total = config.epochs * batches.steps
+    scored = network if ema is None else ema.module
+    record = EpochRecord(scored, source, spec, config, batches.steps, eval_every)
+    hooks = [
+        Schedule(
+            optimizer, lambda loop: lr_factor(config.schedule, loop.step, total, config.warmup)
+        ),
+        *([] if ema is None else [UpdateEma(ema, network)]),
+        record,
+    ]
+    step = GroupedStep(network, optimizer, config, copies, device)
+    run(Loop(epochs=config.epochs), batches, step, hooks)
+    last = record.history[-1]
+    final = last.get("views", last["mirror"])
     return {
         "config": config.to_dict(),
         "copies": copies,
@@ -184,9 +229,9 @@ def screen(config: TrainConfig, copies: int, eval_every: int) -> dict:
         "test_accuracy": final,
         "mean": statistics.fmean(final),
         "stdev": statistics.stdev(final) if copies > 1 else math.nan,
-        "mirror_mean": statistics.fmean(history[-1]["mirror"]),
-        "seconds": time.perf_counter() - start,
-        "history": history,
+        "mirror_mean": statistics.fmean(last["mirror"]),
+        "seconds": now() - record.started,
+        "history": record.history,
     }
 
 
