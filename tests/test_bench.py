@@ -1,6 +1,6 @@
 """The machine record of every benchmark result (reslab/bench.py)."""
 
-from reslab import fast
+from reslab import precision
 from reslab.bench import cpu_identity, machine_info
 
 # the start of /proc/cpuinfo on a 2-core host: two processor blocks, the second another model
@@ -41,10 +41,10 @@ def test_machine_info_carries_the_identity(monkeypatch):
     # a CPU no development machine is, so that reading the real file cannot pass by chance;
     # the first read of /proc/cpuinfo is cached, so the cache is emptied around the fake one
     fake = CPUINFO.replace("AMD EPYC\n", "Test CPU\n", 1).replace(": 26\n", ": 99\n", 1)
-    monkeypatch.setattr("reslab.fast.Path.read_text", lambda self: fake)
-    fast.cpuinfo_fields.cache_clear()
+    monkeypatch.setattr("reslab.precision.Path.read_text", lambda self: fake)
+    precision.cpuinfo_fields.cache_clear()
     try:
         info = machine_info()
     finally:
-        fast.cpuinfo_fields.cache_clear()
+        precision.cpuinfo_fields.cache_clear()
     assert (info["cpu_model"], info["cpu_family"], info["cpu_model_number"]) == ("Test CPU", 99, 2)

@@ -1,13 +1,10 @@
-"""Folded batch norm, the bf16 path and precision resolution (reslab/fast.py)."""
-
-import logging
+"""Folded batch norm and the bf16 path (reslab/fast.py)."""
 
 import pytest
 import torch
 from torch import nn
 
 from reslab import create_model, fast
-from reslab.errors import ReslabError
 from reslab.models import BLOCKS
 
 # one tiny network per block type: the CIFAR layout for basic blocks, ResNet-50's for bottleneck
@@ -102,33 +99,6 @@ def test_training_autocast_keeps_parameters_fp32():
     nn.functional.cross_entropy(logits.float(), torch.arange(4)).backward()
     assert all(p.dtype == torch.float32 and p.grad is not None for p in model.parameters())
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-
-
-def test_auto_precision_follows_the_cpu(monkeypatch, caplog):
-    # AVX512-BF16 without AMX: native bf16, measured slower than fp32 on one such CPU and
-    # faster on another, so auto keeps fp32 and points to --precision bf16
-    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    with caplog.at_level(logging.WARNING, logger="reslab"):
-        assert fast.resolve_precision("auto") == "fp32"
-    assert "without AMX" in caplog.text and "--precision bf16" in caplog.text
-    caplog.clear()
-    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2"}))
-    with caplog.at_level(logging.WARNING, logger="reslab"):
-        assert fast.resolve_precision("auto") == "fp32"
-    assert "without native bf16" in caplog.text and "--precision bf16" not in caplog.text
-    monkeypatch.setattr(
-        fast, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_tile", "amx_bf16"})
-    )
-    assert fast.resolve_precision("auto") == "bf16"
-    with pytest.raises(ReslabError, match="unknown precision"):
-        fast.resolve_precision("fp16")
-
-
-def test_bf16_detection_reads_cpu_flags(monkeypatch):
-    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    assert fast.bf16_supported()
-    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert not fast.bf16_supported()
 
 
 def test_compiled_inference_matches_and_compiles_per_batch_size():

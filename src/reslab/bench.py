@@ -29,6 +29,13 @@ from reslab.errors import ReslabError
 from reslab.export import export_onnx
 from reslab.models import create_model
 from reslab.models.resnet import STEMS, model_defaults
+from reslab.precision import (
+    bf16_supported,
+    cpu_flags,
+    cpuinfo_fields,
+    resolve_precision,
+    time_forward,
+)
 
 TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 MATMUL_SIZE = 2048
@@ -45,6 +52,9 @@ class BenchConfig:
     # batch-1 latency: calls per round (the round's median is kept)
     latency_calls: int = 10
     compile: bool = False
+    # the fast path's precision: fp32, bf16, or auto (reslab.precision's rule, timing the
+    # prepared model's forward pass on a batch in each)
+    precision: str = "auto"
     onnx: bool = True
     model_kwargs: dict = field(default_factory=dict)
 
@@ -86,10 +96,10 @@ def cpu_identity(cpuinfo: str | None = None) -> dict:
     """The first processor's name, vendor, family and model number from /proc/cpuinfo text
     (default: the file).
 
-    Different processors can report the same name ("AMD EPYC" for both the CPU family 25 and
-    the family 26 hosts these benchmarks ran on), so a result records the family and model
-    number too, to say which of them ran it; a field the text lacks is None."""
-    fields = fast.cpuinfo_fields(cpuinfo)
+    Different processors can report the same name (two CPU families sold under one name), so a
+    result records the family and model number too, to say which of them ran it; a field the
+    text lacks is None."""
+    fields = cpuinfo_fields(cpuinfo)
     keys = {
         "model name": "cpu_model",
         "vendor_id": "cpu_vendor",
@@ -109,11 +119,11 @@ def machine_info() -> dict:
         **cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "bf16_native": fast.bf16_supported(),
+        "bf16_native": bf16_supported(),
         # the flags that decide which precision pays: AVX-512 bf16 and VNNI (int8), AMX
         "cpu_flags": sorted(
             f
-            for f in fast.cpu_flags()
+            for f in cpu_flags()
             if f.startswith(("avx512_bf16", "avx512_vnni", "avx_vnni", "amx"))
         ),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -202,6 +212,16 @@ def _matmul_rate(dtype: torch.dtype) -> float:
     return 2 * MATMUL_SIZE**3 / _timed(lambda: a @ b) / 1e9
 
 
+def resolve_fast_precision(cfg: BenchConfig, reference: nn.Module) -> str:
+    """``cfg.precision``, "auto" resolved on the prepared model's forward pass on a batch."""
+    example = torch.randn(cfg.batch_size, *cfg.input_shape)
+
+    def measure(precision: str) -> float:
+        return time_forward(fast.prepare_for_inference(reference, precision), example)
+
+    return resolve_precision(cfg.precision, measure=measure)[0]
+
+
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Measure every variant in alternating rounds; return a JSON-ready result."""
     if cfg.rounds < 1 or cfg.batch_size < 1 or cfg.warmup < 0:
@@ -214,7 +234,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None
     # same architecture, parameter for parameter: torchvision's weights load strictly
     reference.load_state_dict(twin.state_dict(), strict=True)
     flops = forward_flops(reference, cfg.input_shape)
-    fast_precision = fast.resolve_precision("auto")
+    fast_precision = resolve_fast_precision(cfg, reference)
 
     with tempfile.TemporaryDirectory() as workdir:
         variants = [
@@ -224,9 +244,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None
                 "fast", "(c) reslab fast", reference, fast_precision, True, cfg, cfg.compile
             ),
         ]
-        if fast_precision == "fp32" and fast.bf16_supported():
-            # "auto" trusts bf16 on AMX only; where the CPU has bf16 instructions without AMX,
-            # whether bf16 pays differs from CPU to CPU (README), so the row shows it
+        if fast_precision == "fp32" and bf16_supported():
+            # the precision fp32 was chosen over, or given instead of, trained and timed too
             variants.append(
                 _torch_variant(
                     "fast_bf16", "(c) reslab fast, bf16", reference, "bf16", True, cfg, cfg.compile

@@ -1,4 +1,4 @@
-"""CPU fast paths: channels_last, bf16 autocast where it pays, folded batch norm.
+"""CPU fast paths: channels_last, bf16 autocast, folded batch norm.
 
 Training keeps every parameter, batch-norm statistic and the loss in fp32: autocast only runs
 convolutions and matrix products in bf16 (PyTorch's CPU autocast op lists), and callers compute
@@ -9,32 +9,34 @@ read and write of every activation per folded layer.
 
 Typical use::
 
-    model, precision = fast.prepare_for_training(model)       # "auto": bf16 with AMX
+    model, precision = fast.prepare_for_training(model, "bf16")
     with fast.autocast(precision):
         logits = model(fast.to_input(images))
     loss = F.cross_entropy(logits.float(), labels)
 
     predictor = fast.prepare_for_inference(model)              # fp32 in, fp32 out
+
+Both take ``precision="auto"`` too, resolved by :func:`reslab.precision.resolve_precision`
+with a forward pass timed in each precision.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops import FrozenBatchNorm2d
 
-from reslab.errors import ReslabError
 from reslab.models.blocks import Bottleneck, PreActBasicBlock, PreActBottleneck
+from reslab.precision import bf16_supported as bf16_supported  # re-exported for older imports
+from reslab.precision import resolve_precision, time_forward
 
 log = logging.getLogger("reslab")
 
-PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (convolution, the batch norm that directly follows it) per block class; looked up along the
@@ -49,85 +51,6 @@ FOLDABLE_PAIRS: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
 # BasicBlock, and the network stem (conv1, bn1): any other module with a conv1/bn1 pair.
 DEFAULT_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"))
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
-
-
-@functools.cache
-def cpuinfo_fields(text: str | None = None) -> dict[str, str]:
-    """The first processor's ``key: value`` lines of /proc/cpuinfo (``text``, else the file);
-    empty where Linux gives none."""
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return {}
-    fields = {}
-    for line in text.splitlines():
-        if not line.strip():
-            break  # the end of the first processor's block
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
-    return frozenset(cpuinfo_fields().get("flags", "").split())
-
-
-def bf16_supported() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16).
-
-    Without those instructions oneDNN emulates bf16 and is several times *slower* than fp32
-    (measured on an AVX2-only AMD EPYC: a 2048^3 bf16 matmul ran for minutes where fp32 took
-    under a second). Where /proc/cpuinfo is absent, ask oneDNN itself.
-    """
-    flags = cpu_flags()
-    if flags:
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def bf16_pays() -> bool:
-    """Whether bf16 convolutions can be expected to beat fp32 here: only with AMX-BF16.
-
-    AVX512-BF16 without AMX goes either way: on a 2-core Xeon bf16 autocast was slower than
-    fp32 for ResNet-18 training at 28x28 and 96x96 and for the ResNet-101-C4 box head, while
-    on a 2-core AMD EPYC it trained and inferred ResNet-18 at 2.4x torchvision's fp32 rate
-    (README, "Presets and measured results", "Speed and export" and "Detection"). Without a
-    rule to tell the two apart from the flags, "auto" stays fp32 there and says so.
-    """
-    flags = cpu_flags()
-    if flags:
-        return "amx_bf16" in flags
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx and amx())
-
-
-def resolve_precision(precision: str = "auto", notice: bool = True) -> str:
-    """``"fp32"`` or ``"bf16"``: "auto" picks bf16 where it pays (`bf16_pays`), otherwise
-    fp32 with a notice (``notice=False`` drops it, for callers where fp32 loses nothing, such
-    as prediction).
-
-    An explicit "bf16" is honoured (it is exact enough everywhere, only slow without hardware
-    support), with a warning where that is so.
-    """
-    if precision not in PRECISIONS:
-        raise ReslabError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-    if precision == "auto":
-        if bf16_pays():
-            return "bf16"
-        if notice and bf16_supported():
-            log.warning(
-                "reslab: precision auto is fp32 on CPUs without AMX; this CPU has AVX512-BF16, "
-                "where bf16 was measured faster on some CPUs and slower on others: try "
-                "--precision bf16 (`reslab bench` times both)"
-            )
-        elif notice:
-            log.warning("reslab: precision auto is fp32 on a CPU without native bf16")
-        return "fp32"
-    if precision == "bf16" and not bf16_supported():
-        log.warning("reslab: bf16 requested on a CPU without native bf16; it will be slow")
-    return precision
 
 
 def autocast(precision: str, device: torch.device | str = "cpu") -> torch.autocast:
@@ -146,10 +69,33 @@ def to_input(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     return x.contiguous(memory_format=memory_format(channels_last))
 
 
+def example_batch(model: nn.Module, batch: int = 32) -> torch.Tensor:
+    """A random batch to time ``model`` on: its first convolution's channels, 28x28 for one
+    channel (Fashion-MNIST), else 64x64 (an image folder's default size)."""
+    channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    side = 28 if channels == 1 else 64
+    return torch.randn(batch, channels, side, side)
+
+
+def _autocast_call(model: nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with autocast(precision):
+            return model(x)
+
+    return call
+
+
 def prepare_for_training(
-    model: nn.Module, precision: str = "auto", channels_last: bool = True, compile: bool = False
+    model: nn.Module,
+    precision: str = "auto",
+    channels_last: bool = True,
+    compile: bool = False,
+    example: torch.Tensor | None = None,
 ) -> tuple[nn.Module, str]:
     """(model ready to train, resolved precision) for use with :func:`autocast`.
+
+    "auto" times an eval-mode forward pass of a copy on ``example`` (default
+    :func:`example_batch`) in each precision (:func:`reslab.precision.resolve_precision`).
 
     Changes ``model``'s memory format in place (build the optimizer after, or before: the
     parameters are the same objects).
@@ -159,7 +105,14 @@ def prepare_for_training(
     activation to its blocked layout and back. ``compile`` wraps the model in ``torch.compile``
     (inductor); the first steps then take minutes on a small CPU.
     """
-    precision = resolve_precision(precision)
+    if precision == "auto":
+        probe = copy.deepcopy(model).eval().to(memory_format=memory_format(channels_last))
+        x = to_input(example if example is not None else example_batch(model), channels_last)
+        precision, _ = resolve_precision(
+            "auto", measure=lambda p: time_forward(_autocast_call(probe, p), x), say=log.info
+        )
+    else:
+        precision, _ = resolve_precision(precision)
     model = model.to(memory_format=memory_format(channels_last))
     if compile:
         model = torch.compile(model)
@@ -239,23 +192,41 @@ def prepare_for_inference(
     fold_bn: bool = True,
     channels_last: bool = True,
     compile: bool = False,
+    example: torch.Tensor | None = None,
 ) -> InferenceModel:
     """A frozen, eval-mode copy of ``model`` for fast prediction (fp32 in, fp32 out).
 
-    bf16 stores the weights in bf16 (no per-call casts) where the CPU has native bf16.
+    bf16 stores the weights in bf16 (no per-call casts). "auto" times the prepared model on
+    ``example`` (default :func:`example_batch`) in each precision and logs its choice on the
+    "reslab" logger at INFO level, so that prediction's output stays its results.
     ``compile`` adds ``torch.compile`` (inductor) with freezing: the weights become constants,
     so inductor folds them and packs each convolution's weights once, in oneDNN's blocked
     layout, instead of reordering them on every call. Shapes are static (``dynamic=False``):
     each new batch size compiles once, and no call runs a slower shape-generic kernel. The
     first call takes seconds to minutes; worth it for long prediction runs only.
     """
-    precision = resolve_precision(precision, notice=False)
+    if precision == "auto":
+        x = example if example is not None else example_batch(model)
+
+        def measure(p: str) -> float:
+            return time_forward(_inference_model(model, p, fold_bn, channels_last), x)
+
+        precision, _ = resolve_precision("auto", measure=measure, say=log.info)
+    else:
+        precision, _ = resolve_precision(precision)
+    model = _inference_model(model, precision, fold_bn, channels_last)
+    if compile:
+        model.model = torch.compile(model.model, dynamic=False, options={"freezing": True})
+    return model
+
+
+def _inference_model(
+    model: nn.Module, precision: str, fold_bn: bool, channels_last: bool
+) -> InferenceModel:
     spec = getattr(model, "spec", None)
     model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
     model.requires_grad_(False)
     model = model.to(dtype=DTYPES[precision], memory_format=memory_format(channels_last))
     if spec is not None:
         model.spec = spec
-    if compile:
-        model = torch.compile(model, dynamic=False, options={"freezing": True})
     return InferenceModel(model, precision, channels_last).eval()

@@ -2,9 +2,8 @@
 
 A C4 detector spends nearly all of its inference time in one place: conv5_x run on every RoI
 (1.62 TFLOP for ResNet-101 with 1000 RoIs). On CPUs with AVX512-VNNI or AVX-VNNI, int8
-convolutions through PyTorch's x86 quantized engine ran about four times as fast as fp32 ones
-(`benchmarks/kernels.py` on a 2-core Xeon: 1,329-1,551 against 253-408 G(FL)OP/s for res5's
-shapes).
+convolutions through PyTorch's x86 quantized engine run res5's shapes about four times as fast
+as fp32 ones (benchmarks/results/kernels-20261126-044706.json, from `benchmarks/kernels.py`).
 
 This is eager-mode static quantization (``torch.ao.quantization``): weights int8 per output
 channel, activations uint8 per tensor, scales from observers that watch calibration inputs.
@@ -28,7 +27,8 @@ from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub, convert, get_default_qconfig, prepare
 
 from reslab.errors import ReslabError
-from reslab.fast import NORMS, cpu_flags
+from reslab.fast import NORMS
+from reslab.precision import cpu_flags
 
 ENGINE = "x86"
 

@@ -13,9 +13,11 @@ from reslab.models import create_model
 
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_bench_writes_json(tmp_path, capsys, monkeypatch, native_bf16):
-    # without AMX "auto" is fp32; a CPU with bf16 instructions also gets a bf16 fast-path row
-    monkeypatch.setattr("reslab.fast.bf16_pays", lambda: False)
-    monkeypatch.setattr("reslab.fast.bf16_supported", lambda: native_bf16)
+    # "auto" is fp32 where bf16 is not native or not timed faster (here: timed equal); a CPU
+    # with native bf16 also gets a bf16 fast-path row
+    monkeypatch.setattr("reslab.precision.bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr("reslab.bench.bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr("reslab.bench.time_forward", lambda call, example, runs=3: 1.0)
     out = tmp_path / "bench.json"
     argv = ["bench", "--input", "1,8,8", "--batch-size", "2", "--rounds", "1", "--warmup", "0"]
     assert main([*argv, "--out", str(out)]) == 0

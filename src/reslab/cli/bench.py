@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from reslab.bench import BenchConfig, run_bench
+from reslab.cli.predict import add_precision_flag
 from reslab.cli.summary import parse_shape
 from reslab.engine.checkpoint import atomic_write
 
@@ -24,10 +25,10 @@ def register(subparsers) -> None:
         description="Measure, in one process and in alternating rounds, training img/s and "
         "inference (batch-1 latency, batch throughput) of (a) torchvision's model of the same "
         "architecture in eager fp32, (b) reslab's default path, (c) reslab's fast path "
-        "(channels_last, folded batch norm; bf16 with AMX, and timed in bf16 too on other CPUs "
-        "with native bf16) and (d) the ONNX file in "
-        "onnxruntime. Prints medians, ratios to (a) and GFLOP/s against a matmul measured in "
-        "the same run; writes JSON.",
+        "(channels_last, folded batch norm, --precision; on a CPU with native bf16 an fp32 "
+        "fast path is timed in bf16 too) and (d) the ONNX file in onnxruntime. Prints "
+        "medians, ratios to (a) and GFLOP/s against a matmul measured in the same run; writes "
+        "JSON.",
     )
     parser.add_argument("--model", default="resnet18", help="resnet18/34/50/101/152")
     parser.add_argument(
@@ -39,6 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="training and throughput batch")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
+    add_precision_flag(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime row")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/...)")
@@ -119,6 +121,7 @@ def run(args) -> int:
         rounds=args.rounds,
         warmup=args.warmup,
         compile=args.compile,
+        precision=args.precision,
         onnx=not args.no_onnx,
     )
     with console.status("benchmarking") as status:

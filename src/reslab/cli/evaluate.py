@@ -28,8 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=500, help="images per forward pass (default %(default)s)"
     )
-    # fp32 by default: the accuracy then equals an fp32 training run's own evaluation
-    add_inference_flags(parser, default_precision="fp32")
+    add_inference_flags(parser)
     parser.set_defaults(func=run)
 
 

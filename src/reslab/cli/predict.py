@@ -10,6 +10,7 @@ from PIL import Image
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.inference import predict_files
 from reslab.errors import ReslabError
+from reslab.precision import BF16_MIN_SPEEDUP, PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -26,20 +27,25 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--top-k", type=int, default=3, help="classes to list per image (default %(default)s)"
     )
-    add_inference_flags(parser, default_precision="auto")
+    add_inference_flags(parser)
     parser.set_defaults(func=run)
 
 
-def add_inference_flags(parser: argparse.ArgumentParser, default_precision: str) -> None:
-    """--precision and --compile of the inference fast path (batch norm folded, channels_last)."""
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    """--precision, default auto, resolved by reslab.precision's one rule."""
     parser.add_argument(
         "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default=default_precision,
-        help="auto = bf16 on CPUs with AMX, else fp32 (with AVX512-BF16 alone bf16 was slower "
-        "on one CPU and 1.8x faster on another: `reslab bench` shows which) "
-        "(default: %(default)s)",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 = bfloat16, slow without native bf16 (AVX512-BF16 or AMX); auto = fp32, "
+        "unless bf16 is native here and a forward pass timed in each is at least "
+        f"{BF16_MIN_SPEEDUP:g}x faster in bf16 (default: %(default)s)",
     )
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    """--precision and --compile of the inference fast path (batch norm folded, channels_last)."""
+    add_precision_flag(parser)
     parser.add_argument(
         "--compile",
         action="store_true",
