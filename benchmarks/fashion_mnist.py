@@ -26,8 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from reslab.bench import machine_info
-from reslab.cli.train import add_set_argument, parse_overrides, train_flags
-from reslab.engine.config import PRESETS
+from reslab.engine.config import PRESETS, add_set_argument, parse_overrides, train_flags
 from reslab.errors import ReslabError
 
 RESULTS = Path(__file__).parent / "results"

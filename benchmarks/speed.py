@@ -1,17 +1,15 @@
-"""The speed benchmark behind the README's numbers: `reslab bench` at its two default sizes.
+"""`reslab bench` at its two default sizes, each in its own process.
 
 ResNet-18 on 1x28x28 (the Fashion-MNIST setup) at batch 256, and ResNet-50 on 3x224x224 at
-batch 8 (one batch-256 training step of ResNet-50 at 224x224 is 6.3 TFLOP: minutes on a 2-core
-CPU). Results land in benchmarks/results/ with the machine's description. Run from the
-repository root:
+batch 8 (one batch-256 training step of ResNet-50 at 224x224 is 6.3 TFLOP). Results land in benchmarks/results/ with the machine's description; docs/speed.md shows
+them. Run from the repository root:
 
     .venv/bin/python benchmarks/speed.py [--rounds 3]
 """
 
 import argparse
+import subprocess
 import sys
-
-from reslab.cli import main
 
 RUNS = (
     ["--model", "resnet18", "--input", "1,28,28", "--batch-size", "256"],
@@ -23,6 +21,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", default="3")
     args = parser.parse_args()
     for run in RUNS:
-        status = main(["bench", *run, "--rounds", args.rounds])
+        command = [sys.executable, "-m", "reslab", "bench", *run, "--rounds", args.rounds]
+        status = subprocess.call(command)
         if status:
             sys.exit(status)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from reslab.bench import machine_info
-from reslab.cli.train import stage_widths
+from reslab.engine.config import parse_widths
+from reslab.errors import ReslabError
 from reslab.models import create_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,7 +64,6 @@ def main() -> None:
     parser.add_argument("--se", type=int, default=0, help="squeeze-and-excitation ratio; 0: off")
     parser.add_argument(
         "--widths",
-        type=stage_widths,
         help="channels of each stage before --width multiplies them, e.g. 64,192,384,768",
     )
     args = parser.parse_args()
@@ -75,7 +75,10 @@ def main() -> None:
     if args.se:
         model_args["se"] = args.se
     if args.widths:
-        model_args["widths"] = args.widths
+        try:
+            model_args["widths"] = parse_widths(args.widths)
+        except ReslabError as error:
+            parser.error(str(error))
     load_before = os.getloadavg()
     rows = []
     for precision in ("fp32", "bf16"):

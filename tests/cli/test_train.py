@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 
 from reslab.cli import build_parser, main
-from reslab.cli.train import config_from_args, parse_overrides, train_flags
+from reslab.cli.train import config_from_args
 from reslab.data.sources import fashion_mnist_source
 from reslab.data.transforms import InputSpec
 from reslab.engine import inference
 from reslab.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from reslab.engine.config import PRESETS
+from reslab.engine.config import PRESETS, parse_overrides, train_flags
 from reslab.engine.evaluate import logits
 from reslab.errors import ReslabError
 

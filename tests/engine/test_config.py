@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from reslab.engine.config import PRESETS, TrainConfig, build_config
+from reslab.engine.config import PRESETS, TrainConfig, build_config, config_from_flags
 from reslab.errors import ReslabError
 
 
@@ -72,3 +72,25 @@ def test_cuda_device_needs_a_gpu_and_one_process(monkeypatch):
     with pytest.raises(ReslabError, match="--device cuda trains in one process"):
         build_config("default", device="cuda", processes=2)
     assert build_config("default", device="cuda:0").device == "cuda:0"
+
+
+def test_config_from_flags_applies_the_rules():
+    config, payload, run_dir = config_from_flags("best", {"epochs": 30, "stem": "small"})
+    assert (payload, run_dir) == (None, None)
+    # a typed epoch count drops the preset's budget; model flags go to model_kwargs
+    assert (config.epochs, config.max_minutes) == (30, 0.0)
+    assert config.model_kwargs == {"stem": "small", "width": 0.25}
+    assert "stem" not in config.to_dict()
+    budgeted = config_from_flags("best", {"epochs": 60, "max_minutes": 20.0})[0]
+    assert (budgeted.epochs, budgeted.max_minutes) == (60, 20.0)
+    assert config_from_flags("default", {})[0] == build_config("default")
+    # widths as a benchmark's --set gives them: one string
+    widths = config_from_flags("best", {"widths": "64,192,384,768"})[0]
+    assert widths.model_kwargs["widths"] == [64, 192, 384, 768]
+    with pytest.raises(ReslabError, match="'64,x' is not a list of stage widths"):
+        config_from_flags("best", {"widths": "64,x"})
+
+
+def test_resume_may_change_only_epochs_and_device():
+    with pytest.raises(ReslabError, match=r"only --epochs and --device may change \(got --lr\)"):
+        config_from_flags("default", {"resume": "run", "epochs": 3, "lr": 1.0})

@@ -1,22 +1,28 @@
-"""`reslab train`: a preset, then the flags given, into one TrainConfig; see reslab.engine."""
+"""`reslab train`: the flags given, as a dict, to reslab.engine.config.config_from_flags."""
 
 from __future__ import annotations
 
 import argparse
-import json
 
 from reslab.engine.config import (
     OPTIMIZERS,
     PRECISIONS,
     PRESETS,
     SCHEDULES,
-    build_config,
+    config_from_flags,
+    parse_widths,
     validate,
 )
+
+# benchmarks/seed_screen.py still imports these from here; they live in reslab.engine.config
+from reslab.engine.config import add_set_argument as add_set_argument
+from reslab.engine.config import parse_overrides as parse_overrides
+from reslab.engine.config import train_flags as train_flags
 from reslab.engine.distributed import World, check_batch, cpu_cores, in_launched_world, relaunch
-from reslab.engine.train import BF16_MIN_SPEEDUP, fit, resume_config
+from reslab.engine.train import fit
 from reslab.errors import ReslabError
 from reslab.models.blocks import SHORTCUTS
+from reslab.precision import BF16_MIN_SPEEDUP
 
 
 def _bool(parser, name: str, help: str) -> None:
@@ -26,17 +32,11 @@ def _bool(parser, name: str, help: str) -> None:
 
 
 def stage_widths(text: str) -> list[int]:
-    """argparse type for ``--widths``: one positive channel count per stage, comma-separated."""
+    """argparse type for ``--widths`` (:func:`reslab.engine.config.parse_widths`)."""
     try:
-        widths = [int(part) for part in text.split(",")]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a list of stage widths; give one positive whole number of "
-            "channels per stage, comma-separated, such as 64,128,256,512"
-        )
-    return widths
+        return parse_widths(text)
+    except ReslabError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def register(subparsers) -> None:
@@ -47,8 +47,6 @@ def register(subparsers) -> None:
         "last.pt, best.pt, curves.png, confusion.png). Flags not given take the preset's "
         "values; the full config is printed at the start.",
     )
-    # every flag defaults to "not given" so that only what the user typed overrides the preset
-    add = lambda *a, **k: parser.add_argument(*a, default=argparse.SUPPRESS, **k)  # noqa: E731
     parser.add_argument(
         "--preset",
         default="default",
@@ -56,6 +54,23 @@ def register(subparsers) -> None:
         help="seed: the tutorial recipe; default: tuned for a small CPU; best: highest accuracy "
         "within an hour (default: default)",
     )
+    _model_flags(parser)
+    _data_flags(parser)
+    _schedule_flags(parser)
+    _augment_flags(parser)
+    _run_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def _adder(parser):
+    """``parser.add_argument`` with every flag defaulting to "not given", so that only what
+    the user typed overrides the preset."""
+    return lambda *a, **k: parser.add_argument(*a, default=argparse.SUPPRESS, **k)
+
+
+def _model_flags(parser) -> None:
+    """Flags of the network: which model and its constructor arguments."""
+    add = _adder(parser)
     add("--model", help="any name from `reslab models` (the preset's stem and width still apply)")
     add("--stem", choices=("imagenet", "cifar", "small"), help="override the model's stem")
     add("--width", type=float, help="channel width multiplier")
@@ -87,6 +102,11 @@ def register(subparsers) -> None:
         "start each residual branch's last batch norm at zero, so every block begins as the "
         "identity (Goyal et al. 2017)",
     )
+
+
+def _data_flags(parser) -> None:
+    """Flags of the data: Fashion-MNIST or an image folder, and how it is read."""
+    add = _adder(parser)
     add(
         "--data",
         metavar="FOLDER",
@@ -103,6 +123,11 @@ def register(subparsers) -> None:
     add("--image-size", type=int, help="side the model sees (Fashion-MNIST: 28)")
     add("--workers", type=int, help="DataLoader workers decoding image-folder files")
     _bool(parser, "--strict", "stop on an unreadable image-folder file (default: skip, warn)")
+
+
+def _schedule_flags(parser) -> None:
+    """Flags of the optimisation: epochs, time budget, batch, optimizer and rate schedule."""
+    add = _adder(parser)
     add(
         "--epochs",
         type=int,
@@ -147,6 +172,11 @@ def register(subparsers) -> None:
         type=float,
         help="share of each target spread over the other classes (default and best 0.1)",
     )
+
+
+def _augment_flags(parser) -> None:
+    """Flags of augmentation, weight averaging, SAM and test-time augmentation."""
+    add = _adder(parser)
     _bool(parser, "--augment", "random crop with padding, flip and random erasing on batches")
     add(
         "--crop-padding",
@@ -194,6 +224,11 @@ def register(subparsers) -> None:
         "image moved N pixels right, left, down and up: 10 views with --tta, 5 without; "
         "earlier epochs skip them (best 1, others 0 = off)",
     )
+
+
+def _run_flags(parser) -> None:
+    """Flags of speed, precision, processes and the run folder."""
+    add = _adder(parser)
     add(
         "--device",
         help="cpu (default), or cuda / cuda:N for an NVIDIA GPU; fp32 stays fp32 there (no TF32)",
@@ -201,10 +236,10 @@ def register(subparsers) -> None:
     add(
         "--precision",
         choices=PRECISIONS,
-        help="bf16 = bfloat16 autocast: slow without native bf16 (AVX512-BF16, AMX); with it "
-        "measured 0.92x fp32 on a Xeon and 1.7x on an EPYC, both without AMX; auto = time an "
-        f"epoch in both where bf16 is native and keep bf16 if {BF16_MIN_SPEEDUP:g}x faster, "
-        "else fp32 (presets: default and best auto, seed fp32)",
+        help="bf16 = bfloat16 autocast: slow without native bf16 (AVX512-BF16, AMX), and with "
+        "it faster on some CPUs and slower on others; auto = time an epoch in both where bf16 "
+        f"is native and keep bf16 if {BF16_MIN_SPEEDUP:g}x faster, else fp32; fp32 on a GPU "
+        "(presets: default and best auto, seed fp32)",
     )
     _bool(
         parser, "--channels-last", "NHWC memory layout (oneDNN's preferred layout for convolutions)"
@@ -238,69 +273,13 @@ def register(subparsers) -> None:
         help="also save last.pt every N steps (atomically; default: at epoch ends)",
     )
     _bool(parser, "--sync-bn", "with several processes, batch-norm statistics over all of them")
-    parser.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace):
-    """(config, checkpoint payload or None, run folder or None) from parsed arguments."""
+    """(config, checkpoint payload or None, run folder or None) from parsed arguments: the
+    flags given, by config field name, to :func:`reslab.engine.config.config_from_flags`."""
     given = {k: v for k, v in vars(args).items() if k not in ("func", "preset", "argv")}
-    if "resume" in given:
-        ignored = sorted(set(given) - {"resume", "epochs", "device"})
-        if ignored:
-            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
-            raise ReslabError(
-                f"--resume continues with the run's saved config; only --epochs and --device "
-                f"may change (got {flags})"
-            )
-        return resume_config(given["resume"], given.get("epochs"), given.get("device"))
-    if "epochs" in given:
-        # an epoch count the user typed is what they get; a budget only if they typed one too
-        given.setdefault("max_minutes", 0.0)
-    model_keys = ("stem", "width", "widths", "shortcut", "se", "zero_init_residual")
-    model_kwargs = {k: given.pop(k) for k in model_keys if k in given}
-    config = build_config(args.preset, **given)
-    config.model_kwargs = {**config.model_kwargs, **model_kwargs}
-    return config, None, None
-
-
-def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
-    """The benchmarks' ``--set KEY=VALUE ...``, read by :func:`parse_overrides`."""
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field that `reslab train` has a flag for, e.g. --set "
-        f"{example} (values are JSON, else strings)",
-    )
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` words (the benchmarks' ``--set``) as config overrides; a VALUE is JSON
-    where it parses (``epochs=44``, ``ema=0.999``, ``augment=false``), else a string
-    (``stem=cifar``, ``widths=64,192,384,768``)."""
-    overrides = {}
-    for item in items:
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise ReslabError(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def train_flags(overrides: dict) -> list[str]:
-    """`reslab train` flags for config overrides: --key value, or --key / --no-key."""
-    out = []
-    for key, value in overrides.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else f"--no-{key.replace('_', '-')}")
-        else:
-            out += [flag, str(value)]
-    return out
+    return config_from_flags(args.preset, given)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,23 +1,30 @@
-"""The one typed configuration behind `reslab train`, its presets and its checks.
+"""The one typed configuration behind `reslab train`, its presets, its rules and its checks.
 
-A run is ``TrainConfig`` = a preset's values, then the flags the user gave. It is printed at the
-start and saved as ``config.json`` in the run folder, and every checkpoint carries it.
+A run is ``TrainConfig`` = a preset's values, then the values the user gave
+(:func:`config_from_flags`). It is printed at the start and saved as ``config.json`` in the run
+folder, and every checkpoint carries it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 
 from reslab.errors import ReslabError, check_whole, finite_positive
 from reslab.models import BLOCKS, list_models, model_defaults
 from reslab.models.resnet import check_se
+from reslab.precision import PRECISIONS
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
-PRECISIONS = ("fp32", "bf16", "auto")
+# the flags that are constructor arguments of the model: they go to model_kwargs
+MODEL_KEYS = ("stem", "width", "widths", "shortcut", "se", "zero_init_residual")
+# what a resumed run may change; everything else is the saved run's
+RESUMABLE = ("epochs", "device")
 
 
 @dataclass
@@ -79,16 +86,14 @@ class TrainConfig:
     # cpu, or cuda / cuda:N for an NVIDIA GPU. On a GPU fp32 means fp32: TF32 is switched off,
     # so a run there follows the CPU run's numerics and augmentation draws
     device: str = "cpu"
-    # bf16 = bfloat16 autocast, fast only where oneDNN has bf16 kernels; auto = bf16 where an
-    # epoch is timed at least 1.15x faster in it, else fp32 (resolved before the run starts,
-    # so config.json says which)
+    # fp32, bf16 (bfloat16 autocast) or auto, resolved before the run starts by
+    # reslab.precision's one rule, so config.json says which
     precision: str = "fp32"
     channels_last: bool = True
     eval_batch_size: int = 1000
     threads: int = 0  # intra-op CPU threads per process; 0 = the cores shared out evenly
     # local training processes (DistributedDataParallel over gloo, each with its share of the
-    # cores); 0 = one per core. For machines whose cores one process cannot keep busy; on the
-    # 2-core development machine one process of two threads was faster (README).
+    # cores); 0 = one per core. For machines whose cores one process cannot keep busy.
     processes: int = 1
     save_every: int = 0  # also write last.pt every N optimizer steps; 0 = at epoch ends only
     sync_bn: bool = False  # under torchrun: batch-norm statistics over all processes
@@ -110,11 +115,11 @@ class TrainConfig:
         return cls(**values)
 
 
-# Measured numbers for each preset are in README.md ("Training") and benchmarks/results/.
+# Each preset's runs, with their machines and times, are in docs/results.md.
 PRESETS: dict[str, dict] = {
-    # The tutorial recipe, kept exactly as the reference point: ResNet-18 with its ImageNet
-    # stem on a single channel, images resized to 96x96 and scaled to [0, 1] (no
-    # normalisation, no augmentation), Adam at 1e-3, batch 256, 5 epochs, constant rate.
+    # The tutorial recipe, kept as the reference point: ResNet-18 with its ImageNet stem,
+    # 96x96 images in [0, 1] without augmentation, Adam at 1e-3, 5 epochs at a constant rate.
+    # 89.49% (benchmarks/results/fashion_mnist-20261125-173554.json).
     "seed": dict(
         model="resnet18",
         model_kwargs={"stem": "imagenet"},
@@ -132,19 +137,10 @@ PRESETS: dict[str, dict] = {
         precision="fp32",
         channels_last=False,
     ),
-    # Tuned for a 2-core CPU: a quarter-width ResNet-18 with the "small" stem (stage 1 at
-    # 14x14), SGD with Nesterov momentum on a one-cycle rate, label smoothing, crop and flip on
-    # batches, flip test-time augmentation. No random erasing: this small model underfits
-    # (train 91.7% < test 92.2% with it; 92.53% test without; benchmarks/results/).
-    # channels_last, and the precision timed on the machine at hand (auto): on an AVX2-only
-    # CPU bf16 convolutions run PyTorch's reference kernels, measured 6x slower than fp32, so
-    # auto keeps fp32 there untimed; on a Xeon with AVX512-BF16 bf16 was no faster for this
-    # width at 28x28 (2,372 against 2,574 img/s; README), so auto keeps fp32 there too; where
-    # bf16 is 1.15x faster or more (the issue measured 2.1x), auto takes it.
-    # 20 epochs at batch 256 (lr 0.2, scaled with the batch): 93.64% in 8.1 min on the idle
-    # 2-core Xeon at 2,764 img/s; 8 epochs at batch 128 had given 92.41%. At most 9.5
-    # minutes (max_minutes), so that `reslab train` keeps to its 10 minutes on a slower CPU
-    # too, with fewer epochs there (README).
+    # For a small CPU: ResNet-18 at 1/4 width, "small" stem (stage 1 at 14x14), one-cycle
+    # Nesterov SGD, label smoothing, crop and flip, mirror test-time augmentation; 20 epochs or
+    # as many as fit in 9.5 minutes, so that `reslab train` keeps to 10 minutes anywhere.
+    # 93.75% in 7.4 min (benchmarks/results/fashion_mnist-20261128-045334-12041.json).
     "default": dict(
         model="resnet18",
         model_kwargs={"stem": "small", "width": 0.25},
@@ -155,43 +151,10 @@ PRESETS: dict[str, dict] = {
         erasing=0.0,
         precision="auto",
     ),
-    # The highest accuracy within an hour on a 2-core CPU: ResNet-18 at 1/4 width with the
-    # "cifar" stem, so stage 1 works at the full 28x28 (widths 16/32/64/128), batch 256 with an
-    # EMA of the weights (decay 0.998 per step), 48 epochs or as many as fit in 57 minutes on
-    # the machine at hand (max_minutes), the schedule made for that many. 36 epochs gave
-    # 95.03% in 40.7 min on the Xeon at about 1,000 img/s (94% first at epoch 22); on an H200
-    # (same numerics) 36 epochs gave 95.00%, 48 epochs 95.30%, 24 epochs 94.67%, so the
-    # epochs are the lever and the budget decides how many (about 48 on that Xeon, about 20
-    # on the AVX2 EPYC). The same recipe at 1/2 width with the "small" stem (stage 1 at 14x14)
-    # costs the same per image and gave 94.61% in 44.5 min; the CIFAR ResNet-20 gave 94.88%
-    # in 47.9 min. No random erasing or CutMix: erasing cost 0.14 points even with 44 epochs,
-    # CutMix 0.5 cost 0.3 in a GPU probe; weight decay 1e-3 scored 94.93% on the H200 (README).
-    # With the crops padded with black instead of grey, 48 epochs gave 95.40% in 42.7 min on
-    # an AMD EPYC with AVX512-BF16 (bf16), 95.24% with seed 1: 95.32% on average against 95.30%
-    # with grey padding there, so the colour does not measurably matter; black is what
-    # torchvision's RandomCrop pads with and the dataset's background.
-    # The last evaluation also averages over the image moved one pixel each way (10 views
-    # with the mirrors): on the seed-2 run's checkpoint (95.39% with the mirror alone, bf16)
-    # it scored 95.56%, and the preset's runs with it 95.55% (seed 0, 43.1 min on that EPYC)
-    # and 95.35% (seed 1), against 95.39% and 95.23% for the mirror alone; seed 3 95.34%, so
-    # four seeds average 95.45% (README). Stage 4 at 192 channels instead of 128 (--widths
-    # 64,128,256,768) took 1.25x the step time and gave 95.33% with seed 0: not adopted.
-    # Neither was lr 0.1 (95.39% over seeds 0, 1, 3 against 95.41% for lr 0.2) nor
-    # pre-activation blocks (95.34% with seed 0), nor ResNet-D shortcuts with zero-initialised
-    # branches (--shortcut D --zero-init-residual: 95.41% over seeds 0-3 against 95.45%), nor
-    # SAM on the last quarter of the steps (--sam 0.05: 95.41% and 95.38% for seeds 0 and 1,
-    # 95.37% and 95.37% for the same runs continued from epoch 36 without it), nor the images
-    # upsampled to 32x32 (--image-size 32, about 1.1x the step time: 95.52% and 95.30%), nor
-    # squeeze-and-excitation (--se 4: 95.21% with seed 0), nor the last 4 epochs on whole
-    # images (--clean-epochs 4: the same to epoch 44, then 95.44% with seed 0), nor stages
-    # 2-4 at 1.5x (--widths 64,192,384,768: 1.4-1.5x the step time; 95.45% over four seeds
-    # on a Xeon with AMX against 95.34% for three of this preset there, but 95.34% against
-    # 95.33% over 7 seeds each in a seed screen on an H200 (benchmarks/seed_screen.py), and
-    # 95.24% in the 40 epochs the budget left it on the EPYC; a wider stage 1 costs about
-    # 2x, README), nor half the warm-up (--warmup 0.1: 95.31% on that Xeon, where this
-    # preset's seed 0 scored 95.36%), nor weight averaging along a constant rate over the
-    # last 12 epochs (SWA, 95.29% over 6 seeds on the H200). This preset's eight CPU runs
-    # average 95.39% (95.30-95.56%).
+    # The highest accuracy within an hour on a small CPU: ResNet-18 at 1/4 width with the
+    # "cifar" stem (stage 1 at 28x28), an EMA of the weights, 48 epochs or as many as fit in
+    # 57 minutes, the last evaluation over 10 views (mirror and one-pixel moves).
+    # 95.55% in 43.1 min (benchmarks/results/fashion_mnist-20261129-092512-13094.json).
     "best": dict(
         model="resnet18",
         model_kwargs={"stem": "cifar", "width": 0.25},
@@ -235,6 +198,13 @@ def check_device(device: str) -> None:
 
 def validate(config: TrainConfig) -> None:
     """One-line errors for values that cannot work, before any data is read."""
+    _check_names_and_counts(config)
+    _check_model(config)
+    _check_rates(config)
+    _check_run(config)
+
+
+def _check_names_and_counts(config: TrainConfig) -> None:
     if config.model not in list_models():
         model_defaults(config.model)  # raises, naming the close matches
     for name, allowed in (
@@ -250,6 +220,9 @@ def validate(config: TrainConfig) -> None:
     check_whole("clean-epochs", config.clean_epochs, least=0)
     check_whole("tta-shift", config.tta_shift, least=0)
     finite_positive("lr", config.lr)
+
+
+def _check_model(config: TrainConfig) -> None:
     if "width" in config.model_kwargs:
         finite_positive("width", config.model_kwargs["width"])
     if "widths" in config.model_kwargs:
@@ -267,6 +240,9 @@ def validate(config: TrainConfig) -> None:
             f"--zero-init-residual needs residual blocks; {config.model} has none, and its "
             "blocks would start at zero and never train"
         )
+
+
+def _check_rates(config: TrainConfig) -> None:
     finite_positive("max-minutes", config.max_minutes, allow_zero=True)
     finite_positive("weight-decay", config.weight_decay, allow_zero=True)
     finite_positive("momentum", config.momentum, allow_zero=True)
@@ -282,6 +258,9 @@ def validate(config: TrainConfig) -> None:
         )
     if config.cutmix != 0 and not 0 < config.cutmix <= 1:
         raise ReslabError(f"--cutmix must be between 0 and 1, got {config.cutmix}")
+
+
+def _check_run(config: TrainConfig) -> None:
     check_device(config.device)
     if config.device != "cpu" and config.processes != 1:
         raise ReslabError(
@@ -296,3 +275,88 @@ def validate(config: TrainConfig) -> None:
         raise ReslabError("--crop-padding, --workers, --threads and --processes must be >= 0")
     if not isinstance(config.save_every, int) or config.save_every < 0:
         raise ReslabError(f"--save-every must be a whole number >= 0, got {config.save_every}")
+
+
+def config_from_flags(preset: str, given: dict) -> tuple[TrainConfig, dict | None, Path | None]:
+    """(config, checkpoint payload or None, run folder or None) for `reslab train`.
+
+    ``given`` holds only the values the user gave, by config field name (the model's
+    constructor arguments, ``MODEL_KEYS``, among them). With ``resume`` the saved run's config
+    is used and only ``RESUMABLE`` values may change. An epoch count given without
+    ``max_minutes`` is exact: the preset's time budget is dropped.
+    """
+    if "resume" in given:
+        ignored = sorted(set(given) - {"resume", *RESUMABLE})
+        if ignored:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise ReslabError(
+                f"--resume continues with the run's saved config; only --epochs and --device "
+                f"may change (got {flags})"
+            )
+        from reslab.engine.train import resume_config  # engine.train imports this module
+
+        return resume_config(given["resume"], given.get("epochs"), given.get("device"))
+    given = dict(given)
+    if "epochs" in given:
+        given.setdefault("max_minutes", 0.0)
+    if isinstance(given.get("widths"), str):
+        given["widths"] = parse_widths(given["widths"])
+    model_kwargs = {k: given.pop(k) for k in MODEL_KEYS if k in given}
+    config = build_config(preset, **given)
+    config.model_kwargs = {**config.model_kwargs, **model_kwargs}
+    return config, None, None
+
+
+def parse_widths(text: str) -> list[int]:
+    """``--widths``: one positive channel count per stage, comma-separated."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        raise ReslabError(
+            f"{text!r} is not a list of stage widths; give one positive whole number of "
+            "channels per stage, comma-separated, such as 64,128,256,512"
+        )
+    return widths
+
+
+def add_set_argument(parser, example: str) -> None:
+    """The benchmarks' ``--set KEY=VALUE ...`` option on an argparse ``parser``, read by
+    :func:`parse_overrides`."""
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field that `reslab train` has a flag for, e.g. --set "
+        f"{example} (values are JSON, else strings)",
+    )
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` words (the benchmarks' ``--set``) as config overrides; a VALUE is JSON
+    where it parses (``epochs=44``, ``ema=0.999``, ``augment=false``), else a string
+    (``stem=cifar``, ``widths=64,192,384,768``)."""
+    overrides = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ReslabError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def train_flags(overrides: dict) -> list[str]:
+    """`reslab train` flags for config overrides: --key value, or --key / --no-key."""
+    out = []
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{key.replace('_', '-')}")
+        else:
+            out += [flag, str(value)]
+    return out
