@@ -66,13 +66,18 @@ def register(subparsers) -> None:
         "basic and bottleneck blocks.",
     )
     studies = parser.add_subparsers(title="studies", metavar="STUDY", required=True)
+    _gradients_parser(studies)
+    _degradation_parser(studies)
+    _blocks_parser(studies)
 
-    common = {
+
+def _common_flags() -> dict[str, dict]:
+    """The flags every training study takes, as add_argument options by flag."""
+    return {
         "--data-dir": dict(default=None, help="folder with the Fashion-MNIST IDX files"),
         "--runs": dict(default="runs", help="where run folders go (default: runs)"),
         "--seed": dict(type=int, default=0, help="seed for weights and batches"),
-        # on a CPU shared with other jobs, one thread per process ran resnet20 training steps
-        # 2-3x faster than two (each thread waits on the others' cores)
+        # on a CPU shared with other jobs, one thread avoids waiting on the others' cores
         "--threads": dict(type=int, default=None, help="CPU threads (default: torch's)"),
         "--verify": dict(
             action=argparse.BooleanOptionalAction,
@@ -81,6 +86,8 @@ def register(subparsers) -> None:
         ),
     }
 
+
+def _gradients_parser(studies) -> None:
     g = studies.add_parser(
         "gradients",
         help="gradient norm of every conv layer, plain vs residual, by depth",
@@ -99,17 +106,18 @@ def register(subparsers) -> None:
         "--steps", type=int, default=d.steps, help="training steps (default: %(default)s)"
     )
     g.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
-    for flag, options in common.items():
+    for flag, options in _common_flags().items():
         g.add_argument(flag, **options)
     g.set_defaults(func=run_gradients)
 
+
+def _degradation_parser(studies) -> None:
     dg = studies.add_parser(
         "degradation",
         help="train plain-N and ResNet-N with one budget (the paper's Figure 6)",
         description="Train plain and residual CIFAR networks at two or more depths with the "
         "same recipe and budget on Fashion-MNIST; plot training (dashed) and test (bold) error "
-        "by epoch as He et al. 2015 Figure 6 does. The defaults took 34 minutes on a 2-core "
-        "CPU shared with other jobs (--threads 1). The paper's 64k iterations of 128 images "
+        "by epoch as He et al. 2015 Figure 6 does. The paper's 64k iterations of 128 images "
         "are about --epochs 136 --train-size 60000.",
     )
     c = DegradationConfig()
@@ -130,10 +138,12 @@ def register(subparsers) -> None:
     dg.add_argument(
         "--lr", type=float, default=c.lr, help="/10 at 50%% and 75%% of the budget (default: 0.1)"
     )
-    for flag, options in common.items():
+    for flag, options in _common_flags().items():
         dg.add_argument(flag, **options)
     dg.set_defaults(func=run_degradation)
 
+
+def _blocks_parser(studies) -> None:
     b = studies.add_parser(
         "blocks",
         help="basic vs bottleneck: weights and multiply-adds per block and per network",
@@ -148,7 +158,7 @@ def register(subparsers) -> None:
         default=(3, 224, 224),
         help="network input C,H,W (default: 3,224,224)",
     )
-    b.add_argument("--runs", **common["--runs"])
+    b.add_argument("--runs", **_common_flags()["--runs"])
     b.set_defaults(func=run_blocks)
 
 
