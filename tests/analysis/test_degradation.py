@@ -6,9 +6,12 @@ from reslab.analysis.degradation import (
     degradation_study,
     final_rows,
     plot_degradation,
+    random_subset,
+    train_fixed_budget,
 )
 from reslab.engine.schedules import paper_steps
 from reslab.errors import ReslabError
+from reslab.models.resnet import create_model
 
 
 def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,3 +66,15 @@ def test_same_seed_same_numbers():
 def test_bad_configs_are_user_errors(change):
     with pytest.raises(ReslabError):
         DegradationConfig(**change).check()
+
+
+def test_a_diverging_run_stops_with_a_one_line_error():
+    config = DegradationConfig(epochs=2, batch_size=8, lr=1e30)
+    g = torch.Generator().manual_seed(0)
+    train, test = random_subset(*data(16, 0), 16, g), random_subset(*data(8, 1), 8, g)
+    rows = []
+    with pytest.raises(ReslabError, match=r"^the loss became nan in epoch 1; lower --lr$"):
+        train_fixed_budget(
+            create_model("resnet20", in_channels=1), train, test, config, rows.append
+        )
+    assert rows == []

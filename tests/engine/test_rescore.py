@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from reslab.engine import budget as budget_module
 from reslab.engine.rescore import (
     SIDE,
     Rescorer,
@@ -17,6 +19,7 @@ from reslab.engine.rescore import (
     train_rescorer,
     windows,
 )
+from reslab.engine.schedules import warmup_cosine
 from reslab.errors import ReslabError
 
 
@@ -97,3 +100,27 @@ def test_training_teaches_the_rescorer_to_name_the_boxes(tmp_path, write_bars):
     del payload["rescorer"]["mean"]
     with pytest.raises(ReslabError, match="--no-rescore"):
         rescorer_from_checkpoint(payload)
+
+
+def test_the_rate_warms_up_then_anneals_until_the_budget_is_spent(
+    tmp_path, write_bars, monkeypatch
+):
+    clock = [100.0]
+    monkeypatch.setattr(budget_module, "now", lambda: clock[0])
+    rates = []
+
+    def tick(optimizer, args, kwargs):  # each step takes half a second of the fake clock
+        rates.append(optimizer.param_groups[0]["lr"])
+        clock[0] += 0.5
+
+    handle = register_optimizer_step_post_hook(tick)
+    try:
+        _, record = train_rescorer(write_bars(tmp_path), minutes=0.5, batch_size=2, lr=0.1)
+    finally:
+        handle.remove()
+    # 30 s, then no step more: the rate rises for 50 steps and follows the clock down after
+    assert record["steps"] == 60 and record["seconds"] == 30.0
+    assert rates == [0.1 * warmup_cosine(s, 50, s * 0.5 / 30) for s in range(60)]
+    assert rates[50] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 25 / 30)))
+    _, record = train_rescorer(write_bars(tmp_path), minutes=0, batch_size=2)
+    assert record["steps"] == 0 and math.isnan(record["loss"])
