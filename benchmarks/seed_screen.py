@@ -29,18 +29,24 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from reslab.bench import machine_info
-from reslab.cli import build_parser
-from reslab.cli.train import add_set_argument, config_from_args, parse_overrides, train_flags
 from reslab.data.sources import fashion_mnist_source, train_order
 from reslab.data.transforms import augment, to_input
 from reslab.engine.budget import now
-from reslab.engine.config import PRESETS, TrainConfig
+from reslab.engine.config import (
+    MODEL_KEYS,
+    PRESETS,
+    TrainConfig,
+    add_set_argument,
+    config_from_flags,
+    parse_overrides,
+)
 from reslab.engine.ema import UpdateEma, make_ema
 from reslab.engine.evaluate import evaluate
 from reslab.engine.loop import Hook, Loop, run
@@ -56,8 +62,10 @@ RESULTS = Path(__file__).parent / "results"
 
 def screen_config(preset: str, overrides: dict) -> TrainConfig:
     """The config `reslab train --preset P` with these overrides would run."""
-    argv = ["train", "--preset", preset, *train_flags(overrides)]
-    config, _, _ = config_from_args(build_parser().parse_args(argv))
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)} - set(MODEL_KEYS))
+    if unknown:
+        raise ReslabError(f"--set: no config field named {', '.join(unknown)}")
+    config, _, _ = config_from_flags(preset, overrides)
     unsupported = {"data": None, "cutmix": 0.0, "sam": 0.0, "clean_epochs": 0, "resume": None}
     for key, off in unsupported.items():
         if getattr(config, key) != off:

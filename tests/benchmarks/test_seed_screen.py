@@ -43,3 +43,5 @@ def test_unsupported_settings_are_refused(fake_fmnist, tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
     assert run(fake_fmnist, tmp_path / "x.json", "shortcut=A") == 2
     assert "option A" in capsys.readouterr().err
+    assert run(fake_fmnist, tmp_path / "x.json", "colour=red") == 2
+    assert "no config field named colour" in capsys.readouterr().err
