@@ -106,8 +106,7 @@ class C4Trunk(nn.Module):
 
 
 # RoIs per chunk of the deferred pooling: 32 RoIs pooled to 14x14x1024 take 26 MB in fp32, little
-# enough to stay in the allocator's reused heap and largely in cache through res5 (16 to 128
-# measured alike; benchmarks/detection.py infer)
+# enough to stay in the allocator's reused heap and largely in cache through res5
 ROI_CHUNK = 32
 
 
@@ -143,9 +142,9 @@ class DeferredRoIAlign(nn.Module):
     """In place of the box head's RoIAlign at inference: hands the head its inputs unpooled.
 
     Pooling all 1000 RoIs of an image at once and then running res5 on them streams 800 MB
-    through memory several times; pooled and run 32 at a time they stay in cache. Measured on
-    ResNet-101-C4 at 512 pixels with the int8 head: 3.1 s for RoIAlign + res5 against 4.2-5.8 s
-    (AMD EPYC with AVX-512, 2 cores). The results are the same, up to float rounding.
+    through memory several times; pooled and run 32 at a time they stay in cache
+    (``benchmarks/detection.py infer`` times both). The results are the same, up to float
+    rounding.
     """
 
     def __init__(self, pooler: MultiScaleRoIAlign, chunk: int = ROI_CHUNK):
@@ -352,9 +351,44 @@ def detect_averaged(
     features = {"0": model.backbone(batch.tensors)}
     proposals, _ = model.rpn(batch, features)
     heads = model.roi_heads
+    views = _views(model, batch, features, scales, flip)
+    probs, deltas = _averaged_head(heads, views, proposals)
+    if refine:
+        counts = [len(p) for p in proposals]
+        moved = heads.box_coder.decode(deltas, proposals)  # (R, C, 4)
+        best = probs[:, 1:].argmax(1) + 1  # the most probable class that is not background
+        moved = moved[torch.arange(len(best)), best].split(counts)
+        proposals = [
+            box_ops.clip_boxes_to_image(b, s) for b, s in zip(moved, batch.image_sizes, strict=True)
+        ]
+        again, deltas = _averaged_head(heads, views, proposals)
+        probs = (probs + again) / 2
+    logits = probs.clamp_min(1e-12).log()  # softmax gives the average back
+    boxes, scores, labels = heads.postprocess_detections(
+        logits, deltas, proposals, batch.image_sizes
+    )
+    detections = [
+        {"boxes": b, "scores": s, "labels": label}
+        for b, s, label in zip(boxes, scores, labels, strict=True)
+    ]
+    return model.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
+
+@dataclass
+class _View:
+    """One view of a padded batch: the trunk's maps of it, its side, each image's size in it,
+    and whether it is the mirror image."""
+
+    maps: dict[str, torch.Tensor]
+    size: tuple[int, int]
+    sizes: list[tuple[int, int]]
+    mirrored: bool
+    scale: tuple[float, float]  # (y, x) from the batch's pixels to the view's
+
+
+def _views(model: FasterRCNN, batch, features, scales: Sequence[float], flip: bool) -> list:
     height, width = batch.tensors.shape[-2:]
-    views = []  # (trunk maps, image side, per-image sizes, mirrored), kept for a second pass
+    views = []
     for scale in scales:
         tensors, maps = batch.tensors, features
         size = (round(height * scale), round(width * scale))
@@ -366,45 +400,29 @@ def detect_averaged(
         sizes = [
             (round(h * size[0] / height), round(w * size[1] / width)) for h, w in batch.image_sizes
         ]
-        views.append((maps, size, sizes, False))
+        ratio = (size[0] / height, size[1] / width)
+        views.append(_View(maps, size, sizes, False, ratio))
         if flip:  # the padded batch is mirrored whole
-            views.append(({"0": model.backbone(tensors.flip(-1))}, size, sizes, True))
+            views.append(_View({"0": model.backbone(tensors.flip(-1))}, size, sizes, True, ratio))
+    return views
 
-    def head(boxes_per_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities (R, C) and box deltas (R, 4C), averaged over the views."""
-        probs, deltas = 0.0, 0.0
-        for maps, size, sizes, mirrored in views:
-            y, x = size[0] / height, size[1] / width
-            boxes = [p * p.new_tensor([x, y, x, y]) for p in boxes_per_image]
-            if mirrored:
-                boxes = [mirror_boxes(b, size[1]) for b in boxes]
-            logits, shifts = heads.box_predictor(
-                heads.box_head(heads.box_roi_pool(maps, boxes, sizes))
-            )
-            shifts = shifts.float().view(len(shifts), -1, 4)
-            if mirrored:
-                shifts[:, :, 0].neg_()  # a shift right in the mirror is a shift left here
-            probs = probs + logits.float().softmax(-1)
-            deltas = deltas + shifts.flatten(1)
-        return probs / len(views), deltas / len(views)
 
-    probs, deltas = head(proposals)
-    if refine:
-        counts = [len(p) for p in proposals]
-        moved = heads.box_coder.decode(deltas, proposals)  # (R, C, 4)
-        best = probs[:, 1:].argmax(1) + 1  # the most probable class that is not background
-        moved = moved[torch.arange(len(best)), best].split(counts)
-        proposals = [
-            box_ops.clip_boxes_to_image(b, s) for b, s in zip(moved, batch.image_sizes, strict=True)
-        ]
-        again, deltas = head(proposals)
-        probs = (probs + again) / 2
-    logits = probs.clamp_min(1e-12).log()  # softmax gives the average back
-    boxes, scores, labels = heads.postprocess_detections(
-        logits, deltas, proposals, batch.image_sizes
-    )
-    detections = [
-        {"boxes": b, "scores": s, "labels": label}
-        for b, s, label in zip(boxes, scores, labels, strict=True)
-    ]
-    return model.transform.postprocess(detections, batch.image_sizes, original_sizes)
+def _averaged_head(
+    heads, views: list[_View], boxes_per_image: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities (R, C) and box deltas (R, 4C), averaged over the views."""
+    probs, deltas = 0.0, 0.0
+    for view in views:
+        y, x = view.scale
+        boxes = [p * p.new_tensor([x, y, x, y]) for p in boxes_per_image]
+        if view.mirrored:
+            boxes = [mirror_boxes(b, view.size[1]) for b in boxes]
+        logits, shifts = heads.box_predictor(
+            heads.box_head(heads.box_roi_pool(view.maps, boxes, view.sizes))
+        )
+        shifts = shifts.float().view(len(shifts), -1, 4)
+        if view.mirrored:
+            shifts[:, :, 0].neg_()  # a shift right in the mirror is a shift left here
+        probs = probs + logits.float().softmax(-1)
+        deltas = deltas + shifts.flatten(1)
+    return probs / len(views), deltas / len(views)
