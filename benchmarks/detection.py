@@ -40,50 +40,37 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from reslab import fast
 from reslab.bench import machine_info
-from reslab.cli.detect import (
-    add_anchor_sizes,
-    add_train_proposals,
-    iou_list,
-    proposal_configs,
-    report_metrics,
-    scale_factors,
-)
-from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
+from reslab.data.coco import CocoDetection, eval_transforms
 from reslab.data.scenes import SceneConfig, make_scenes
-from reslab.engine.box_pretrain import (
-    check_jitter,
-    crop_accuracy,
-    detector_crops,
-    load_warm_start,
-    pretrain_box_classifier,
-    save_warm_start,
-)
+from reslab.engine.box_pretrain import crop_accuracy, detector_crops
 from reslab.engine.checkpoint import load_checkpoint
-from reslab.engine.detection import (
-    DetectTrainConfig,
-    check_ema,
-    coco_evaluate,
-    detector_from_checkpoint,
+from reslab.engine.coco_eval import coco_evaluate, report_metrics
+from reslab.engine.detect_config import (
+    DetectConfig,
+    anchor_sizes,
+    check_probability,
+    iou_list,
+    scale_factors,
+    validate,
+)
+from reslab.engine.detect_infer import (
     predict_dataset,
     prepare_detector_for_inference,
     quantize_detector_head,
-    train_detector,
 )
-from reslab.engine.distributed import cpu_cores, in_launched_world, init_world, relaunch
-from reslab.engine.rescore import (
-    Rescorer,
-    load_rescorer_payload,
-    rescorer_accuracy,
-    save_rescorer,
-    train_rescorer,
+from reslab.engine.detect_train import (
+    prepare,
+    relaunch_as,
+    report_start,
+    resolve_train_precision,
+    warm_starts,
 )
+from reslab.engine.detection import detector_from_checkpoint, train_detector
+from reslab.engine.distributed import World, cpu_cores, in_launched_world, init_world
+from reslab.engine.rescore import Rescorer, rescorer_accuracy
 from reslab.errors import ReslabError
-from reslab.models.detection import (
-    DetectorConfig,
-    RoIHeadsConfig,
-    RPNConfig,
-    build_detector,
-)
+from reslab.models.detection import DetectorConfig, RoIHeadsConfig, RPNConfig, build_detector
+from reslab.precision import bf16_supported
 from reslab.quantize import int8_pays
 
 RESULTS = Path(__file__).parent / "results"
@@ -109,171 +96,179 @@ def ensure_scenes(folder: Path, config: SceneConfig, flag: str) -> None:
         )
 
 
-def run_train(args, console: Console) -> None:
-    info = machine_info()
-    scenes = Path(args.scenes)
-    scene_config = SceneConfig(images=args.images, size=args.size, seed=args.seed)
-    # before any rank starts, so none of them races
-    ensure_scenes(scenes, scene_config, "--scenes")
-    # with --processes N this script runs again as N ranks of one DDP world (`reslab detect
-    # train --processes` does the same); rank 0 evaluates and writes the result
-    train_json = scenes / "annotations" / "train.json"
-    detector = DetectorConfig(
-        backbone=args.backbone,
-        width=args.width,
-        num_classes=CocoDetection(scenes / "train", train_json).num_classes,
-        # the scenes are resized so that their side is --min-size (default: kept as made)
-        min_size=args.min_size or args.size,
-        max_size=args.min_size or args.size,
-        **proposal_configs(args),
-    )
-    if args.rescore_minutes and not in_launched_world():
-        # like the pretraining below: in one process, before the ranks, within the budget
-        rescorer, record = train_rescorer(
-            CocoDetection(scenes / "train", train_json),
-            args.rescore_minutes,
-            seed=args.seed,
-            bf16=args.bf16,
-            console=console,
-        )
-        record["val_crop_accuracy"] = rescorer_accuracy(
-            rescorer, CocoDetection(scenes / "val", scenes / "annotations" / "val.json")
-        )  # outside the budget
+def train_config(args) -> DetectConfig:
+    """The run `reslab detect train` would make of these flags, built and checked by the
+    engine; the scenes are resized so that their side is --min-size (0: kept as made)."""
+    side = args.min_size or args.size
+    rpn = {
+        "anchor_sizes": args.anchor_sizes,
+        "pre_nms_top_n_train": args.train_pre_nms,
+        "post_nms_top_n_train": args.train_proposals,
+        "post_nms_top_n_test": args.test_proposals,
+    }
+    roi_heads = {
+        "batch_size_per_image": args.rois_per_image,
+        "positive_fraction": args.roi_positive_fraction,
+    }
+    recipe = ("epochs", "batch_size", "lr", "warmup_iters", "ema", "seed")
+    warm = ("pretrain_minutes", "pretrain_jitter", "rescore_minutes")
+    config = {
+        "data": {"data": args.scenes},
+        "out": args.out,
+        "model": {
+            "backbone": args.backbone,
+            "width": args.width,
+            "min_size": side,
+            "max_size": side,
+            "rpn": rpn,
+            "roi_heads": roi_heads,
+        },
+        "train": {**{k: getattr(args, k) for k in recipe}, "max_minutes": args.minutes},
+        "warm": {k: getattr(args, k) for k in warm},
+        "precision": args.precision,
+        "processes": args.processes,
+        "threads": args.threads or 0,
+    }
+    return validate(DetectConfig.from_dict(config))
+
+
+def val_scenes(config: DetectConfig, transforms=None) -> CocoDetection:
+    return config.data.dataset("val", transforms)
+
+
+def train_warm_starts(config: DetectConfig, precision: str, console: Console) -> None:
+    """The warm starts as `detect train` trains them, each scored on the val scenes' boxes
+    outside the budget."""
+
+    def rescorer_scored(rescorer, record: dict) -> None:
+        record["val_crop_accuracy"] = rescorer_accuracy(rescorer, val_scenes(config))
         console.print(
             f"rescoring classifier: {record['val_crop_accuracy']:.1%} of the val scenes' "
             "ground-truth boxes named right"
         )
-        save_rescorer(rescorer, args.out, record)
-    if args.pretrain_minutes and not in_launched_world():
-        # in one process with every core, before any rank starts; the weights and the time it
-        # took go to a file the ranks read
-        torch.manual_seed(args.seed)
-        model = build_detector(detector)
-        pretrain = pretrain_box_classifier(
-            model,
-            CocoDetection(scenes / "train", train_json),
-            args.pretrain_minutes,
-            seed=args.seed,
-            console=console,
-            jitter=args.pretrain_jitter,
-            bf16=args.bf16,
+
+    def pretrained_scored(model, record: dict) -> None:
+        record["val_crop_accuracy"] = crop_accuracy(
+            model, *detector_crops(model, val_scenes(config))
         )
-        # outside the budget, like the evaluation at the end
-        val_crops = detector_crops(
-            model, CocoDetection(scenes / "val", scenes / "annotations" / "val.json")
-        )
-        pretrain["val_crop_accuracy"] = crop_accuracy(model, *val_crops)
         console.print(
-            f"pretrained classifier: {pretrain['val_crop_accuracy']:.1%} of the val scenes' "
+            f"pretrained classifier: {record['val_crop_accuracy']:.1%} of the val scenes' "
             "ground-truth crops named right"
         )
-        save_warm_start(model, args.out, pretrain)
-    code = relaunch(args.processes or cpu_cores(), None, args.threads or 0)
+
+    warm_starts(config, precision, console, rescorer_scored, pretrained_scored)
+
+
+def run_train(args, console: Console) -> None:
+    info = machine_info()
+    scene_config = SceneConfig(images=args.images, size=args.size, seed=args.seed)
+    # before any rank starts, so none of them races
+    ensure_scenes(Path(args.scenes), scene_config, "--scenes")
+    config = train_config(args)
+    precision = config.precision
+    if not in_launched_world():
+        precision = resolve_train_precision(config, console, World())
+        train_warm_starts(config, precision, console)
+    # with --processes N this script runs again as N ranks of one DDP world, as `reslab
+    # detect train --processes` does; rank 0 evaluates and writes the result
+    code = relaunch_as(args.processes or cpu_cores(), None, args.threads or 0, precision)
     if code is not None:
         raise SystemExit(code)
     world = init_world()
     if not world.is_main:
         console = Console(quiet=True)
-    train = CocoDetection(scenes / "train", train_json, train_transforms())
-    val = CocoDetection(scenes / "val", scenes / "annotations" / "val.json", eval_transforms())
-    torch.manual_seed(args.seed)
-    model = build_detector(detector)
-    pretrain = None
-    if args.pretrain_minutes:
-        pretrain = load_warm_start(model, args.out)
-    saved_rescorer = load_rescorer_payload(args.out) if args.rescore_minutes else None
-    before = (pretrain["seconds"] if pretrain else 0.0) + (
-        saved_rescorer["record"]["seconds"] if saved_rescorer else 0.0
-    )
-    config = DetectTrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_iters=args.warmup_iters,
-        # the pretraining's and the rescorer's minutes, the crops' making included, come out
-        # of the budget
-        max_minutes=args.minutes - before / 60,
-        seed=args.seed,
-        bf16=args.bf16,
-        ema=args.ema,
-    )
-    console.print(f"detector: {asdict(detector)}\ntraining: {asdict(config)}")
+    prepared = prepare(config, precision, console)
+    report_start(prepared, world, console)
     started = time.monotonic()
     last = train_detector(
-        model, train, config, args.out, console=console, world=world, rescorer=saved_rescorer
+        prepared.model,
+        prepared.dataset,
+        prepared.train,
+        args.out,
+        console=console,
+        world=world,
+        rescorer=prepared.rescorer,
     )
     train_s = time.monotonic() - started
     if not world.is_main:
         return
     steps = sum(1 for _ in (Path(args.out) / "log.jsonl").open())
-    rescorer = Rescorer.from_payload(saved_rescorer) if saved_rescorer else None
-    started = time.monotonic()
-    metrics = scored(val, predict_dataset(model, val, batch_size=8), rescorer)
-    eval_s = time.monotonic() - started
-    metrics_int8 = None
-    if int8_pays():  # what `detect eval --int8` scores: the folded detector, int8 res5 head
-        fast_model = prepare_detector_for_inference(copy.deepcopy(model))
-        quantize_detector_head(fast_model, [train[i][0] for i in range(16)])
-        started = time.monotonic()
-        metrics_int8 = scored(val, predict_dataset(fast_model, val, batch_size=8), rescorer)
-        metrics_int8["eval_seconds"] = time.monotonic() - started
-    metrics_flip = None
-    if args.flip:  # what `detect eval --flip` scores: fp32, the head averaged with the mirror
-        metrics_flip = evaluate_views(model, val, args.low_score, rescorer, flip=True)
-    metrics_views = None
-    if args.scales != (1.0,):  # `detect eval --flip --scales ...`: each scale and its mirror
-        metrics_views = evaluate_views(
-            model, val, args.low_score, rescorer, flip=args.flip, scales=args.scales
-        )
-        metrics_views["scales"] = list(args.scales)
-    metrics_refined = None
-    if args.refine:  # `detect eval --refine` with the same views
-        metrics_refined = evaluate_views(
-            model, val, args.low_score, rescorer, flip=args.flip, scales=args.scales, refine=True
-        )
-        metrics_refined["scales"] = list(args.scales)
+    val = val_scenes(config, eval_transforms())
+    evaluations = evaluate_trained(args, prepared, val)
     result = {
         "kind": "train",
         "machine": info,
         "load_average_end": os.getloadavg(),
         "scenes": asdict(scene_config),
-        "train_images": len(train),
+        "train_images": len(prepared.dataset),
         "val_images": len(val),
-        "detector": asdict(detector),
-        "train": asdict(config),
+        "detector": asdict(prepared.detector),
+        "train": asdict(prepared.train),
         "processes": world.size,
         "steps": steps,
         "train_minutes": train_s / 60,
-        "eval_seconds": eval_s,
+        "eval_seconds": evaluations.pop("eval_seconds"),
         "last_losses": last,
-        "metrics": metrics,
-        "metrics_int8_head": metrics_int8,
-        "metrics_flip": metrics_flip,
-        "metrics_views": metrics_views,
-        "metrics_refined": metrics_refined,
-        "pretrain": pretrain,
-        "rescorer": saved_rescorer["record"] if saved_rescorer else None,
+        **evaluations,
+        "pretrain": prepared.pretrain,
+        "rescorer": prepared.rescorer["record"] if prepared.rescorer else None,
         "note": args.note,
     }
+    report_train(args, console, result)
+    console.print(f"wrote {write_result('train', result)}")
+
+
+def evaluate_trained(args, prepared, val: CocoDetection) -> dict:
+    """The plain evaluation and, as asked, the int8-head, flip, views and refined ones."""
+    model, saved = prepared.model, prepared.rescorer
+    rescorer = Rescorer.from_payload(saved) if saved else None
+    started = time.monotonic()
+    metrics = scored(val, predict_dataset(model, val, batch_size=8), rescorer)
+    found = {"eval_seconds": time.monotonic() - started, "metrics": metrics}
+    found["metrics_int8_head"] = None
+    if int8_pays():  # what `detect eval --int8` scores: the folded detector, int8 res5 head
+        fast_model = prepare_detector_for_inference(copy.deepcopy(model))
+        calibration = range(min(16, len(prepared.dataset)))
+        quantize_detector_head(fast_model, [prepared.dataset[i][0] for i in calibration])
+        started = time.monotonic()
+        int8 = scored(val, predict_dataset(fast_model, val, batch_size=8), rescorer)
+        int8["eval_seconds"] = time.monotonic() - started
+        found["metrics_int8_head"] = int8
+    views = {"flip": args.flip, "scales": args.scales}
+    found["metrics_flip"] = found["metrics_views"] = found["metrics_refined"] = None
+    if args.flip:  # what `detect eval --flip` scores: fp32, the head averaged with the mirror
+        found["metrics_flip"] = evaluate_views(model, val, args.low_score, rescorer, flip=True)
+    if args.scales != (1.0,):  # `detect eval --flip --scales ...`: each scale and its mirror
+        found["metrics_views"] = evaluate_views(model, val, args.low_score, rescorer, **views)
+        found["metrics_views"]["scales"] = list(args.scales)
+    if args.refine:  # `detect eval --refine` with the same views
+        refined = evaluate_views(model, val, args.low_score, rescorer, **views, refine=True)
+        found["metrics_refined"] = {**refined, "scales": list(args.scales)}
+    return found
+
+
+def report_train(args, console: Console, result: dict) -> None:
+    metrics, eval_s = result["metrics"], result["eval_seconds"]
     report_metrics(
         console,
         metrics,
         f"C4 detector from scratch, {args.backbone} x{args.width}, "
-        f"{train_s / 60:.1f} min, {steps} steps",
+        f"{result['train_minutes']:.1f} min, {result['steps']} steps",
     )
     report_not_rescored(console, metrics)
-    if metrics_int8:
+    int8 = result["metrics_int8_head"]
+    if int8:
         console.print(
-            f"int8 res5 head (`detect eval --int8`): mAP {metrics_int8['mAP']:.3f}, "
-            f"mAP@.5 {metrics_int8['mAP50']:.3f}; eval {metrics_int8['eval_seconds']:.0f} s "
+            f"int8 res5 head (`detect eval --int8`): mAP {int8['mAP']:.3f}, "
+            f"mAP@.5 {int8['mAP50']:.3f}; eval {int8['eval_seconds']:.0f} s "
             f"against {eval_s:.0f} s in fp32 (unfolded)"
         )
     view_flags = ("--flip " if args.flip else "") + "--scales " + ",".join(map(str, args.scales))
     for views, flags, title in (
-        (metrics_flip, "--flip", "mirror-averaged head"),
-        (metrics_views, view_flags, "the head averaged over views"),
+        (result["metrics_flip"], "--flip", "mirror-averaged head"),
+        (result["metrics_views"], view_flags, "the head averaged over views"),
         (
-            metrics_refined,
+            result["metrics_refined"],
             view_flags + " --refine",
             "the head over views, run again where it moved the boxes",
         ),
@@ -293,7 +288,6 @@ def run_train(args, console: Console) -> None:
                 f"mAP@.5 {low['mAP50']:.3f}, {low['detections']:,} detections"
             )
             report_not_rescored(console, low)
-    console.print(f"wrote {write_result('train', result)}")
 
 
 def run_nms(args, console: Console) -> None:
@@ -473,9 +467,9 @@ def detect(
     }
 
 
-def run_infer(args, console: Console) -> None:
+def infer_variants(args, console: Console) -> tuple[dict, dict]:
+    """The networks timed, by name, and the autocast precision of those not in fp32."""
     torch.manual_seed(0)
-    info = machine_info()
     size = args.size
     ours = build_detector(
         DetectorConfig(
@@ -499,9 +493,9 @@ def run_infer(args, console: Console) -> None:
         "reslab resnet101 C4": ours,
         "reslab resnet101 C4, folded BN + channels_last": ours_fast,
     }
-    precisions = {}  # autocast per variant; fp32 where not named
-    if fast.bf16_supported():  # without native bf16 it is many times slower; not worth timing
-        bf16_name = "reslab resnet101 C4, folded BN + channels_last, bf16 (--bf16)"
+    precisions = {}
+    if bf16_supported():  # without native bf16 it is many times slower; not worth timing
+        bf16_name = "reslab resnet101 C4, folded BN + channels_last, bf16 (--precision bf16)"
         variants[bf16_name] = ours_fast
         precisions[bf16_name] = "bf16"
     if args.int8 == "yes" or (args.int8 == "auto" and int8_pays()):
@@ -516,6 +510,13 @@ def run_infer(args, console: Console) -> None:
         )
         console.print(f"int8 head calibrated in {time.perf_counter() - started:.1f} s")
         variants["reslab resnet101 C4, folded BN, int8 res5 head (--int8)"] = ours_int8
+    return variants, precisions
+
+
+def run_infer(args, console: Console) -> None:
+    info = machine_info()
+    size = args.size
+    variants, precisions = infer_variants(args, console)
     counters = {}
     for name, model in variants.items():
         model.eval()
@@ -572,15 +573,13 @@ def run_infer(args, console: Console) -> None:
     console.print(f"wrote {write_result('infer', result)}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    actions = parser.add_subparsers(dest="action", required=True)
+def add_train(actions) -> None:
     train = actions.add_parser(
         "train",
         help="accuracy within a time budget",
         description="Train a C4 detector on the scenes within --minutes and score it on their "
-        "val split. The defaults are the best recipe measured (README, Detection): 8,000 "
-        "scenes upsampled to 256 px, ResNet-18 at 1/4 width, 8 RoIs per image of which up to 6 "
+        "val split. The defaults are the best recipe (docs/detection.md): 8,000 scenes "
+        "upsampled to 256 px, ResNet-18 at 1/4 width, 8 RoIs per image of which up to 6 "
         "positive, 4 minutes of the rescoring classifier, 6 minutes of box-classifier "
         "pretraining on jittered crops, one process per core, and the flip-averaged, views "
         "and refined evaluations beside the plain one.",
@@ -608,6 +607,40 @@ def main() -> None:
         f"detectron2's {RoIHeadsConfig.positive_fraction})",
     )
     train.add_argument("--test-proposals", type=int, default=100)
+    train.add_argument("--anchor-sizes", type=anchor_sizes, default=(32, 64, 128, 256))
+    train.add_argument("--train-pre-nms", type=int, default=600)
+    train.add_argument("--train-proposals", type=int, default=300)
+    add_warm_starts(train)
+    add_evaluations(train)
+    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=0.16)
+    train.add_argument("--warmup-iters", type=int, default=100)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="evaluate a moving average of the detector's weights, this decay per step "
+        "(`detect train --ema`; default 0: off)",
+    )
+    train.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="fp32",
+        help="pretraining and training precision (`detect train --precision`; default "
+        "%(default)s); the evaluation stays fp32",
+    )
+    train.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="DDP ranks on this machine, each with its share of the cores (0: one per core)",
+    )
+
+
+def add_warm_starts(train) -> None:
     train.add_argument(
         "--pretrain-minutes",
         type=float,
@@ -630,6 +663,9 @@ def main() -> None:
         help="move each crop box's edges at random by up to this share of its size "
         "(default %(default)s)",
     )
+
+
+def add_evaluations(train) -> None:
     train.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,
@@ -662,33 +698,9 @@ def main() -> None:
         "probability, as `detect eval --score-thresh P` (default %(default)s, the threshold "
         "COCO evaluations often use; from the same pass)",
     )
-    add_anchor_sizes(train, default=(32, 64, 128, 256))
-    add_train_proposals(train, pre_nms=600, proposals=300)
-    train.add_argument("--epochs", type=int, default=40)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=0.16)
-    train.add_argument("--warmup-iters", type=int, default=100)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument(
-        "--ema",
-        type=float,
-        default=0.0,
-        metavar="DECAY",
-        help="evaluate a moving average of the detector's weights, this decay per step "
-        "(`detect train --ema`; default 0: off)",
-    )
-    train.add_argument(
-        "--bf16",
-        action="store_true",
-        help="pretraining and training under bfloat16 autocast (`detect train --bf16`); the "
-        "evaluation stays fp32",
-    )
-    train.add_argument(
-        "--processes",
-        type=int,
-        default=0,
-        help="DDP ranks on this machine, each with its share of the cores (0: one per core)",
-    )
+
+
+def add_infer(actions) -> None:
     infer = actions.add_parser("infer", help="ResNet-101-C4 seconds per image")
     infer.add_argument("--size", type=int, default=512)
     infer.add_argument("--proposals", type=int, default=1000)
@@ -700,6 +712,9 @@ def main() -> None:
         help="also time the int8 res5 head: auto = where the CPU has VNNI (default), yes = "
         "also without it (AVX2's 8-bit multiply-adds), no = never",
     )
+
+
+def add_nms(actions) -> None:
     nms = actions.add_parser(
         "nms",
         help="choose the box NMS threshold on held-out scenes, then score val with it",
@@ -725,27 +740,25 @@ def main() -> None:
     nms.add_argument("--scales", type=scale_factors, default=(1.0, 1.125, 1.25))
     nms.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True)
     nms.add_argument("--low-score", type=float, default=0.001, metavar="P")
-    for sub in (train, infer, nms):
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    actions = parser.add_subparsers(dest="action", required=True)
+    for add in (add_train, add_infer, add_nms):
+        add(actions)
+    for sub in actions.choices.values():
         sub.add_argument("--note", default="", help="free text saved with the results")
         # on a loaded machine, OpenMP threads of one process spin waiting for each other; one
         # thread can then be several times faster than two
         sub.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.action == "train" and not 0 <= args.pretrain_minutes < args.minutes:
-        parser.error(
-            f"--pretrain-minutes must be at least 0 and less than --minutes ({args.minutes:g}),"
-            f" got {args.pretrain_minutes:g}"
-        )
-    if args.action == "train":
-        try:
-            check_jitter(args.pretrain_jitter)
-            check_ema(args.ema)
-            if not 0 <= args.low_score <= 1:
-                raise ReslabError(
-                    f"--low-score is a class probability, from 0 to 1; got {args.low_score:g}"
-                )
-        except ReslabError as error:
-            parser.error(str(error))
+    try:  # the engine's parsers and rules raise one-line errors
+        args = parser.parse_args()
+        if args.action == "train":
+            train_config(args)
+            check_probability("low-score", args.low_score)
+    except ReslabError as error:
+        parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()

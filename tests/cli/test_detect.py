@@ -9,16 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from reslab.cli import build_parser, main
 from reslab.cli import detect as detect_cli
-from reslab.cli import main
 from reslab.data.coco import CocoDetection
+from reslab.engine import detect_infer
 from reslab.engine.checkpoint import load_checkpoint
-from reslab.engine.detection import (
-    DetectTrainConfig,
-    NonFiniteLoss,
-    evaluate_detector,
-    train_detector,
-)
+from reslab.engine.detect_config import DetectTrainConfig
+from reslab.engine.detect_infer import evaluate_detector
+from reslab.engine.detection import NonFiniteLoss, train_detector
 from reslab.engine.rescore import Rescorer
 from reslab.models import create_model
 from reslab.models.detection import DetectorConfig, RPNConfig, build_detector
@@ -94,7 +92,7 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys, monkeypatch):
         seen.append(model.roi_heads.nms_thresh)
         return evaluate_detector(model, *args)
 
-    monkeypatch.setattr(detect_cli, "evaluate_detector", scored)
+    monkeypatch.setattr(detect_infer, "evaluate_detector", scored)
     evaluate = ["detect", "eval", str(out), "--data", str(scenes)]
     assert main(evaluate) == 0 and main([*evaluate, "--nms", "0.3"]) == 0
     assert seen == [0.5, 0.3]
@@ -107,6 +105,12 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys, monkeypatch):
     assert "int8 res5 head calibrated on 3 images (150 RoIs)" in capsys.readouterr().out
     assert 0.0 <= json.loads(int8.read_text())["mAP50"] <= 1.0
 
+    predict_checks(scenes, out, tmp_path, capsys, first["class_names"])
+
+
+def predict_checks(scenes, out, tmp_path, capsys, class_names: list[str]) -> None:
+    """The second half of the test above: predict on the run it trained, then the classifier's
+    commands on it."""
     image = scenes / "val" / "000000.png"
     predict = ["detect", "predict", str(out), str(image), "--score-thresh", "0"]
     assert main([*predict, "--out", str(tmp_path / "pred")]) == 0
@@ -121,7 +125,7 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys, monkeypatch):
     assert main([*predict, "--out", str(tmp_path / "flip"), "--flip"]) == 0
     flipped = json.loads((tmp_path / "flip" / "predictions.json").read_text())[0]["detections"]
     assert flipped and all(0 <= v <= 64 for d in flipped for v in d["box_xyxy"])
-    assert {d["label"] for d in flipped} <= set(first["class_names"])
+    assert {d["label"] for d in flipped} <= set(class_names)
     # and over a 1.5x view besides: other scores, boxes still in the image's own pixels
     assert main([*predict, "--out", str(tmp_path / "views"), "--flip", "--scales", "1,1.5"]) == 0
     viewed = json.loads((tmp_path / "views" / "predictions.json").read_text())[0]["detections"]
@@ -300,7 +304,7 @@ def test_rescorer_rides_in_the_checkpoint_and_rescores_eval_and_predict(
         given.append(args[-1])
         return evaluate_detector(*args)
 
-    monkeypatch.setattr(detect_cli, "evaluate_detector", scored)
+    monkeypatch.setattr(detect_infer, "evaluate_detector", scored)
     evaluate = ["detect", "eval", str(out), "--data", str(scenes)]
     assert main(evaluate) == 0 and main([*evaluate, "--no-rescore"]) == 0
     assert isinstance(given[0], Rescorer) and given[1] is None
@@ -472,3 +476,73 @@ def test_two_processes(scenes, tmp_path, launcher, flags):
     # 8 training scenes in global batches of 4: 2 steps, the same count as one process
     assert saved["epoch"] == 1 and saved["step"] == 2
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+def parsed(argv: list[str]):
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return args
+
+
+TRAIN = ["detect", "train", "--data", "scenes"]
+EVAL = ["detect", "eval", "run", "--data", "scenes"]
+PREDICT = ["detect", "predict", "run", "x.png"]
+
+
+@pytest.mark.parametrize(
+    "command, config",
+    [
+        (TRAIN, detect_cli.train_config),
+        (EVAL, detect_cli.inference_config),
+        (PREDICT, detect_cli.inference_config),
+    ],
+)
+def test_precision_flag_and_its_deprecated_bf16_alias(command, config, capsys):
+    assert config(parsed(command)).precision == "auto"
+    assert config(parsed([*command, "--precision", "fp32"])).precision == "fp32"
+    assert capsys.readouterr().err == ""
+    assert config(parsed([*command, "--bf16"])).precision == "bf16"
+    assert capsys.readouterr().err == "reslab: --bf16 is deprecated; use --precision bf16\n"
+    with pytest.raises(SystemExit) as stopped:
+        parsed([*command, "--bf16", "--precision", "fp32"])
+    assert stopped.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_bf16_is_hidden_from_help(capsys):
+    for command in (TRAIN, EVAL, PREDICT):
+        with pytest.raises(SystemExit):
+            parsed([*command[:2], "--help"])
+        shown = capsys.readouterr().out
+        assert "--precision {auto,fp32,bf16}" in shown and "--bf16" not in shown
+
+
+def test_eval_passes_the_precision_and_views_to_the_engine(monkeypatch):
+    given = []
+    monkeypatch.setattr(
+        detect_cli, "evaluate_checkpoint", lambda config, console: given.append(config)
+    )
+    flags = ["--precision", "bf16", "--flip", "--scales", "1,1.5", "--no-rescore", "--nms", "0.4"]
+    assert main([*EVAL, *flags]) == 0
+    [config] = given
+    assert (config.precision, config.flip, config.scales) == ("bf16", True, (1.0, 1.5))
+    assert (config.rescore, config.nms, config.data.data) == (False, 0.4, "scenes")
+
+
+@pytest.mark.parametrize(
+    "command, flags, message",
+    [
+        (TRAIN, ["--threads", "-1"], "--threads must be a whole number >= 0, got -1"),
+        (TRAIN, ["--width", "0"], "--width must be > 0, got 0.0"),
+        (PREDICT, ["--threads", "-2"], "--threads must be a whole number >= 0, got -2"),
+        (EVAL, ["--int8", "--scales", "1"], None),
+    ],
+)
+def test_new_rules_are_one_line_errors(command, flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(detect_cli, "evaluate_checkpoint", lambda config, console: None)
+    code = main([*command, *flags])
+    err = capsys.readouterr().err
+    if message is None:  # allowed: the int8 head with the default precision
+        assert code == 0, err
+        return
+    assert code == 2 and message in err and err.count("\n") == 1, err

@@ -12,12 +12,9 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from reslab.engine.detection import (
-    LOSS_NAMES,
-    coco_evaluate,
-    prepare_detector_for_inference,
-    quantize_detector_head,
-)
+from reslab.engine.coco_eval import coco_evaluate
+from reslab.engine.detect_infer import prepare_detector_for_inference, quantize_detector_head
+from reslab.engine.detection import LOSS_NAMES
 from reslab.errors import ReslabError
 from reslab.fast import fold_batchnorm_
 from reslab.models.detection import (

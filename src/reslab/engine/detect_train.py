@@ -1,0 +1,250 @@
+"""`reslab detect train` as a whole, from a :class:`~reslab.engine.detect_config.DetectConfig`:
+the precision resolved once, the warm starts trained in one process, the ranks started, the
+detector built and trained, and the val split scored.
+
+The steps are separate functions so that the detection benchmark runs the same ones and adds
+its own measurements between them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from reslab.data.coco import CocoDetection, eval_transforms, train_transforms
+from reslab.engine.box_pretrain import (
+    load_warm_start,
+    pretrain_box_classifier,
+    save_warm_start,
+)
+from reslab.engine.checkpoint import load_checkpoint
+from reslab.engine.coco_eval import report_metrics
+from reslab.engine.detect_config import DetectConfig, DetectTrainConfig, validate
+from reslab.engine.detect_infer import evaluate_detector
+from reslab.engine.detection import DetectionStep, train_detector
+from reslab.engine.distributed import (
+    World,
+    check_batch,
+    cpu_cores,
+    in_launched_world,
+    init_world,
+    launch_local,
+    sum_over_ranks,
+)
+from reslab.engine.rescore import (
+    load_rescorer_payload,
+    rescorer_from_checkpoint,
+    save_rescorer,
+    train_rescorer,
+)
+from reslab.errors import ReslabError
+from reslab.models.detection import DetectorConfig, build_detector, load_backbone_weights
+from reslab.precision import resolve_precision
+
+
+def detector_config(config: DetectConfig, dataset: CocoDetection) -> DetectorConfig:
+    """The detector a run trains: its checkpoint's when resuming, else built for the data."""
+    if config.resume:
+        payload = load_checkpoint(Path(config.out) / "last.pt")
+        return DetectorConfig.from_dict(payload["model"]["kwargs"])
+    return config.model.detector(dataset)
+
+
+def build_model(config: DetectConfig, detector: DetectorConfig, console: Console):
+    """The detector, seeded, with ``config.model.weights`` loaded when given for a new run."""
+    torch.manual_seed(config.train.seed)
+    model = build_detector(detector)
+    if config.model.weights and not config.resume:
+        path = Path(config.model.weights)
+        if not path.is_file():
+            raise ReslabError(f"backbone weights {path} do not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load raises many types for a bad file
+            raise ReslabError(
+                f"cannot read {path} as a state dict ({type(error).__name__})"
+            ) from None
+        skipped = load_backbone_weights(model, state.get("state_dict", state))
+        console.print(f"loaded {path} into trunk and head (unused: {', '.join(skipped)})")
+    return model
+
+
+def step_seconds(config: DetectConfig, precision: str, world: World) -> float:
+    """Seconds of one training step of ``config``'s detector in ``precision``, after an
+    untimed one, on a throwaway copy; averaged over the processes so that all choose alike.
+    The random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        dataset = config.data.dataset("train", train_transforms())
+        model = build_model(config, detector_config(config, dataset), Console(quiet=True))
+        model.train().to(memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=config.train.scaled_lr(), momentum=0.9)
+        step = DetectionStep(model, optimizer, params, config.train.clip_grad_norm, precision)
+        count = min(len(dataset), max(1, config.train.batch_size // world.size))
+        batch = tuple(zip(*(dataset[i] for i in range(count)), strict=True))
+        step.update(step.forward(batch))  # oneDNN builds its kernels on the first
+        started = time.perf_counter()
+        step.update(step.forward(batch))
+        seconds = torch.tensor(time.perf_counter() - started, dtype=torch.float64)
+    (total,) = sum_over_ranks(world, seconds)
+    return total.item() / world.size
+
+
+def resolve_train_precision(config: DetectConfig, console: Console, world: World) -> str:
+    """``config.precision``, "auto" resolved by timing a training step in fp32 and in bf16
+    where the CPU has native bf16 (:func:`reslab.precision.resolve_precision`)."""
+    precision, _ = resolve_precision(
+        config.precision,
+        measure=lambda precision: step_seconds(config, precision, world),
+        say=console.print,
+        what="a training step",
+    )
+    return precision
+
+
+def warm_starts(
+    config: DetectConfig, precision: str, console: Console, on_rescorer=None, on_pretrained=None
+) -> None:
+    """The rescoring classifier, then the box-classifier pretraining, each trained here in one
+    process with all its threads and saved in the run folder for the ranks to load.
+    ``on_rescorer(rescorer, record)`` and ``on_pretrained(model, record)`` may add to a record
+    before it is saved."""
+    bf16 = precision == "bf16"
+    if config.warm.rescore_minutes:
+        rescorer, record = train_rescorer(
+            config.data.dataset("train"),
+            config.warm.rescore_minutes,
+            seed=config.train.seed,
+            bf16=bf16,
+            console=console,
+        )
+        if on_rescorer is not None:
+            on_rescorer(rescorer, record)
+        save_rescorer(rescorer, config.out, record)
+    if config.warm.pretrain_minutes:
+        dataset = config.data.dataset("train")
+        model = build_model(config, detector_config(config, dataset), console)
+        record = pretrain_box_classifier(
+            model,
+            dataset,
+            config.warm.pretrain_minutes,
+            seed=config.train.seed,
+            console=console,
+            jitter=config.warm.pretrain_jitter,
+            bf16=bf16,
+        )
+        if on_pretrained is not None:
+            on_pretrained(model, record)
+        save_warm_start(model, config.out, record)
+
+
+@dataclass
+class Prepared:
+    """A rank's detector, data and recipe, ready for :func:`train_detector`."""
+
+    model: torch.nn.Module
+    dataset: CocoDetection
+    detector: DetectorConfig
+    train: DetectTrainConfig  # bf16 resolved; max_minutes: what the warm starts left
+    rescorer: dict | None  # the rescoring classifier's payload
+    pretrain: dict | None  # the pretraining's record
+
+
+def prepare(config: DetectConfig, precision: str, console: Console) -> Prepared:
+    """The detector built (and warm-started from the run folder) for the train split."""
+    dataset = config.data.dataset("train", train_transforms())
+    detector = detector_config(config, dataset)
+    if detector.num_classes != dataset.num_classes:
+        raise ReslabError(
+            f"the checkpoint has {detector.num_classes - 1} classes, the data "
+            f"{dataset.num_classes - 1}"
+        )
+    model = build_model(config, detector, console)
+    max_minutes = config.train.max_minutes
+    pretrain = rescorer = None
+    if config.warm.pretrain_minutes:
+        pretrain = load_warm_start(model, config.out)
+        if max_minutes:  # the pretraining, crops' making included, came out of the budget
+            max_minutes -= pretrain["seconds"] / 60
+    if config.warm.rescore_minutes:
+        rescorer = load_rescorer_payload(config.out)
+        if max_minutes:  # so did the rescorer's training
+            max_minutes -= rescorer["record"]["seconds"] / 60
+    train = replace(config.train, bf16=precision == "bf16", max_minutes=max_minutes)
+    return Prepared(model, dataset, detector, train, rescorer, pretrain)
+
+
+def report_start(prepared: Prepared, world: World, console: Console) -> None:
+    console.print(f"detector: {asdict(prepared.detector)}")
+    dataset, train = prepared.dataset, prepared.train
+    console.print(
+        f"training: {asdict(train)}; {len(dataset)} images, {dataset.num_classes - 1} classes"
+    )
+    if world.active:
+        console.print(
+            f"processes: {world.size}; global batch {train.batch_size} "
+            f"({train.batch_size // world.size} per process)"
+        )
+
+
+def relaunch_as(processes: int, argv: list[str] | None, threads: int, precision: str):
+    """:func:`~reslab.engine.distributed.relaunch`, the ranks told the precision this process
+    resolved (``--precision``, in place of ``--bf16``), so that every rank computes in it
+    without timing it again; ``argv`` None: this process's own command line."""
+    if processes <= 1 or in_launched_world():
+        return None
+    command = sys.orig_argv[1:] if argv is None else ["-m", "reslab", *argv]
+    command = [*(arg for arg in command if arg != "--bf16"), "--precision", precision]
+    return launch_local(processes, command, threads)
+
+
+def run_training(config: DetectConfig, argv: list[str] | None = None) -> int:
+    """`reslab detect train`: ``argv`` is the command line the ranks repeat (None: this
+    process's)."""
+    validate(config)
+    processes = config.processes or cpu_cores()
+    launcher = processes > 1 and not in_launched_world()
+    if launcher:
+        check_batch(World(size=processes), config.train.batch_size)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    precision = config.precision
+    if not in_launched_world():
+        precision = resolve_train_precision(config, Console(), World())
+        warm_starts(config, precision, Console())
+    if launcher:
+        return relaunch_as(processes, argv, config.threads, precision)
+    world = init_world()
+    console = Console() if world.is_main else Console(quiet=True)
+    if precision == "auto":  # ranks that torchrun started time it together
+        precision = resolve_train_precision(config, console, world)
+    prepared = prepare(config, precision, console)
+    report_start(prepared, world, console)
+    losses = train_detector(
+        prepared.model,
+        prepared.dataset,
+        prepared.train,
+        config.out,
+        resume=config.resume,
+        console=console,
+        world=world,
+        rescorer=prepared.rescorer,
+    )
+    console.print("last step: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+    checkpoint = Path(config.out) / "last.pt"
+    console.print(f"checkpoint: {checkpoint}")
+    if config.data.data is not None and world.is_main:
+        metrics = evaluate_detector(
+            prepared.model,
+            config.data.dataset("val", eval_transforms()),
+            prepared.train.batch_size,
+            prepared.train.precision,
+            rescorer=rescorer_from_checkpoint(load_checkpoint(checkpoint)),
+        )
+        report_metrics(console, metrics, "val")
+    return 0
