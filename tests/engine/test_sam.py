@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reslab.engine import batches as batches_module
+from reslab.engine import plan as plan_module
 from reslab.engine import train as train_module
+from reslab.engine.batches import Batch, sam_gradient, sam_steps
 from reslab.engine.config import build_config
-from reslab.engine.train import Batch, fit, planned_epochs, sam_gradient, sam_steps
+from reslab.engine.plan import planned_epochs
+from reslab.engine.train import fit
 
 from .test_train import StepClock, quiet, recording, tiny
 
@@ -61,7 +65,7 @@ def test_sam_gradient_is_the_loss_gradient_at_the_ascended_weights():
 
 def test_sam_steps_count_the_last_share_of_the_run():
     config = build_config("default", epochs=4, sam=0.05, sam_start=0.75)
-    assert train_module.sam_begins(config, 10) == 30
+    assert batches_module.sam_begins(config, 10) == 30
     assert sam_steps(config, 10, 0, 40) == 10
     assert sam_steps(config, 10, 0, 30) == 0
     assert sam_steps(config, 10, 25, 35) == 5
@@ -84,7 +88,7 @@ def test_planned_epochs_count_sams_second_passes(sam, done, expected):
 def test_sam_starts_after_its_share_of_the_steps(fake_fmnist, tmp_path, monkeypatch):
     # 5 steps an epoch; SAM from step 5 of 10: the second epoch alone takes it
     calls = []
-    second_pass = train_module.sam_gradient
+    second_pass = batches_module.sam_gradient
 
     def spy(state, model, batch):
         calls.append(state.step)
@@ -106,7 +110,7 @@ def test_max_minutes_plans_for_sams_second_passes(fake_fmnist, tmp_path, monkeyp
     # SAM on every step: the probe's 10 s epoch counts twice, so 1 of 5 epochs fits in 29.1 s.
     # Epoch 1 takes 10 s on the run's clock, with SAM in all of it: 5 s without, so 10 s for
     # each epoch after, and the 19.1 s left hold one more
-    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 10.0)
     clock = StepClock(monkeypatch, 2.0)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5, sam=0.05, sam_start=0)
     console = recording()

@@ -6,7 +6,10 @@ import torch
 
 from reslab.data.sources import fashion_mnist_source
 from reslab.data.transforms import InputSpec, to_input
-from reslab.engine import train as train_module
+from reslab.engine import batches as batches_module
+from reslab.engine import budget as budget_module
+from reslab.engine import plan as plan_module
+from reslab.engine import state as state_module
 from reslab.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.engine.config import build_config
 from reslab.engine.train import Hooks, fit, lr_factor, resume_config
@@ -57,13 +60,13 @@ def test_cutmix_run_learns(fake_fmnist, tmp_path):
 
 def test_training_crops_pad_with_black(fake_fmnist, tmp_path, monkeypatch):
     """Not with the normalised zero (the mean grey): black, what a 0 pixel becomes."""
-    fills, augment = [], train_module.augment
+    fills, augment = [], batches_module.augment
 
     def spy(x, padding, erasing, generator, fill=0.0):
         fills.append(torch.as_tensor(fill))
         return augment(x, padding, erasing, generator, fill)
 
-    monkeypatch.setattr(train_module, "augment", spy)
+    monkeypatch.setattr(batches_module, "augment", spy)
     fit(tiny(fake_fmnist, tmp_path / "run", epochs=1), console=quiet())
     spec = load_checkpoint(tmp_path / "run" / "last.pt")["input"]
     black = -torch.tensor(spec["mean"]) / torch.tensor(spec["std"])
@@ -74,7 +77,7 @@ def test_training_crops_pad_with_black(fake_fmnist, tmp_path, monkeypatch):
 def test_clean_epochs_train_the_last_epochs_on_flipped_whole_images(
     fake_fmnist, tmp_path, monkeypatch
 ):
-    calls, augment, flip = [], train_module.augment, train_module.random_flip
+    calls, augment, flip = [], batches_module.augment, batches_module.random_flip
 
     def spy_augment(x, *args, **kwargs):
         calls.append("augment")
@@ -88,8 +91,8 @@ def test_clean_epochs_train_the_last_epochs_on_flipped_whole_images(
         calls.append("flip")
         return out
 
-    monkeypatch.setattr(train_module, "augment", spy_augment)
-    monkeypatch.setattr(train_module, "random_flip", spy_flip)
+    monkeypatch.setattr(batches_module, "augment", spy_augment)
+    monkeypatch.setattr(batches_module, "random_flip", spy_flip)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=3, clean_epochs=1)
     fit(config, console=quiet())
     batches = 40 // 8
@@ -127,13 +130,13 @@ def test_run_folder_contents(fake_fmnist, tmp_path):
 
 def test_default_run_folder_is_numbered_not_overwritten(fake_fmnist, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first = train_module.new_run_dir(tiny(fake_fmnist, None))
-    second = train_module.new_run_dir(tiny(fake_fmnist, None))
+    first = state_module.new_run_dir(tiny(fake_fmnist, None))
+    second = state_module.new_run_dir(tiny(fake_fmnist, None))
     assert second.name == first.name + "-2" and first.parent.name == "runs"
     (first / "last.pt").write_text("x")
     with pytest.raises(ReslabError, match="--force"):
-        train_module.new_run_dir(tiny(fake_fmnist, first))
-    assert train_module.new_run_dir(tiny(fake_fmnist, first, force=True)) == first
+        state_module.new_run_dir(tiny(fake_fmnist, first))
+    assert state_module.new_run_dir(tiny(fake_fmnist, first, force=True)) == first
 
 
 class StopAfterFirstEpoch(Hooks):
@@ -169,7 +172,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(fake_fmnist, tmp_p
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 9 else loss  # 5 train + 3 eval calls in epoch 1
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(batches_module.F, "cross_entropy", poisoned)
     config = tiny(fake_fmnist, tmp_path / "run", tta=False)
     with pytest.raises(ReslabError, match=r"loss became nan at step 6 \(epoch 2\).*last\.pt"):
         fit(config, console=quiet())
@@ -186,18 +189,18 @@ def test_schedules_start_and_end(schedule):
 
 
 def test_epochs_within_counts_whole_epochs_up_to_the_cap():
-    assert train_module.epochs_within(100.0, 30.0, 10) == 3
-    assert train_module.epochs_within(100.0, 30.0, 2) == 2
-    assert train_module.epochs_within(20.0, 30.0, 5) == 0
-    assert train_module.epochs_within(-5.0, 30.0, 5) == 0
+    assert plan_module.epochs_within(100.0, 30.0, 10) == 3
+    assert plan_module.epochs_within(100.0, 30.0, 2) == 2
+    assert plan_module.epochs_within(20.0, 30.0, 5) == 0
+    assert plan_module.epochs_within(-5.0, 30.0, 5) == 0
 
 
 def test_epoch_estimate_is_positive_and_leaves_the_random_state(fake_fmnist, tmp_path):
     config = tiny(fake_fmnist, None, ema=0.9)
-    source = train_module.open_source(config)
+    source = state_module.open_source(config)
     torch.manual_seed(7)
     before = torch.get_rng_state()
-    seconds = train_module.seconds_per_epoch(config, source, train_module.World())
+    seconds = plan_module.seconds_per_epoch(config, source, plan_module.World())
     assert math.isfinite(seconds) and seconds > 0
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -209,7 +212,7 @@ class StepClock(Hooks):
 
     def __init__(self, monkeypatch, *per_step: float):
         self.seconds, self.per_step = 0.0, per_step
-        monkeypatch.setattr(train_module, "now", lambda: self.seconds)
+        monkeypatch.setattr(budget_module, "now", lambda: self.seconds)
 
     def after_step(self, state, loss):
         self.seconds += self.per_step[min(state.epoch, len(self.per_step) - 1)]
@@ -255,9 +258,9 @@ def test_max_minutes_sets_aside_the_last_evaluations_extra_views(
 ):
     # epochs of 10 s in a 60 s budget (58.2 s usable): 5 fit; the shift views' 20 s more for
     # the last evaluation leave room for 3
-    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 10.0)
     monkeypatch.setattr(
-        train_module, "evaluation_seconds", lambda probe, source, shift=0: 25.0 if shift else 5.0
+        plan_module, "evaluation_seconds", lambda probe, source, shift=0: 25.0 if shift else 5.0
     )
     clock = StepClock(monkeypatch, 2.0)
     plain = fit(tiny(fake_fmnist, tmp_path / "plain", epochs=8, max_minutes=1.0), console=quiet(),
@@ -272,7 +275,7 @@ def test_max_minutes_sets_aside_the_last_evaluations_extra_views(
 def test_max_minutes_plans_the_epochs_that_fit(fake_fmnist, tmp_path, monkeypatch):
     # one epoch "takes" 10 s (5 steps of 2 s) and the budget is 30 s: 97% of it holds 2 of
     # the 5 epochs asked, and the epochs' own times confirm the plan
-    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 10.0)
     clock = StepClock(monkeypatch, 2.0)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5)
     console = recording()
@@ -296,7 +299,7 @@ def test_max_minutes_plans_the_epochs_that_fit(fake_fmnist, tmp_path, monkeypatc
 def test_max_minutes_plans_again_from_the_first_epochs_time(
     fake_fmnist, tmp_path, monkeypatch, estimate, per_step, planned, epochs
 ):
-    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: estimate)
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: estimate)
     clock = StepClock(monkeypatch, per_step)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5)
     console = recording()
@@ -320,8 +323,8 @@ def test_max_minutes_plans_again_after_each_of_the_first_epochs_only(
     # the probe says 10 s an epoch: 2 of 8 in 29.1 s. Epoch 1 takes 8 s: 3 of 8. Epochs 2
     # and 3 take 4 s: 6 of 8 (12 s gone, 17.1 s left; then 16 s gone, 13.1 s left, the same
     # plan). Epochs 4-6 take 1 s, but the plan is not made again after the third epoch.
-    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 10.0)
-    assert train_module.REPLAN_EPOCHS == 3
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 10.0)
+    assert plan_module.REPLAN_EPOCHS == 3
     clock = StepClock(monkeypatch, 1.6, 0.8, 0.8, 0.2)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=8, max_minutes=0.5)
     console = recording()
@@ -346,8 +349,8 @@ def fake_epochs(monkeypatch, fp32: float, bf16: float, native: bool = True) -> l
         timed.append(config.precision)
         return {"fp32": fp32, "bf16": bf16}[config.precision]
 
-    monkeypatch.setattr(train_module, "seconds_per_epoch", seconds)
-    monkeypatch.setattr(train_module, "bf16_supported", lambda: native)
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", seconds)
+    monkeypatch.setattr(plan_module, "bf16_supported", lambda: native)
     return timed
 
 
@@ -359,8 +362,8 @@ def test_auto_precision_keeps_bf16_only_when_timed_clearly_faster(
 ):
     timed = fake_epochs(monkeypatch, fp32, bf16)
     config = tiny(fake_fmnist, None, precision="auto")
-    source = train_module.open_source(config)
-    estimate = train_module.choose_precision(config, source, train_module.World(), quiet())
+    source = state_module.open_source(config)
+    estimate = plan_module.choose_precision(config, source, plan_module.World(), quiet())
     assert config.precision == chosen and timed == ["fp32", "bf16"]
     assert estimate == {"fp32": fp32, "bf16": bf16}[chosen]
 
@@ -368,8 +371,8 @@ def test_auto_precision_keeps_bf16_only_when_timed_clearly_faster(
 def test_auto_precision_without_native_bf16_is_fp32_untimed(fake_fmnist, monkeypatch):
     timed = fake_epochs(monkeypatch, 10.0, 1.0, native=False)
     config = tiny(fake_fmnist, None, precision="auto")
-    source = train_module.open_source(config)
-    assert train_module.choose_precision(config, source, train_module.World(), quiet()) is None
+    source = state_module.open_source(config)
+    assert plan_module.choose_precision(config, source, plan_module.World(), quiet()) is None
     assert config.precision == "fp32" and timed == []
 
 
@@ -391,7 +394,7 @@ def test_auto_precision_is_resolved_before_the_run_and_its_timing_plans_the_budg
 def test_max_minutes_too_short_for_one_epoch_is_an_error_before_the_run_folder(
     fake_fmnist, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(train_module, "seconds_per_epoch", lambda *a: 100.0)
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 100.0)
     config = tiny(fake_fmnist, tmp_path / "run", max_minutes=1)
     with pytest.raises(ReslabError, match=r"--max-minutes 1: one epoch takes about 1m 40s"):
         fit(config, console=quiet())

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from reslab.engine.config import build_config
-from reslab.engine.train import make_optimizer
+from reslab.engine.state import make_optimizer
 from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.models.grouped import pack, unpack

@@ -20,7 +20,7 @@ from reslab.data.transforms import InputSpec
 from reslab.engine.checkpoint import model_from_checkpoint, require_classifier
 from reslab.engine.config import TrainConfig
 from reslab.engine.evaluate import Evaluation, evaluate, logits
-from reslab.engine.train import open_source
+from reslab.engine.state import open_source
 from reslab.errors import ReslabError, check_whole
 
 

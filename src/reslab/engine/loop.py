@@ -157,10 +157,15 @@ class StopOnNonFinite(Hook):
 
 class StopOnSignals(Hook):
     """SIGINT and SIGTERM mark the run; it finishes its step, every process stops at the same
-    one, and later hooks (a checkpoint) see ``loop.stop`` with ``loop.extra['signal']``."""
+    one, and later hooks (a checkpoint) see ``loop.stop`` with ``loop.extra['signal']``.
+
+    The mark is read once a step, before its update (where the processes agree on it), and
+    ends the run after that step: a signal that arrives later in a step ends the next one.
+    """
 
     def __init__(self):
         self.received = 0
+        self.pending = False
 
     @contextmanager
     def active(self, loop: Loop):
@@ -178,9 +183,11 @@ class StopOnSignals(Hook):
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def after_forward(self, loop: Loop, losses: dict[str, torch.Tensor]) -> None:
+        (self.pending,) = any_rank(loop.world, bool(self.received))
+
     def after_step(self, loop: Loop) -> None:
-        (signalled,) = any_rank(loop.world, bool(self.received))
-        if signalled:
+        if self.pending:
             loop.extra["signal"] = self.received or loop.extra.get("signal", 0)
             loop.stop = True
 

@@ -62,11 +62,17 @@ def paper_steps(step: int, total: int) -> float:
 
 class Schedule(Hook):
     """Before each step, every parameter group's rate is its base rate times
-    ``factor(loop)``. The base rates are the groups' rates when the hook is made."""
+    ``factor(loop)``. The base rates are ``base`` for every group, or else the groups' rates
+    when the hook is made (before a resumed optimizer's state is loaded)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[Loop], float]):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        factor: Callable[[Loop], float],
+        base: float | None = None,
+    ):
         self.optimizer, self.factor = optimizer, factor
-        self.base = [group["lr"] for group in optimizer.param_groups]
+        self.base = [group["lr"] if base is None else base for group in optimizer.param_groups]
 
     def rate(self, loop: Loop) -> float:
         """The first group's rate at the loop's next step."""

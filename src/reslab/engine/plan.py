@@ -1,0 +1,265 @@
+"""Classification's budget policy, probe and plan: time an epoch before the run, fit
+``config.epochs`` to ``--max-minutes`` (:class:`reslab.engine.budget.Budget`), plan again after
+each of the first epochs, and resolve ``--precision auto`` from the same timings."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from reslab.data.sources import Source
+from reslab.engine.batches import batch_loss, sam_steps
+from reslab.engine.budget import Budget, epochs_within
+from reslab.engine.config import TrainConfig
+from reslab.engine.distributed import World, sum_over_ranks, wrap
+from reslab.engine.evaluate import logits
+from reslab.engine.loop import Hook, Loop
+from reslab.engine.state import TrainState, build_state, epoch_generator, steps_per_epoch
+from reslab.errors import ReslabError
+from reslab.fast import bf16_supported
+
+# Steps timed (after WARMUP_STEPS untimed ones, which pay for oneDNN's kernel setup and the
+# allocator's growth) to estimate an epoch, and the share of the budget that the planned
+# epochs may fill: the rest absorbs the estimate's error, the final plots and the process start.
+TIMED_STEPS = 12
+WARMUP_STEPS = 6
+BUDGET_SHARE = 0.97
+# The plan is made again after each of the first REPLAN_EPOCHS epochs, from the latest one's
+# time, since a process's first epochs can run slower than the rest. A change this early only
+# bends the rise of a one-cycle schedule; later it would jump the rate in its decay.
+REPLAN_EPOCHS = 3
+# --precision auto keeps bf16 only when its epoch is timed at least this much faster than
+# fp32's: bf16 rounds every convolution's inputs, which a gain inside timing noise does not pay.
+BF16_MIN_SPEEDUP = 1.15
+
+
+def format_time(seconds: float) -> str:
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes}m {sec:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def say(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def throwaway_state(config: TrainConfig, source: Source, world: World):
+    """A fresh training state of ``config`` for timing probes, built and used with the global
+    random state forked, so that the run itself draws as if no probe had run."""
+    devices = [] if config.device == "cpu" else [config.device]
+    with torch.random.fork_rng(devices=devices):
+        probe = build_state(config, source, Path("."))
+        probe.world = world
+        yield probe
+
+
+def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> float:
+    """Estimated wall seconds of one epoch of ``config`` on this machine: training, timed over
+    a few steps of a throwaway model on real batches, plus the evaluation after it, timed on
+    one test batch and scaled. The global random state is left as it was."""
+    with throwaway_state(config, source, world) as probe:
+        model = wrap(probe.model, world, config.sync_bn)
+        probe.draws = epoch_generator(config.seed, 0, 1)
+        batches = itertools.chain.from_iterable(
+            source.train_batches(config.batch_size, epoch_generator(config.seed, e, 0))
+            for e in itertools.count()
+        )
+        timed = itertools.islice(batches, TIMED_STEPS + WARMUP_STEPS)
+        for index, (images, labels) in enumerate(timed):
+            if index == WARMUP_STEPS:
+                started = time.perf_counter()
+            _, _, loss = batch_loss(probe, model, images, labels)
+            probe.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            probe.optimizer.step()
+            if probe.ema is not None:
+                probe.ema.update_parameters(probe.model)
+            loss.item()  # waits for a GPU to finish the step
+        train = (time.perf_counter() - started) / TIMED_STEPS * steps_per_epoch(config, source)
+        return train + evaluation_seconds(probe, source)
+
+
+def evaluation_seconds(state: TrainState, source: Source, shift: int = 0) -> float:
+    """Estimated wall seconds of evaluating ``state``'s model on the whole test set with
+    ``shift`` views (:func:`reslab.engine.evaluate.views`), timed on one test batch after an
+    untimed one and scaled."""
+    config = state.config
+    images, _ = next(iter(source.test_batches(config.eval_batch_size)))
+    test = functools.partial(
+        logits,
+        state.eval_model,
+        images,
+        state.spec,
+        config.precision,
+        config.channels_last,
+        config.tta,
+        shift,
+    )
+    test()
+    started = time.perf_counter()
+    test()
+    return (time.perf_counter() - started) * math.ceil(source.test_size / len(images))
+
+
+def last_evaluation_extra(config: TrainConfig, source: Source, world: World) -> float:
+    """Estimated seconds the last epoch's evaluation takes beyond the others': the
+    ``--tta-shift`` views are only scored then. 0 without them. The random state is kept."""
+    if not config.tta_shift:
+        return 0.0
+    with throwaway_state(config, source, world) as probe:
+        extra = evaluation_seconds(probe, source, config.tta_shift) - evaluation_seconds(
+            probe, source
+        )
+    (total,) = sum_over_ranks(world, torch.tensor(max(extra, 0.0), dtype=torch.float64))
+    return total.item() / world.size
+
+
+def planned_epochs(
+    config: TrainConfig, n_steps: int, seconds: float, epoch_seconds: float, done: int, most: int
+) -> int:
+    """The most epochs in all, from ``done`` up to ``most``, whose epochs after ``done`` fit in
+    ``seconds``: each takes ``epoch_seconds`` without SAM, and each step that takes SAM's
+    second pass (:func:`~reslab.engine.batches.sam_begins`, which moves with the plan) costs a
+    step more."""
+    total = done + epochs_within(seconds, epoch_seconds, most - done)
+    while total > done:
+        planned = replace(config, epochs=total)
+        extra = sam_steps(planned, n_steps, done * n_steps, total * n_steps) / n_steps
+        if (total - done + extra) * epoch_seconds <= seconds:
+            break
+        total -= 1
+    return total
+
+
+def shared_epoch_estimate(config: TrainConfig, source: Source, world: World) -> float:
+    """:func:`seconds_per_epoch` averaged over the processes, so that every process plans the
+    same: the same precision, the same number of epochs."""
+    estimate = seconds_per_epoch(config, source, world)
+    (total,) = sum_over_ranks(world, torch.tensor(estimate, dtype=torch.float64))
+    return total.item() / world.size
+
+
+def choose_precision(
+    config: TrainConfig, source: Source, world: World, console: Console
+) -> float | None:
+    """Resolve ``config.precision == "auto"`` to fp32 or bf16 for this machine.
+
+    On a CPU with native bf16 an epoch is timed in each (:func:`seconds_per_epoch`) and bf16
+    is kept if it is at least ``BF16_MIN_SPEEDUP`` times faster; a CPU without native bf16
+    and a GPU (whose runs keep the CPU runs' fp32 numerics) get fp32 untimed. Returns the
+    chosen precision's epoch estimate, None when nothing was timed.
+    """
+    if config.device != "cpu" or not bf16_supported():
+        config.precision = "fp32"
+        why = (
+            "a GPU run keeps the CPU runs' fp32 numerics"
+            if config.device != "cpu"
+            else "this CPU has no native bf16 (AVX512-BF16 or AMX)"
+        )
+        say(console, f"precision auto: fp32, {why}")
+        return None
+    estimates = {}
+    for precision in ("fp32", "bf16"):
+        config.precision = precision
+        estimates[precision] = shared_epoch_estimate(config, source, world)
+    speedup = estimates["fp32"] / estimates["bf16"]
+    config.precision = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    say(
+        console,
+        f"precision auto: {config.precision}; an epoch takes about "
+        f"{format_time(estimates['fp32'])} in fp32 and {format_time(estimates['bf16'])} in bf16 "
+        f"here (measured, bf16 {speedup:.2f}x), and bf16 is kept only when at least "
+        f"{BF16_MIN_SPEEDUP:g}x faster",
+    )
+    return estimates[config.precision]
+
+
+def fit_to_budget(
+    config: TrainConfig,
+    source: Source,
+    world: World,
+    budget: Budget,
+    console: Console,
+    estimate: float | None = None,
+    reserve: float = 0.0,
+) -> None:
+    """Lower ``config.epochs`` to what fits in ``budget``, less ``reserve`` seconds;
+    ``estimate``: an epoch's seconds if already measured (:func:`shared_epoch_estimate`)."""
+    if estimate is None:
+        estimate = shared_epoch_estimate(config, source, world)
+    n_steps = steps_per_epoch(config, source)
+    epochs = planned_epochs(config, n_steps, budget.left(reserve), estimate, 0, config.epochs)
+    if epochs == 0:
+        raise ReslabError(
+            f"--max-minutes {config.max_minutes:g}: one epoch takes about "
+            f"{format_time(estimate)} on this machine (measured), more than the budget leaves "
+            "for training; give a larger --max-minutes, or a smaller --width or --batch-size"
+        )
+    sam = ""
+    if config.sam:
+        share = sam_steps(replace(config, epochs=epochs), n_steps, 0, epochs * n_steps)
+        sam = f", {share / n_steps:.1f} more for SAM's second passes"
+    say(
+        console,
+        f"time budget {config.max_minutes:g} min: one epoch takes about {format_time(estimate)} "
+        f"here (measured), so {epochs} of {config.epochs} epochs{sam}",
+    )
+    config.epochs = epochs
+
+
+class Replan(Hook):
+    """After each of the first ``REPLAN_EPOCHS`` epochs, plan ``config.epochs`` again from that
+    epoch's measured seconds (training and evaluation) and the time left: at most
+    ``requested``, at least the epochs done. The schedule follows, since it reads
+    ``config.epochs`` at every step; SAM's second passes count as steps of ``n_steps`` an
+    epoch (:func:`planned_epochs`). ``changed(loop)`` runs when the plan moves.
+
+    Placed after the epoch's evaluation and before its checkpoint, so that the checkpoint and
+    config.json carry the new plan.
+    """
+
+    def __init__(self, config, budget, requested, n_steps, console, reserve, changed):
+        self.config, self.budget, self.requested = config, budget, requested
+        self.n_steps, self.console, self.reserve = n_steps, console, reserve
+        self.changed = changed
+        self.epoch_started = 0.0
+
+    def before_epoch(self, loop: Loop) -> None:
+        self.epoch_started = self.budget.elapsed()
+
+    def after_epoch(self, loop: Loop) -> None:
+        if loop.epoch <= REPLAN_EPOCHS and self.replan(loop):
+            self.changed(loop)
+
+    def replan(self, loop: Loop) -> bool:
+        config, n_steps, epoch = self.config, self.n_steps, loop.epoch
+        elapsed = self.budget.elapsed()
+        epoch_seconds, elapsed = (
+            v.item() / loop.world.size
+            for v in sum_over_ranks(
+                loop.world, *map(torch.tensor, (elapsed - self.epoch_started, elapsed))
+            )
+        )
+        left = self.budget.left(self.reserve, elapsed)
+        # an epoch without SAM: this one's time less its own SAM passes' share
+        own = sam_steps(config, n_steps, (epoch - 1) * n_steps, epoch * n_steps) / n_steps
+        plain = max(epoch_seconds / (1 + own), 1e-9)
+        epochs = planned_epochs(config, n_steps, left, plain, epoch, self.requested)
+        if epochs == config.epochs:
+            return False
+        say(
+            self.console,
+            f"time budget {config.max_minutes:g} min: epoch {epoch} took "
+            f"{format_time(epoch_seconds)} (measured), so {epochs} of {self.requested} epochs "
+            f"instead of the {config.epochs} planned",
+        )
+        config.epochs = loop.epochs = epochs
+        return True

@@ -1,0 +1,266 @@
+"""A classification run's state: the data it reads, the model, its average and optimizer,
+the run folder, and how a checkpoint is made from it and restored into it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from reslab.data.folders import DEFAULT_SIZE, FolderSource
+from reslab.data.sources import Source, fashion_mnist_source
+from reslab.data.transforms import InputSpec
+from reslab.engine.checkpoint import load_checkpoint, make_payload, require_classifier
+from reslab.engine.config import TrainConfig, validate
+from reslab.engine.distributed import World
+from reslab.engine.ema import make_ema, restore_ema
+from reslab.engine.evaluate import Evaluation
+from reslab.engine.loop import Loop
+from reslab.errors import ReslabError
+from reslab.models import create_model
+
+
+def open_source(config: TrainConfig) -> Source:
+    if config.data is None:
+        return fashion_mnist_source(config.data_dir, verify=config.verify)
+    return FolderSource(
+        config.data,
+        size=config.image_size or DEFAULT_SIZE,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        workers=config.workers,
+        strict=config.strict,
+    )
+
+
+def input_spec(config: TrainConfig, source: Source) -> InputSpec:
+    channels = source.channels
+    return InputSpec(
+        size=config.image_size or source.size,
+        source_size=source.size,
+        channels=channels,
+        mean=tuple(source.mean) if config.normalize else (0.0,) * channels,
+        std=tuple(source.std) if config.normalize else (1.0,) * channels,
+        stem=config.model_kwargs.get("stem", "registry default"),
+    )
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """Independent, reproducible random streams per (seed, epoch): 0 = order, 1 = augment."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 2 + stream)
+
+
+def steps_per_epoch(config: TrainConfig, source: Source) -> int:
+    return max(source.train_size // config.batch_size, 1)
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # no weight decay on batch-norm parameters and biases ("Bag of Tricks", He et al. 2019,
+    # section 3.1): decaying them only shrinks the scale that the next layer undoes
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        )
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=config.lr)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during a classification run; checkpoints are made from it.
+    ``loop`` is the skeleton's position (steps, epochs, the stop flag)."""
+
+    config: TrainConfig
+    model: nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    classes: tuple[str, ...]
+    spec: InputSpec
+    loop: Loop = field(default_factory=Loop)
+    best_accuracy: float = -1.0
+    history: list[dict] = field(default_factory=list)
+    train_model: nn.Module | None = None  # the module stepped: DDP around model, or model
+    # mid-epoch position: the current epoch's augmentation generator and running sums; saved
+    # so that a resumed run takes the very same next step
+    draws: torch.Generator | None = None
+    sums: tuple[float, int, int] = (0.0, 0, 0)
+    resume_progress: dict | None = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def world(self) -> World:
+        return self.loop.world
+
+    @world.setter
+    def world(self, world: World) -> None:
+        self.loop.world = world
+
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @property
+    def epoch(self) -> int:
+        return self.loop.epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        return self.loop.batch_in_epoch
+
+    @property
+    def stop(self) -> bool:
+        return self.loop.stop
+
+    @stop.setter
+    def stop(self, value: bool) -> None:
+        self.loop.stop = value
+
+
+def build_state(config: TrainConfig, source: Source, run_dir: Path) -> TrainState:
+    kwargs = {**config.model_kwargs, "in_channels": source.channels}
+    kwargs["num_classes"] = len(source.classes)
+    model = create_model(config.model, **kwargs).to(config.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return TrainState(
+        config,
+        model,
+        make_ema(model, config.ema),
+        make_optimizer(config, model),
+        run_dir,
+        source.classes,
+        input_spec(config, source),
+        loop=Loop(epochs=config.epochs),
+    )
+
+
+def checkpoint_payload(state: TrainState, evaluation: Evaluation | None) -> dict:
+    extra = {
+        "optimizer": state.optimizer.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "rng": {"torch": torch.get_rng_state()},
+        "config": state.config.to_dict(),
+        "classes": list(state.classes),
+        "input": state.spec.to_dict(),
+        "best_accuracy": state.best_accuracy,
+        "test_accuracy": evaluation.accuracy if evaluation else None,
+        "progress": None,
+    }
+    if 0 < state.batch_in_epoch and evaluation is None:
+        extra["progress"] = {
+            "batches": state.batch_in_epoch,
+            "draws": state.draws.get_state(),
+            "loss_sum": state.sums[0],
+            "correct": state.sums[1],
+            "seen": state.sums[2],
+        }
+    if state.ema is not None:
+        # "state_dict" holds the averaged weights that eval and predict use; resuming also
+        # needs the raw ones the optimizer moves
+        extra["train_state_dict"] = state.model.state_dict()
+    return make_payload(state.eval_model, "classification", **extra)
+
+
+def restore(state: TrainState, payload: dict) -> None:
+    state.model.load_state_dict(payload.get("train_state_dict", payload["state_dict"]))
+    if state.ema is not None:
+        restore_ema(state.ema, payload["state_dict"], payload["step"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.loop.epoch, state.loop.step = payload["epoch"], payload["step"]
+    state.best_accuracy = payload["best_accuracy"]
+    torch.set_rng_state(payload["rng"]["torch"])
+    state.resume_progress = payload.get("progress")
+    if state.resume_progress is not None:
+        state.loop.batch_in_epoch = state.resume_progress["batches"]
+    metrics = state.run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        state.history = [r for r in records if r["epoch"] <= state.epoch]
+
+
+def resume_config(
+    path: str, epochs: int | None = None, device: str | None = None
+) -> tuple[TrainConfig, dict, Path]:
+    """The saved config of a run (``epochs`` may be raised, ``device`` changed), its
+    checkpoint and its folder."""
+    payload = load_checkpoint(path)
+    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+    require_classifier(
+        payload,
+        f"continue it with `reslab detect train --resume --out {run_dir}` and its data flags",
+    )
+    if "config" not in payload or "optimizer" not in payload:
+        raise ReslabError(f"{path} holds weights only (no training state); cannot resume")
+    config = TrainConfig.from_dict(payload["config"])
+    config.resume = str(path)
+    if epochs is not None:
+        config.epochs = epochs
+    if device is not None:
+        config.device = device
+    validate(config)
+    if payload["epoch"] >= config.epochs:
+        raise ReslabError(
+            f"{path} already finished epoch {payload['epoch']} of {config.epochs}; "
+            "pass a larger --epochs to train on"
+        )
+    return config, payload, run_dir
+
+
+def _fresh_folder(path: Path, force: bool) -> Path:
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise ReslabError(f"run folder {path} exists and is not empty; pass --force to reuse it")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ".write-test").touch()
+        (path / ".write-test").unlink()
+    except OSError as error:
+        raise ReslabError(
+            f"cannot write the run folder {path} ({error.strerror or error}); "
+            "pass --out with a writable folder"
+        ) from None
+    return path
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    """``--out`` as given (refused if it has files, unless --force), else
+    runs/<date>-<model> with -2, -3, ... appended when taken."""
+    if config.out is not None:
+        return _fresh_folder(Path(config.out), config.force)
+    base = Path("runs") / f"{date.today().isoformat()}-{config.model}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        except OSError as error:
+            raise ReslabError(
+                f"cannot create the run folder {path} ({error.strerror or error}); "
+                "pass --out with a writable folder"
+            ) from None
+
+
+def write_config(config: TrainConfig, run_dir: Path) -> None:
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def describe(config: TrainConfig) -> str:
+    return "\n".join(f"  {k}: {v}" for k, v in config.to_dict().items())
