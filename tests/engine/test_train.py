@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from reslab import precision as precision_module
 from reslab.data.sources import fashion_mnist_source
 from reslab.data.transforms import InputSpec, to_input
 from reslab.engine import batches as batches_module
@@ -350,7 +351,7 @@ def fake_epochs(monkeypatch, fp32: float, bf16: float, native: bool = True) -> l
         return {"fp32": fp32, "bf16": bf16}[config.precision]
 
     monkeypatch.setattr(plan_module, "seconds_per_epoch", seconds)
-    monkeypatch.setattr(plan_module, "bf16_supported", lambda: native)
+    monkeypatch.setattr(precision_module, "bf16_supported", lambda: native)
     return timed
 
 

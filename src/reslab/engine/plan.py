@@ -22,9 +22,9 @@ from reslab.engine.config import TrainConfig
 from reslab.engine.distributed import World, sum_over_ranks, wrap
 from reslab.engine.evaluate import logits
 from reslab.engine.loop import Hook, Loop
-from reslab.engine.state import TrainState, build_state, epoch_generator, steps_per_epoch
+from reslab.engine.state import TrainState, build_state, epoch_generator, say, steps_per_epoch
 from reslab.errors import ReslabError
-from reslab.fast import bf16_supported
+from reslab.precision import format_seconds, resolve_precision
 
 # Steps timed (after WARMUP_STEPS untimed ones, which pay for oneDNN's kernel setup and the
 # allocator's growth) to estimate an epoch, and the share of the budget that the planned
@@ -36,18 +36,6 @@ BUDGET_SHARE = 0.97
 # time, since a process's first epochs can run slower than the rest. A change this early only
 # bends the rise of a one-cycle schedule; later it would jump the rate in its decay.
 REPLAN_EPOCHS = 3
-# --precision auto keeps bf16 only when its epoch is timed at least this much faster than
-# fp32's: bf16 rounds every convolution's inputs, which a gain inside timing noise does not pay.
-BF16_MIN_SPEEDUP = 1.15
-
-
-def format_time(seconds: float) -> str:
-    minutes, sec = divmod(round(seconds), 60)
-    return f"{minutes}m {sec:02d}s" if minutes else f"{seconds:.1f}s"
-
-
-def say(console: Console, text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -150,36 +138,19 @@ def shared_epoch_estimate(config: TrainConfig, source: Source, world: World) -> 
 def choose_precision(
     config: TrainConfig, source: Source, world: World, console: Console
 ) -> float | None:
-    """Resolve ``config.precision == "auto"`` to fp32 or bf16 for this machine.
-
-    On a CPU with native bf16 an epoch is timed in each (:func:`seconds_per_epoch`) and bf16
-    is kept if it is at least ``BF16_MIN_SPEEDUP`` times faster; a CPU without native bf16
-    and a GPU (whose runs keep the CPU runs' fp32 numerics) get fp32 untimed. Returns the
-    chosen precision's epoch estimate, None when nothing was timed.
+    """Resolve ``config.precision == "auto"`` for this machine by the one rule of
+    :func:`reslab.precision.resolve_precision`, an epoch (:func:`shared_epoch_estimate`) being
+    what it times. Returns the chosen precision's epoch estimate, None when nothing was timed.
     """
-    if config.device != "cpu" or not bf16_supported():
-        config.precision = "fp32"
-        why = (
-            "a GPU run keeps the CPU runs' fp32 numerics"
-            if config.device != "cpu"
-            else "this CPU has no native bf16 (AVX512-BF16 or AMX)"
-        )
-        say(console, f"precision auto: fp32, {why}")
-        return None
-    estimates = {}
-    for precision in ("fp32", "bf16"):
+
+    def measure(precision: str) -> float:
         config.precision = precision
-        estimates[precision] = shared_epoch_estimate(config, source, world)
-    speedup = estimates["fp32"] / estimates["bf16"]
-    config.precision = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-    say(
-        console,
-        f"precision auto: {config.precision}; an epoch takes about "
-        f"{format_time(estimates['fp32'])} in fp32 and {format_time(estimates['bf16'])} in bf16 "
-        f"here (measured, bf16 {speedup:.2f}x), and bf16 is kept only when at least "
-        f"{BF16_MIN_SPEEDUP:g}x faster",
+        return shared_epoch_estimate(config, source, world)
+
+    config.precision, estimate = resolve_precision(
+        "auto", config.device, measure, lambda line: say(console, line), "an epoch"
     )
-    return estimates[config.precision]
+    return estimate
 
 
 def fit_to_budget(
@@ -200,7 +171,7 @@ def fit_to_budget(
     if epochs == 0:
         raise ReslabError(
             f"--max-minutes {config.max_minutes:g}: one epoch takes about "
-            f"{format_time(estimate)} on this machine (measured), more than the budget leaves "
+            f"{format_seconds(estimate)} on this machine (measured), more than the budget leaves "
             "for training; give a larger --max-minutes, or a smaller --width or --batch-size"
         )
     sam = ""
@@ -209,7 +180,7 @@ def fit_to_budget(
         sam = f", {share / n_steps:.1f} more for SAM's second passes"
     say(
         console,
-        f"time budget {config.max_minutes:g} min: one epoch takes about {format_time(estimate)} "
+        f"time budget {config.max_minutes:g} min: one epoch takes about {format_seconds(estimate)} "
         f"here (measured), so {epochs} of {config.epochs} epochs{sam}",
     )
     config.epochs = epochs
@@ -258,7 +229,7 @@ class Replan(Hook):
         say(
             self.console,
             f"time budget {config.max_minutes:g} min: epoch {epoch} took "
-            f"{format_time(epoch_seconds)} (measured), so {epochs} of {self.requested} epochs "
+            f"{format_seconds(epoch_seconds)} (measured), so {epochs} of {self.requested} epochs "
             f"instead of the {config.epochs} planned",
         )
         config.epochs = loop.epochs = epochs

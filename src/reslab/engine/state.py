@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -17,12 +18,13 @@ from reslab.data.sources import Source, fashion_mnist_source
 from reslab.data.transforms import InputSpec
 from reslab.engine.checkpoint import load_checkpoint, make_payload, require_classifier
 from reslab.engine.config import TrainConfig, validate
-from reslab.engine.distributed import World
+from reslab.engine.distributed import World, check_batch
 from reslab.engine.ema import make_ema, restore_ema
 from reslab.engine.evaluate import Evaluation
 from reslab.engine.loop import Loop
 from reslab.errors import ReslabError
 from reslab.models import create_model
+from reslab.precision import bf16_supported
 
 
 def open_source(config: TrainConfig) -> Source:
@@ -36,6 +38,46 @@ def open_source(config: TrainConfig) -> Source:
         workers=config.workers,
         strict=config.strict,
     )
+
+
+def say(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def prepare(config: TrainConfig, world, console: Console) -> Source:
+    """Check the config, set up the device and threads, seed, and open the data."""
+    validate(config)
+    check_batch(world, config.batch_size)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.device != "cpu":
+        # fp32 on a GPU as on the CPU: no TF32 rounding of convolution and matmul inputs
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        say(console, f"device: {config.device} ({torch.cuda.get_device_name(config.device)})")
+    torch.manual_seed(config.seed)
+    source = open_source(config)
+    if config.precision == "bf16" and not bf16_supported():
+        say(
+            console,
+            "warning: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 convolutions fall "
+            "back to PyTorch's reference kernels, several times slower than --precision fp32",
+        )
+    say(console, f"data: {source.description}")
+    if config.batch_size > source.train_size:
+        say(
+            console,
+            f"note: --batch-size {config.batch_size} is more than the {source.train_size:,} "
+            "training images; each epoch is one step over all of them",
+        )
+    if world.active:
+        say(
+            console,
+            f"processes: {world.size}; global batch {config.batch_size} "
+            f"({config.batch_size // world.size} per process); sync batch norm "
+            f"{'on' if config.sync_bn else 'off'}",
+        )
+    return source
 
 
 def input_spec(config: TrainConfig, source: Source) -> InputSpec:

@@ -25,18 +25,16 @@ from reslab.data.sources import Source
 from reslab.engine.batches import Batch, batch_loss, sam_begins, sam_gradient
 from reslab.engine.budget import Budget
 from reslab.engine.checkpoint import save_checkpoint
-from reslab.engine.config import TrainConfig, validate
-from reslab.engine.distributed import barrier, check_batch, init_world, sum_over_ranks, wrap
+from reslab.engine.config import TrainConfig
+from reslab.engine.distributed import barrier, init_world, sum_over_ranks, wrap
 from reslab.engine.ema import UpdateEma
 from reslab.engine.evaluate import Evaluation, evaluate
 from reslab.engine.loop import Hook, Loop, StopOnNonFinite, StopOnSignals, run, skip
 from reslab.engine.plan import (
-    BF16_MIN_SPEEDUP,
     BUDGET_SHARE,
     Replan,
     choose_precision,
     fit_to_budget,
-    format_time,
     last_evaluation_extra,
     say,
 )
@@ -51,18 +49,17 @@ from reslab.engine.state import (
     input_spec,
     make_optimizer,
     new_run_dir,
-    open_source,
+    prepare,
     restore,
     resume_config,
     steps_per_epoch,
     write_config,
 )
 from reslab.errors import Interrupted, ReslabError
-from reslab.fast import bf16_supported
+from reslab.precision import format_seconds
 
 # the names other modules import from here
 __all__ = [
-    "BF16_MIN_SPEEDUP",
     "Hooks",
     "RunResult",
     "TrainState",
@@ -352,42 +349,6 @@ def train_epochs(
     return evaluator.evaluation
 
 
-def prepare(config: TrainConfig, world, console: Console) -> Source:
-    """Check the config, set up the device and threads, seed, and open the data."""
-    validate(config)
-    check_batch(world, config.batch_size)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.device != "cpu":
-        # fp32 on a GPU as on the CPU: no TF32 rounding of convolution and matmul inputs
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        say(console, f"device: {config.device} ({torch.cuda.get_device_name(config.device)})")
-    torch.manual_seed(config.seed)
-    source = open_source(config)
-    if config.precision == "bf16" and not bf16_supported():
-        say(
-            console,
-            "warning: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 convolutions fall "
-            "back to PyTorch's reference kernels, several times slower than --precision fp32",
-        )
-    say(console, f"data: {source.description}")
-    if config.batch_size > source.train_size:
-        say(
-            console,
-            f"note: --batch-size {config.batch_size} is more than the {source.train_size:,} "
-            "training images; each epoch is one step over all of them",
-        )
-    if world.active:
-        say(
-            console,
-            f"processes: {world.size}; global batch {config.batch_size} "
-            f"({config.batch_size // world.size} per process); sync batch norm "
-            f"{'on' if config.sync_bn else 'off'}",
-        )
-    return source
-
-
 def plan_budget(config, source, world, budget, console, resumed: bool) -> Replan | None:
     """Resolve --precision auto, fit the epochs to --max-minutes, and the hook that plans
     again after the first epochs (None without a budget, or on resume)."""
@@ -462,7 +423,7 @@ def finish(state: TrainState, evaluation, budget: Budget, source: Source, consol
     say(
         console,
         f"test accuracy {100 * evaluation.accuracy:.2f}% (best epoch "
-        f"{100 * state.best_accuracy:.2f}%), run folder {run_dir}, took {format_time(seconds)}",
+        f"{100 * state.best_accuracy:.2f}%), run folder {run_dir}, took {format_seconds(seconds)}",
     )
     return RunResult(
         run_dir,
