@@ -5,14 +5,12 @@ convolution's weight, once at initialisation and once after a short training. Sh
 projections are left out: they exist only in the residual twin, and leaving them out makes
 layer index ``i`` the same convolution in both networks.
 
-What it shows (``reslab study gradients``, README "Studies"): with batch norm, a deep plain
-network's gradients do not vanish at initialisation, they *explode* towards the input (Yang et
-al. 2019, "A Mean Field Theory of Batch Normalization"): plain-110's first conv gets 5x10^6
-times its last conv's gradient. After 20 SGD steps the order reverses: the first conv of
-plain-56 and plain-110 gets 3x10^-2 and 8x10^-4 of the last one's; exploding has turned into
-vanishing. The residual twins stay within about 20x at initialisation and 2x after training. He
-et al. 2015 (section 4.1) call their plain nets' backward norms "healthy" and blame degradation
-on optimisation difficulty; both effects are shown here, at this repository's initialisation.
+What it shows (``reslab study gradients``; docs/studies.md): with batch norm, a deep plain
+network's gradients do not vanish at initialisation, they grow towards the input (Yang et al.
+2019, "A Mean Field Theory of Batch Normalization"), and after a short training they shrink
+towards it instead; the residual twins keep their layers' gradients within a narrow range at
+both points. He et al. 2015 (section 4.1) call their plain nets' backward norms "healthy" and
+blame degradation on optimisation difficulty.
 """
 
 from __future__ import annotations

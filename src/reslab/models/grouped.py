@@ -7,7 +7,7 @@ Nothing mixes copies: the sum of the copies' losses gives each its own gradient,
 per-element optimizer step (SGD with momentum, weight decay, an EMA of the weights) moves each
 copy as it would move alone. On a GPU, where one small model leaves the device mostly idle
 between kernel launches, the copies share every launch, so a recipe can be judged over N
-seeds at a fraction of N runs' cost (``benchmarks/seed_screen.py``; README, GPU probes).
+seeds at a fraction of N runs' cost (``benchmarks/seed_screen.py``).
 """
 
 from __future__ import annotations
