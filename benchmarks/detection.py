@@ -50,6 +50,7 @@ from reslab.engine.detect_config import (
     anchor_sizes,
     check_probability,
     iou_list,
+    proposal_settings,
     scale_factors,
     validate,
 )
@@ -100,16 +101,7 @@ def train_config(args) -> DetectConfig:
     """The run `reslab detect train` would make of these flags, built and checked by the
     engine; the scenes are resized so that their side is --min-size (0: kept as made)."""
     side = args.min_size or args.size
-    rpn = {
-        "anchor_sizes": args.anchor_sizes,
-        "pre_nms_top_n_train": args.train_pre_nms,
-        "post_nms_top_n_train": args.train_proposals,
-        "post_nms_top_n_test": args.test_proposals,
-    }
-    roi_heads = {
-        "batch_size_per_image": args.rois_per_image,
-        "positive_fraction": args.roi_positive_fraction,
-    }
+    rpn, roi_heads = proposal_settings(vars(args))
     recipe = ("epochs", "batch_size", "lr", "warmup_iters", "ema", "seed")
     warm = ("pretrain_minutes", "pretrain_jitter", "rescore_minutes")
     config = {

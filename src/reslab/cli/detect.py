@@ -16,6 +16,7 @@ from reslab.engine.detect_config import (
     DetectConfig,
     InferConfig,
     anchor_sizes,
+    proposal_settings,
     scale_factors,
     validate_inference,
 )
@@ -338,16 +339,7 @@ def _pick(args, names: tuple[str, ...]) -> dict:
 
 def train_config(args) -> DetectConfig:
     """`detect train`'s flags as the engine's config (checked when the run starts)."""
-    rpn = {
-        "anchor_sizes": args.anchor_sizes,
-        "pre_nms_top_n_train": args.train_pre_nms,
-        "post_nms_top_n_train": args.train_proposals,
-        "post_nms_top_n_test": args.test_proposals,
-    }
-    roi_heads = {
-        "batch_size_per_image": args.rois_per_image,
-        "positive_fraction": args.roi_positive_fraction,
-    }
+    rpn, roi_heads = proposal_settings(vars(args))
     model = _pick(args, ("backbone", "width", "min_size", "max_size"))
     model.update(weights=args.backbone_weights, rpn=rpn, roi_heads=roi_heads)
     recipe = ("epochs", "batch_size", "lr", "warmup_iters", "ema", "seed", "max_minutes")

@@ -174,6 +174,23 @@ class InferConfig:
         return _build(cls, values)
 
 
+def proposal_settings(flags: dict) -> tuple[dict, dict]:
+    """The RPN's and the RoI heads' settings from flag-named values (``anchor_sizes``,
+    ``train_pre_nms``, ``train_proposals``, ``test_proposals``, ``rois_per_image``,
+    ``roi_positive_fraction``), for :class:`DetectorSettings`."""
+    rpn = {
+        "anchor_sizes": flags["anchor_sizes"],
+        "pre_nms_top_n_train": flags["train_pre_nms"],
+        "post_nms_top_n_train": flags["train_proposals"],
+        "post_nms_top_n_test": flags["test_proposals"],
+    }
+    roi_heads = {
+        "batch_size_per_image": flags["rois_per_image"],
+        "positive_fraction": flags["roi_positive_fraction"],
+    }
+    return rpn, roi_heads
+
+
 def _build(cls, values: dict):
     """``cls`` from a dict of its fields, nested dataclasses from nested dicts, lists where a
     tuple is declared as tuples (JSON has no tuples); unknown keys are an error."""

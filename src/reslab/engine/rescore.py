@@ -89,7 +89,7 @@ class Rescorer(nn.Module):
         self, results: list[dict], dataset: CocoDetection, bf16: bool = False
     ) -> list[dict]:
         """:meth:`rescore` for detections in COCO results format (as
-        :func:`~reslab.engine.detection.predict_dataset` gives them) on ``dataset``'s images,
+        :func:`~reslab.engine.detect_infer.predict_dataset` gives them) on ``dataset``'s images,
         in the same order."""
         by_image: dict[int, list[int]] = {}
         for k, result in enumerate(results):
