@@ -56,34 +56,6 @@ def load_by_path(name: str, path: Path):
     return module
 
 
-def entry(name: str, *modules: str):
-    """``name`` from the first of ``modules`` that defines it. The engine refactor moves
-    functions between modules and keeps their names and signatures; these tests guard the code
-    before it and after it."""
-    for module in modules:
-        try:
-            found = importlib.import_module(module)
-        except ImportError:
-            continue
-        if hasattr(found, name):
-            return getattr(found, name)
-    raise ImportError(f"none of {modules} defines {name}")
-
-
-def patch_everywhere(monkeypatch, name: str, value, *modules: str) -> None:
-    """Replace ``name`` in each of ``modules`` that has it (see :func:`entry`)."""
-    patched = 0
-    for module in modules:
-        try:
-            found = importlib.import_module(module)
-        except ImportError:
-            continue
-        if hasattr(found, name):
-            monkeypatch.setattr(found, name, value)
-            patched += 1
-    assert patched, f"none of {modules} has {name}"
-
-
 def quiet() -> Console:
     return Console(file=io.StringIO(), force_terminal=False)
 

@@ -3,10 +3,7 @@ scores 1, and a result naming the detector's internal label or carrying an xyxy 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,24 +11,8 @@ from torch import nn
 from torchvision.io import write_png
 
 from reslab.data.coco import CocoDetection, eval_transforms
-
-
-def load_helper():
-    if "loop_traces" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "loop_traces", Path(__file__).with_name("loop_traces.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["loop_traces"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["loop_traces"]
-
-
-traces = load_helper()
-coco_evaluate = traces.entry("coco_evaluate", "reslab.engine.detection", "reslab.engine.coco_eval")
-predict_dataset = traces.entry(
-    "predict_dataset", "reslab.engine.detection", "reslab.engine.detect_infer"
-)
+from reslab.engine.coco_eval import coco_evaluate
+from reslab.engine.detect_infer import predict_dataset
 
 CATEGORY_IDS = (3, 7, 12)  # the dataset's ids, in the order of the detector's labels 1, 2, 3
 IMAGE_IDS = (101, 205, 309, 412)

@@ -4,13 +4,12 @@ detector; observed from outside the loops through torch's global hooks
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
+import loop_traces as traces
 import pytest
 import torch
 
@@ -18,19 +17,6 @@ from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.detection import train_detector
 from reslab.engine.train import fit, resume_config
 
-
-def load_helper():
-    if "loop_traces" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "loop_traces", Path(__file__).with_name("loop_traces.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["loop_traces"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["loop_traces"]
-
-
-traces = load_helper()
 Crash, HandEMA, StepRecorder = traces.Crash, traces.HandEMA, traces.StepRecorder
 DECAY = 0.9
 

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import loop_traces as traces
+
+from reslab.engine import budget as budget_module
+from reslab.engine import plan as plan_module
 from reslab.engine.train import fit, lr_factor
-
-
-def load_helper():
-    if "loop_traces" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "loop_traces", Path(__file__).with_name("loop_traces.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["loop_traces"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["loop_traces"]
-
-
-traces = load_helper()
 
 
 def test_the_third_epochs_time_changes_the_plan_and_the_fourths_does_not(
@@ -31,11 +18,9 @@ def test_the_third_epochs_time_changes_the_plan_and_the_fourths_does_not(
     # with the optimizer's steps (5 an epoch): epoch 1 takes 8 s (21.1 s left: 3 of 8),
     # epoch 2 4 s (17.1 s left: 6 of 8), epoch 3 2 s (15.1 s left: all 8). Epoch 4 takes 6 s,
     # which would cut the plan to 5 were it made again; planned after two epochs only, 6.
-    # the probe and the budget's clock, in reslab.engine.train before the engine refactor
-    modules = ("reslab.engine.train", "reslab.engine.plan", "reslab.engine.budget")
-    traces.patch_everywhere(monkeypatch, "seconds_per_epoch", lambda *args: 10.0, *modules)
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *args: 10.0)
     seconds = [0.0]
-    traces.patch_everywhere(monkeypatch, "now", lambda: seconds[0], *modules)
+    monkeypatch.setattr(budget_module, "now", lambda: seconds[0])
     per_step = (1.6, 0.8, 0.4, 1.2)  # epochs 1, 2, 3, then 4 and later
 
     def tick(optimizer):

@@ -14,27 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import loop_traces as traces
 import pytest
 
 from reslab.data import fashion_mnist
 from reslab.engine.train import lr_factor
 
-HELPER = Path(__file__).with_name("loop_traces.py")
-
-
-def load_helper():
-    import importlib.util
-    import sys
-
-    if "loop_traces" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("loop_traces", HELPER)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["loop_traces"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["loop_traces"]
-
-
-traces = load_helper()
 FIRST_RTOL = 1e-4  # another machine's first step
 LATER_FACTOR = 2.0  # its later steps, and the losses averaged over several steps
 

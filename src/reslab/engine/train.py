@@ -125,10 +125,10 @@ class EpochSums(Hook):
     def __init__(self, state: TrainState, step: ClassifyStep, progress: Progress, n_steps: int):
         self.state, self.step, self.progress, self.n_steps = state, step, progress, n_steps
         self.task, self.started, self.seconds = None, 0.0, 0.0
+        self.loss, self.accuracy = 0.0, 0.0  # the finished epoch's, over all processes
 
     def before_epoch(self, loop: Loop) -> None:
         state = self.state
-        state.model.train()
         (state.train_model or state.model).train()
         state.draws = epoch_generator(state.config.seed, loop.epoch + 1, 1)
         state.sums = (0.0, 0, 0)
@@ -161,7 +161,7 @@ class EpochSums(Hook):
         self.progress.remove_task(self.task)
         totals = sum_over_ranks(loop.world, *map(torch.tensor, self.state.sums))
         loss_sum, correct, seen = (v.item() for v in totals)
-        self.state.sums = (loss_sum / max(seen, 1), correct / max(seen, 1), 0)
+        self.loss, self.accuracy = loss_sum / max(seen, 1), correct / max(seen, 1)
 
     def after_run(self, loop: Loop) -> None:
         if loop.batch_in_epoch and self.task is not None:
@@ -210,7 +210,7 @@ class Record(Hook):
     def record(self, loop: Loop) -> None:
         state, evaluation = self.state, self.evaluate.evaluation
         config, run_dir = state.config, state.run_dir
-        train_loss, train_acc, _ = state.sums
+        train_loss, train_acc = self.sums.loss, self.sums.accuracy
         images_per_s = self.n_steps * config.batch_size / self.sums.seconds
         record = {
             "epoch": loop.epoch,
