@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reslab import precision as precision_module
-from reslab.engine import detect_infer, detect_train
+from reslab.engine import detect_infer, detect_train, distributed
 from reslab.engine.detect_config import DetectConfig, InferConfig
 from reslab.engine.distributed import World
 from reslab.models.detection import DetectorConfig, RoIHeadsConfig, RPNConfig, build_detector
@@ -73,7 +73,7 @@ def test_ranks_are_told_the_resolved_precision_instead_of_bf16(monkeypatch):
     started = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(
-        detect_train, "launch_local", lambda n, command, threads: started.append(command) or 0
+        distributed, "launch_local", lambda n, command, threads: started.append(command) or 0
     )
     argv = ["detect", "train", "--bf16", "--processes", "2"]
     assert detect_train.relaunch_as(2, argv, 1, "bf16") == 0

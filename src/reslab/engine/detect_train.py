@@ -8,7 +8,6 @@ its own measurements between them.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from reslab.engine.distributed import (
     cpu_cores,
     in_launched_world,
     init_world,
-    launch_local,
+    relaunch,
     sum_over_ranks,
 )
 from reslab.engine.rescore import (
@@ -196,11 +195,7 @@ def relaunch_as(processes: int, argv: list[str] | None, threads: int, precision:
     """:func:`~reslab.engine.distributed.relaunch`, the ranks told the precision this process
     resolved (``--precision``, in place of ``--bf16``), so that every rank computes in it
     without timing it again; ``argv`` None: this process's own command line."""
-    if processes <= 1 or in_launched_world():
-        return None
-    command = sys.orig_argv[1:] if argv is None else ["-m", "reslab", *argv]
-    command = [*(arg for arg in command if arg != "--bf16"), "--precision", precision]
-    return launch_local(processes, command, threads)
+    return relaunch(processes, argv, threads, drop=("--bf16",), extra=("--precision", precision))
 
 
 def run_training(config: DetectConfig, argv: list[str] | None = None) -> int:

@@ -192,16 +192,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def relaunch(processes: int, argv: list[str] | None, threads: int = 0) -> int | None:
+def relaunch(
+    processes: int,
+    argv: list[str] | None,
+    threads: int = 0,
+    drop: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
+) -> int | None:
     """Start this command as ``processes`` local ranks and return their exit status; None
     when it should run right here (one process, or already a rank of a world).
 
     ``argv`` is what ``reslab.cli.main`` was given: None for this process's own command line,
-    which the ranks repeat exactly (``sys.orig_argv``: interpreter flags and script or -m).
+    which the ranks repeat exactly (``sys.orig_argv``: interpreter flags and script or -m),
+    less the words in ``drop`` and with ``extra`` added (what this process decided for them).
     """
     if processes <= 1 or in_launched_world():
         return None
     command = sys.orig_argv[1:] if argv is None else ["-m", "reslab", *argv]
+    command = [*(arg for arg in command if arg not in drop), *extra]
     return launch_local(processes, command, threads)
 
 
