@@ -13,6 +13,7 @@ from reslab.engine import inference
 from reslab.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.engine.config import PRESETS, parse_overrides, train_flags
 from reslab.engine.evaluate import logits
+from reslab.engine.target import target_reached
 from reslab.errors import ReslabError
 
 TINY = [
@@ -118,6 +119,7 @@ def test_bad_flags_are_one_line_errors(fake_fmnist, tmp_path, capsys):
         (["--clean-epochs", "-2"], "--clean-epochs must be a whole number >= 0"),
         (["--warmup", "1"], "--warmup must be below 1"),
         (["--sam-start", "1"], "--sam-start must be a share of the steps in [0, 1)"),
+        (["--target", "101"], "--target is a test accuracy in percent, 0 to 100"),
     ):
         assert main(["train", *flags]) == 2
         err = capsys.readouterr().err
@@ -244,3 +246,19 @@ def test_benchmark_overrides_become_the_train_flags_config():
     assert config.model_kwargs["widths"] == [64, 192, 384, 768]
     with pytest.raises(ReslabError, match="KEY=VALUE"):
         parse_overrides(["epochs"])
+
+
+def test_target_marks_the_first_epoch_that_reached_it(fake_fmnist, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(fake_fmnist, run, "--target", "0.01") == 0
+    out = capsys.readouterr().out
+    first, second = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert first["target_reached"] is True and "target_reached" not in second
+    assert f"reached the 0.01% target: epoch 1, step {first['step']}, after" in out
+    assert f"target 0.01%: reached at epoch 1, step {first['step']}" in out
+
+
+def test_target_reached_is_the_first_record_at_or_above_it():
+    history = [{"test_acc": a} for a in (0.5, 0.7, 0.9, 0.6)]
+    assert target_reached(70, history) is history[1]
+    assert target_reached(95, history) is None and target_reached(0, history) is None

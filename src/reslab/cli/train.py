@@ -143,6 +143,13 @@ def _schedule_flags(parser) -> None:
         "planned again after each of the first 3 epochs, from that epoch's own time "
         "(0 = no limit; presets: default 9.5, best 57, seed none)",
     )
+    add(
+        "--target",
+        type=float,
+        metavar="PCT",
+        help="a test accuracy in percent: print and record in metrics.jsonl the first epoch, "
+        "step and wall time at which the run reached it (default: none)",
+    )
     add("--batch-size", type=int, help="images per optimizer step (presets: 256)")
     add("--lr", type=float, help="peak learning rate")
     add(

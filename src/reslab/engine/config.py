@@ -50,6 +50,9 @@ class TrainConfig:
     # batch are timed and the run trains min(epochs, what fits) epochs, its schedule made for
     # that many, so a recipe keeps to its time on a slower or faster machine
     max_minutes: float = 0.0
+    # a test accuracy in percent (0 = none): the first epoch at or above it is marked in
+    # metrics.jsonl ("target_reached") and its epoch, step and wall time are printed
+    target: float = 0.0
     batch_size: int = 256
     lr: float = 0.1
     optimizer: str = "sgd"
@@ -244,6 +247,9 @@ def _check_model(config: TrainConfig) -> None:
 
 def _check_rates(config: TrainConfig) -> None:
     finite_positive("max-minutes", config.max_minutes, allow_zero=True)
+    finite_positive("target", config.target, allow_zero=True)
+    if config.target > 100:
+        raise ReslabError(f"--target is a test accuracy in percent, 0 to 100, got {config.target}")
     finite_positive("weight-decay", config.weight_decay, allow_zero=True)
     finite_positive("momentum", config.momentum, allow_zero=True)
     for name in ("label_smoothing", "erasing", "warmup", "ema"):

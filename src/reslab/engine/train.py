@@ -55,6 +55,7 @@ from reslab.engine.state import (
     steps_per_epoch,
     write_config,
 )
+from reslab.engine.target import describe_reach, target_reached
 from reslab.errors import Interrupted, ReslabError
 from reslab.precision import format_seconds
 
@@ -225,6 +226,9 @@ class Record(Hook):
             "elapsed_s": self.budget.elapsed(),
         }
         state.history.append(record)
+        if target_reached(config.target, state.history) is record:
+            record["target_reached"] = True
+            say(self.console, f"reached the {config.target:g}% target: {describe_reach(record)}")
         improved = evaluation.accuracy > state.best_accuracy
         state.best_accuracy = max(state.best_accuracy, evaluation.accuracy)
         checkpoint = checkpoint_payload(state, evaluation)
@@ -420,6 +424,11 @@ def finish(state: TrainState, evaluation, budget: Budget, source: Source, consol
     plot_curves(state.history, run_dir / "curves.png")
     plot_confusion(evaluation.confusion, state.classes, run_dir / "confusion.png")
     seconds = budget.elapsed()
+    target = state.config.target
+    if target:
+        first = target_reached(target, state.history)
+        reach = f"reached at {describe_reach(first)}" if first else "not reached"
+        say(console, f"target {target:g}%: {reach}")
     say(
         console,
         f"test accuracy {100 * evaluation.accuracy:.2f}% (best epoch "
