@@ -49,15 +49,18 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--preset",
-        default="default",
+        default=None,
         choices=sorted(PRESETS),
         help="seed: the tutorial recipe; default: tuned for a small CPU; best: highest accuracy "
-        "within an hour (default: default)",
+        "within an hour; finetune: pretrained weights on a folder (frozen head epoch, then "
+        "discriminative rates). Not given: default, and a --data folder run chooses the batch "
+        "size, rate and epochs not given from the folder's size",
     )
     _model_flags(parser)
     _data_flags(parser)
     _schedule_flags(parser)
     _augment_flags(parser)
+    _finetune_flags(parser)
     _run_flags(parser)
     parser.set_defaults(func=run)
 
@@ -178,6 +181,42 @@ def _schedule_flags(parser) -> None:
         "--label-smoothing",
         type=float,
         help="share of each target spread over the other classes (default and best 0.1)",
+    )
+
+
+def _finetune_flags(parser) -> None:
+    """Flags of fine-tuning's two phases: the frozen head, then discriminative rates."""
+    add = _adder(parser)
+    add(
+        "--freeze-epochs",
+        type=int,
+        metavar="N",
+        help="train the head alone for the first N epochs, the body frozen, on a one-cycle of "
+        "their own; then the whole network on another (finetune 1, others 0 = off)",
+    )
+    add(
+        "--freeze-lr",
+        type=float,
+        help="peak rate of the frozen epochs (finetune 2e-3; 0 = twice --lr)",
+    )
+    _bool(
+        parser,
+        "--train-bn",
+        "while the body is frozen its batch norms keep training (statistics, scale and shift), "
+        "as fastai does; default off: eval mode, as Keras and timm",
+    )
+    add(
+        "--lr-spread",
+        type=float,
+        metavar="R",
+        help="discriminative rates: the stem trains at --lr / R, the head at --lr, the stages "
+        "between on a geometric slice (finetune 100, others 1 = one rate)",
+    )
+    _bool(
+        parser,
+        "--cache-features",
+        "the frozen epochs train the head on the body's features of the un-augmented images, "
+        "computed once instead of once an epoch (default off)",
     )
 
 

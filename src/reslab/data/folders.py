@@ -217,8 +217,11 @@ class FolderSource:
             last = str(error).strip().splitlines()[-1]
             raise ReslabError(last.removeprefix("reslab.errors.ReslabError: ")) from None
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        order = [b.tolist() for b in train_order(self.train_size, batch_size, generator)]
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator | None, drop_last: bool = True
+    ) -> Iterator[Batch]:
+        batches = train_order(self.train_size, batch_size, generator, drop_last)
+        order = [b.tolist() for b in batches]
         yield from self._batches(self.train, order)
 
     def test_batches(self, batch_size: int) -> Iterator[Batch]:

@@ -30,17 +30,22 @@ class Source(Protocol):
     train_size: int
     test_size: int
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]: ...
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator | None, drop_last: bool = True
+    ) -> Iterator[Batch]: ...
 
     def test_batches(self, batch_size: int) -> Iterator[Batch]: ...
 
 
-def train_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Index batches for one epoch. A short last batch is dropped when there are full ones:
+def train_order(
+    n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool = True
+) -> list[torch.Tensor]:
+    """Index batches for one epoch, in an order drawn from ``generator`` (None: the stored
+    order). A short last batch is dropped when there are full ones (unless not ``drop_last``):
     batch norm statistics of a handful of images are noise."""
-    perm = torch.randperm(n, generator=generator)
+    perm = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
     batches = list(perm.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) < batch_size:
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
 
@@ -66,8 +71,10 @@ class TensorSource:
         self.train_size = len(self.train_labels)
         self.test_size = len(self.test_labels)
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        for index in train_order(self.train_size, batch_size, generator):
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator | None, drop_last: bool = True
+    ) -> Iterator[Batch]:
+        for index in train_order(self.train_size, batch_size, generator, drop_last):
             yield self.train_images[index], self.train_labels[index]
 
     def test_batches(self, batch_size: int) -> Iterator[Batch]:

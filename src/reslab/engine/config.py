@@ -38,6 +38,10 @@ class TrainConfig:
     # ImageFolder tree with train/ and val/, or one tree split by val_fraction
     data: str | None = None
     data_dir: str | None = None
+    # the values a folder run chooses from the folder's size (batch_size, lr, epochs), those
+    # not given, when no preset was named (reslab.engine.plan.plan_for_data); chosen before
+    # the run starts, so config.json holds the values used
+    plan_data: list = field(default_factory=list)
     val_fraction: float = 0.1
     image_size: int | None = None  # None: 28 for Fashion-MNIST, 64 for folders
     normalize: bool = True  # subtract the training set's mean, divide by its std
@@ -62,6 +66,19 @@ class TrainConfig:
     warmup: float = 0.2  # fraction of steps that onecycle spends rising to lr
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    # fine-tuning, after fastai's fine_tune (Howard & Gugger 2020): the first freeze_epochs
+    # train the head alone, the body frozen with its batch norms in eval mode (train_bn: they
+    # keep training, as fastai does; Keras and timm freeze them), on a one-cycle of their own
+    # peaking at freeze_lr (0: 2 x lr); then the whole network trains on a second one-cycle,
+    # each part's peak a step of a geometric slice from lr / lr_spread (the stem) to lr (the
+    # head): discriminative rates (Howard & Ruder 2018, ULMFiT); lr_spread 1 = one rate
+    freeze_epochs: int = 0
+    freeze_lr: float = 0.0
+    train_bn: bool = False
+    lr_spread: float = 1.0
+    # the frozen epochs train the head on the body's features of the un-augmented training
+    # images, computed once: one forward pass over the data instead of one per epoch
+    cache_features: bool = False
     # batch augmentation: random crop with crop_padding zero pixels, horizontal flip, random
     # erasing with probability erasing
     augment: bool = True
@@ -170,7 +187,27 @@ PRESETS: dict[str, dict] = {
         tta_shift=1,
         precision="auto",
     ),
+    # Fine-tuning pretrained weights on a folder of images, with fastai's fine_tune defaults
+    # (freeze_epochs 1, base_lr 2e-3, then base_lr / 2 over the slice (lr / 100, lr)), AdamW,
+    # and the full-width network with its ImageNet stem that pretrained weights expect.
+    "finetune": dict(
+        model="resnet50",
+        epochs=4,
+        freeze_epochs=1,
+        freeze_lr=2e-3,
+        lr=1e-3,
+        lr_spread=100.0,
+        optimizer="adamw",
+        weight_decay=0.01,
+        warmup=0.3,
+        batch_size=32,
+        eval_batch_size=64,
+        erasing=0.0,
+        precision="auto",
+    ),
 }
+
+PLANNED = ("batch_size", "lr", "epochs")  # what plan_data may name
 
 
 def build_config(preset: str = "default", **overrides) -> TrainConfig:
@@ -264,6 +301,35 @@ def _check_rates(config: TrainConfig) -> None:
         )
     if config.cutmix != 0 and not 0 < config.cutmix <= 1:
         raise ReslabError(f"--cutmix must be between 0 and 1, got {config.cutmix}")
+    _check_fine_tuning(config)
+
+
+def _check_fine_tuning(config: TrainConfig) -> None:
+    check_whole("freeze-epochs", config.freeze_epochs, least=0)
+    finite_positive("freeze-lr", config.freeze_lr, allow_zero=True)
+    finite_positive("lr-spread", config.lr_spread)
+    if config.lr_spread < 1:
+        raise ReslabError(
+            f"--lr-spread is the head's rate over the stem's, at least 1 (1 = one rate for "
+            f"all), got {config.lr_spread}"
+        )
+    if config.freeze_epochs and config.processes != 1:
+        raise ReslabError(
+            f"--freeze-epochs trains in one process; pass --processes 1 (got {config.processes})"
+        )
+    if config.cache_features and not config.freeze_epochs:
+        raise ReslabError(
+            "--cache-features caches the frozen body's features; add --freeze-epochs N"
+        )
+    if config.cache_features and (config.train_bn or config.sam):
+        flag = "--train-bn" if config.train_bn else "--sam"
+        raise ReslabError(
+            f"--cache-features needs a body that does not change in the frozen epochs; "
+            f"drop {flag} or --cache-features"
+        )
+    unknown = set(config.plan_data) - set(PLANNED)
+    if unknown:
+        raise ReslabError(f"plan_data may name {PLANNED}, got {sorted(unknown)}")
 
 
 def _check_run(config: TrainConfig) -> None:
@@ -283,13 +349,17 @@ def _check_run(config: TrainConfig) -> None:
         raise ReslabError(f"--save-every must be a whole number >= 0, got {config.save_every}")
 
 
-def config_from_flags(preset: str, given: dict) -> tuple[TrainConfig, dict | None, Path | None]:
+def config_from_flags(
+    preset: str | None, given: dict
+) -> tuple[TrainConfig, dict | None, Path | None]:
     """(config, checkpoint payload or None, run folder or None) for `reslab train`.
 
     ``given`` holds only the values the user gave, by config field name (the model's
     constructor arguments, ``MODEL_KEYS``, among them). With ``resume`` the saved run's config
     is used and only ``RESUMABLE`` values may change. An epoch count given without
-    ``max_minutes`` is exact: the preset's time budget is dropped.
+    ``max_minutes`` is exact: the preset's time budget is dropped. ``preset`` None is the
+    default preset, and a folder run then chooses the batch size, rate and epochs not given
+    from the folder's size (``plan_data``).
     """
     if "resume" in given:
         ignored = sorted(set(given) - {"resume", *RESUMABLE})
@@ -303,12 +373,14 @@ def config_from_flags(preset: str, given: dict) -> tuple[TrainConfig, dict | Non
 
         return resume_config(given["resume"], given.get("epochs"), given.get("device"))
     given = dict(given)
+    if preset is None and given.get("data") is not None:
+        given.setdefault("plan_data", [k for k in PLANNED if k not in given])
     if "epochs" in given:
         given.setdefault("max_minutes", 0.0)
     if isinstance(given.get("widths"), str):
         given["widths"] = parse_widths(given["widths"])
     model_kwargs = {k: given.pop(k) for k in MODEL_KEYS if k in given}
-    config = build_config(preset, **given)
+    config = build_config(preset or "default", **given)
     config.model_kwargs = {**config.model_kwargs, **model_kwargs}
     return config, None, None
 

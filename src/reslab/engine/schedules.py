@@ -4,7 +4,7 @@ applies one. Trainers name a schedule here; none defines its own."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,6 +42,22 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
     return 1.0
 
 
+def phased(schedule: str, step: int, first: int, total: int, warmup: float) -> float:
+    """:func:`lr_factor` over the first ``first`` of ``total`` steps, then afresh over the rest:
+    each phase of a fine-tuning run on a cycle of its own, as fastai's ``fine_tune`` calls
+    ``fit_one_cycle`` once frozen and once unfrozen. ``first`` 0 is :func:`lr_factor`."""
+    if step < first:
+        return lr_factor(schedule, step, first, warmup)
+    return lr_factor(schedule, step - first, total - first, warmup)
+
+
+def range_test(step: int, steps: int, start: float, end: float) -> float:
+    """The learning-rate range test's rate at ``step`` of ``steps``: from ``start`` to ``end``
+    evenly on a log scale (Smith 2017, "Cyclical Learning Rates", section 3.3; fastai's
+    ``lr_find``)."""
+    return start * (end / start) ** (step / max(steps - 1, 1))
+
+
 def warmup_cosine(step: int, warmup: int, progress: float) -> float:
     """Linear warm-up from 1/1000 over ``warmup`` steps (Goyal et al. 2017; detectron2), then
     cosine decay to zero as ``progress`` goes from 0 to 1.
@@ -62,17 +78,23 @@ def paper_steps(step: int, total: int) -> float:
 
 class Schedule(Hook):
     """Before each step, every parameter group's rate is its base rate times
-    ``factor(loop)``. The base rates are ``base`` for every group, or else the groups' rates
-    when the hook is made (before a resumed optimizer's state is loaded)."""
+    ``factor(loop)``. The base rates are ``base`` for every group (one per group when a
+    sequence), or else the groups' rates when the hook is made (before a resumed optimizer's
+    state is loaded). A hook may set ``base`` to other rates between steps (a fine-tuning
+    phase)."""
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         factor: Callable[[Loop], float],
-        base: float | None = None,
+        base: float | Sequence[float] | None = None,
     ):
         self.optimizer, self.factor = optimizer, factor
-        self.base = [group["lr"] if base is None else base for group in optimizer.param_groups]
+        groups = optimizer.param_groups
+        if isinstance(base, Sequence):
+            self.base = list(base)
+        else:
+            self.base = [group["lr"] if base is None else base for group in groups]
 
     def rate(self, loop: Loop) -> float:
         """The first group's rate at the loop's next step."""

@@ -101,15 +101,51 @@ def steps_per_epoch(config: TrainConfig, source: Source) -> int:
     return max(source.train_size // config.batch_size, 1)
 
 
+def model_parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The model's named parameters by part, from input to output: ``stem`` (all before the
+    first stage), each stage (``layer1`` ...), ``head`` (the classifier ``fc``). A
+    pre-activation network's last norm goes with the last stage."""
+    stages = list(model.stage_names)
+    parts: dict[str, list] = {name: [] for name in ("stem", *stages, "head")}
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        part = "head" if top == "fc" else top if top in stages else "stem"
+        parts[stages[-1] if top == "final_norm" else part].append((name, param))
+    return parts
+
+
+def part_rates(config: TrainConfig, count: int) -> list[float]:
+    """Peak rates of ``count`` parts from input to output: a geometric slice from
+    ``lr / lr_spread`` to ``lr`` (fastai's ``slice(lr / 100, lr)``)."""
+    if count == 1:
+        return [config.lr]
+    return [config.lr * config.lr_spread ** ((i - count + 1) / (count - 1)) for i in range(count)]
+
+
+def parameter_groups(config: TrainConfig, model: nn.Module) -> list[dict]:
+    """The optimizer's groups. No weight decay on batch-norm parameters and biases ("Bag of
+    Tricks", He et al. 2019, section 3.1): decaying them only shrinks the scale that the next
+    layer undoes. With ``lr_spread`` each part (:func:`model_parts`) has its own two groups,
+    at its rate of :func:`part_rates` (``base_lr``)."""
+    if config.lr_spread == 1:
+        parts = {"all": list(model.named_parameters())}
+        rates = [config.lr]
+    else:
+        parts = model_parts(model)
+        rates = part_rates(config, len(parts))
+    groups = []
+    for (part, named), rate in zip(parts.items(), rates, strict=True):
+        extra = {} if part == "all" else {"part": part, "lr": rate, "base_lr": rate}
+        for decay in (True, False):
+            params = [p for _, p in named if (p.ndim > 1) == decay]
+            weight_decay = config.weight_decay if decay else 0.0
+            if params or part == "all":
+                groups.append({"params": params, "weight_decay": weight_decay, **extra})
+    return groups
+
+
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    # no weight decay on batch-norm parameters and biases ("Bag of Tricks", He et al. 2019,
-    # section 3.1): decaying them only shrinks the scale that the next layer undoes
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = parameter_groups(config, model)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov

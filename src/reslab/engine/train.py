@@ -29,6 +29,14 @@ from reslab.engine.config import TrainConfig
 from reslab.engine.distributed import barrier, init_world, sum_over_ranks, wrap
 from reslab.engine.ema import UpdateEma
 from reslab.engine.evaluate import Evaluation, evaluate
+from reslab.engine.finetune import (
+    Cached,
+    FineTune,
+    base_rates,
+    head_loss,
+    rate_factor,
+    with_cache,
+)
 from reslab.engine.loop import Hook, Loop, StopOnNonFinite, StopOnSignals, run, skip
 from reslab.engine.plan import (
     BUDGET_SHARE,
@@ -105,8 +113,11 @@ class ClassifyStep:
         self.batch: Batch | None = None
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        images, labels = batch
-        self.out, self.batch, loss = batch_loss(self.state, self.model, images, labels)
+        if isinstance(batch, Cached):  # the frozen body's features: the head alone
+            self.out, self.batch, loss = head_loss(self.state, batch)
+        else:
+            images, labels = batch
+            self.out, self.batch, loss = batch_loss(self.state, self.model, images, labels)
         return {"loss": loss}
 
     def update(self, losses: dict[str, torch.Tensor]) -> None:
@@ -326,12 +337,7 @@ def train_epochs(
     on this process)."""
     config, n_steps = state.config, steps_per_epoch(state.config, source)
     step = ClassifyStep(state, n_steps)
-    schedule = Schedule(
-        state.optimizer,
-        # reads config.epochs at every step: the budget may plan again after the first epochs
-        lambda loop: lr_factor(config.schedule, loop.step, config.epochs * n_steps, config.warmup),
-        base=config.lr,
-    )
+    schedule = Schedule(state.optimizer, rate_factor(config, n_steps), base_rates(state))
     evaluator = Evaluate(state, source)
     with progress_bar(console) as progress:
         sums = EpochSums(state, step, progress, n_steps)
@@ -341,6 +347,7 @@ def train_epochs(
             StopOnNonFinite(non_finite_message(state)),
             *([UpdateEma(state.ema, state.model)] if state.ema is not None else []),
             sums,
+            *([FineTune(state, schedule, console)] if config.freeze_epochs else []),
             CallerHooks(state, hooks),
             StopOnSignals(),
             SaveEvery(state, config.save_every),
@@ -349,7 +356,8 @@ def train_epochs(
             record,
             SaveStopped(state),
         ]
-        run(state.loop, epoch_batches(state, source), step, chain)
+        batches = with_cache(state, source, epoch_batches(state, source))
+        run(state.loop, batches, step, chain)
     return evaluator.evaluation
 
 
