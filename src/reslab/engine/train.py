@@ -29,14 +29,7 @@ from reslab.engine.config import TrainConfig
 from reslab.engine.distributed import barrier, init_world, sum_over_ranks, wrap
 from reslab.engine.ema import UpdateEma
 from reslab.engine.evaluate import Evaluation, evaluate
-from reslab.engine.finetune import (
-    Cached,
-    FineTune,
-    base_rates,
-    head_loss,
-    rate_factor,
-    with_cache,
-)
+from reslab.engine.finetune import Cached, FineTune, base_rates, head_loss, rate_factor, with_cache
 from reslab.engine.loop import Hook, Loop, StopOnNonFinite, StopOnSignals, run, skip
 from reslab.engine.plan import (
     BUDGET_SHARE,
