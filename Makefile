@@ -6,9 +6,9 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.reslab-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data train test lint bench clean docs
+.PHONY: setup data browser train test lint bench clean docs
 
-setup: $(STAMP) data
+setup: $(STAMP) data browser
 
 # pip finds torch 2.14.1 / torchvision 0.29.1 on this machine's disk; uv or poetry would not.
 $(STAMP): pyproject.toml
@@ -25,6 +25,13 @@ data:
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "note: dataset-fashion-mnist not installed (no apt or not root); reslab will use --data-dir or download"; fi
+
+# Debian's chromium and its WebDriver, for the browser test of `reslab serve`
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver; \
+	else echo "note: chromium not installed (no apt or not root); the browser test of reslab serve skips"; fi
 
 train: setup
 	$(VENV)/bin/reslab train

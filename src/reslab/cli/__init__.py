@@ -19,13 +19,14 @@ from reslab.cli import (
     models,
     predict,
     scenes,
+    serve,
     study,
     summary,
     train,
 )
 from reslab.errors import Interrupted, ReslabError
 
-COMMANDS = (models, summary, train, evaluate, predict, scenes, detect, study, bench, export)
+COMMANDS = (models, summary, train, evaluate, predict, scenes, detect, study, bench, export, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

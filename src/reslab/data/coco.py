@@ -83,17 +83,22 @@ def validate(data: dict, images_dir: Path, source: Path) -> None:
             )
 
 
-def decode_rgb(path: str | Path) -> torch.Tensor:
-    """An image file as RGB (3, H, W) uint8; a missing or undecodable file is one clear error.
-    A 16-bit PNG decodes to uint16 and is scaled to uint8, the range the rest expects."""
-    check_image_file(path)
+def decode_rgb(source: str | Path | bytes, name: str | None = None) -> torch.Tensor:
+    """An image file, or its bytes (an upload, called ``name`` in messages), as RGB (3, H, W)
+    uint8; a missing or undecodable file is one clear error. A 16-bit PNG decodes to uint16
+    and is scaled to uint8, the range the rest expects."""
+    if isinstance(source, bytes):
+        name, source = name or "the image", torch.frombuffer(bytearray(source), dtype=torch.uint8)
+    else:
+        check_image_file(source)
+        name, source = name or str(source), str(source)
     try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_image(source, mode=ImageReadMode.RGB)
         return v2.functional.to_dtype(image, torch.uint8, scale=True)
     except RuntimeError:
         # torchvision's message names its own source file, not what the user can do
         raise ReslabError(
-            f"{path}: not a readable image (PNG, JPEG, WebP or GIF; truncated or another format?)"
+            f"{name}: not a readable image (PNG, JPEG, WebP or GIF; truncated or another format?)"
         ) from None
 
 

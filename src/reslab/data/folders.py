@@ -8,12 +8,14 @@ tensors and the rest of the pipeline is the one Fashion-MNIST uses.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -58,18 +60,25 @@ def to_8bit(image: Image.Image, path: str | Path) -> Image.Image:
     return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8), "L")
 
 
-def open_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
+def open_image(
+    source: str | Path | bytes, channels: int, size: int, name: str | None = None
+) -> torch.Tensor:
     """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it.
+    ``source`` is a file's path or its bytes (an upload); ``name`` stands for it in messages.
     A photo's EXIF orientation is applied, so the image is upright as viewers show it."""
-    check_image_file(path)
+    if isinstance(source, bytes):
+        name, source = name or "the image", io.BytesIO(source)
+    else:
+        check_image_file(source)
+        name = name or str(source)
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image = ImageOps.exif_transpose(image)
-            image = to_8bit(image, path).convert("L" if channels == 1 else "RGB")
+            image = to_8bit(image, name).convert("L" if channels == 1 else "RGB")
             image = image.resize((size, size), Image.Resampling.BILINEAR)
             data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ReslabError(f"{path}: not a readable image ({type(error).__name__})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, DecompressionBombError) as e:
+        raise ReslabError(f"{name}: not a readable image ({type(e).__name__})") from None
     return data.view(size, size, channels).permute(2, 0, 1).contiguous()
 
 

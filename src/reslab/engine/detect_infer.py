@@ -175,30 +175,42 @@ def predict_images(
     for path in map(Path, paths):
         image = read_image(path, scale=False)
         output = _detect(model, [image.float() / 255], precision, flip, scales, refine, rescorer)[0]
-        keep = output["scores"] >= score_thresh
-        boxes = output["boxes"][keep].float()
-        labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]
-        scores = output["scores"][keep].float().tolist()
+        boxes, found = detections(output, class_names, score_thresh)
         drawn = draw_bounding_boxes(
             image,
             boxes,
-            labels=[f"{n} {s:.2f}" for n, s in zip(labels, scores, strict=True)],
+            labels=[f"{d['label']} {d['score']:.2f}" for d in found],
             colors="red",
             width=1,
         )
         drawn_path = out / f"{path.stem}.png"
         write_png(drawn, str(drawn_path))
-        records.append(
-            {
-                "image": str(path),
-                "drawn": str(drawn_path),
-                "detections": [
-                    {"label": n, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
-                    for n, s, b in zip(labels, scores, boxes.tolist(), strict=True)
-                ],
-            }
-        )
+        records.append({"image": str(path), "drawn": str(drawn_path), "detections": found})
     return records
+
+
+def detections(
+    output: dict, class_names: Sequence[str], score_thresh: float
+) -> tuple[torch.Tensor, list[dict]]:
+    """One image's detector output above ``score_thresh``: its boxes (M, 4) xyxy, and a record
+    per box (label, score, box) as `detect predict` and `reslab serve` report them."""
+    keep = output["scores"] >= score_thresh
+    boxes = output["boxes"][keep].float()
+    labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]
+    scores = output["scores"][keep].float().tolist()
+    return boxes, [
+        {"label": n, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
+        for n, s, b in zip(labels, scores, boxes.tolist(), strict=True)
+    ]
+
+
+def detect_images(
+    model, images: list[torch.Tensor], class_names: Sequence[str], precision: str = "fp32"
+) -> list[list[dict]]:
+    """The records (:func:`detections`) of uint8 RGB images, detected as one batch at the
+    model's own score threshold."""
+    outputs = _detect(model, [image.float() / 255 for image in images], precision, False, (1.0,))
+    return [detections(o, class_names, model.roi_heads.score_thresh)[1] for o in outputs]
 
 
 def inference_precision(

@@ -25,11 +25,12 @@ from reslab.errors import ReslabError, check_whole
 
 
 def _setup(
-    payload: dict, precision: str, compile: bool, shift: int | None = None
+    payload: dict, precision: str, compile: bool, shift: int | None = None, fast_path: bool = True
 ) -> tuple[torch.nn.Module, TrainConfig, InputSpec]:
     """The checkpoint's model on the inference fast path (batch norm folded, channels_last,
     ``precision``: fp32, bf16, or auto = bf16 where the CPU has it), its config and input;
-    ``shift`` replaces the config's ``tta_shift`` when given."""
+    ``shift`` replaces the config's ``tta_shift`` when given. ``fast_path=False`` keeps the
+    plain eval-mode model in fp32 and NCHW, the baseline the fast path is measured against."""
     require_classifier(payload)
     for key in ("config", "input", "classes"):
         if key not in payload:
@@ -39,8 +40,47 @@ def _setup(
     if shift is not None:
         check_whole("tta-shift", shift, least=0)
         config = replace(config, tta_shift=shift)
-    model = fast.prepare_for_inference(model, precision, fold_bn=True, compile=compile)
+    if fast_path:
+        model = fast.prepare_for_inference(model, precision, fold_bn=True, compile=compile)
+    else:
+        model = fast.prepare_for_inference(model, "fp32", fold_bn=False, channels_last=False)
     return model, config, InputSpec.from_dict(payload["input"])
+
+
+class Classifier:
+    """A checkpoint's classifier ready to predict: the model on the inference fast path, the
+    input spec it was trained with and its test-time views. `reslab predict` and `reslab serve`
+    both classify through it, so a file and an upload become the same input."""
+
+    def __init__(
+        self,
+        payload: dict,
+        precision: str = "auto",
+        compile: bool = False,
+        shift: int | None = None,
+        fast_path: bool = True,
+    ):
+        self.model, self.config, self.spec = _setup(payload, precision, compile, shift, fast_path)
+        self.classes: list[str] = list(payload["classes"])
+
+    def read(self, source: str | Path | bytes, name: str | None = None) -> torch.Tensor:
+        """An image file or its bytes as uint8 (C, S, S), converted as training read images."""
+        return open_image(source, self.spec.channels, self.spec.source_size, name)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, S, S) -> (N, K) class probabilities, averaged over the test views."""
+        out = logits(
+            self.model, images, self.spec, tta=self.config.tta, shift=self.config.tta_shift
+        )
+        return out.softmax(1)
+
+    def top(self, images: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
+        """The ``k`` most probable (class, probability) pairs of each image, best first."""
+        top = self.probabilities(images).topk(min(k, len(self.classes)), dim=1)
+        return [
+            [(self.classes[i], p) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+            for values, indices in zip(top.values, top.indices, strict=True)
+        ]
 
 
 def _folder_batches(root: Path, classes: list[str], size: int, batch_size: int, workers: int):
@@ -111,16 +151,9 @@ def predict_files(
     (``predict CKPT dir/*.jpg``) never sits in memory at once."""
     for path in paths:  # a missing file stops the command before any work, not midway
         check_image_file(path)
-    model, config, spec = _setup(payload, precision, compile, shift)
-    classes = payload["classes"]
+    classifier = Classifier(payload, precision, compile, shift)
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        images = torch.stack([open_image(p, spec.channels, spec.source_size) for p in chunk])
-        probs = logits(model, images, spec, tta=config.tta, shift=config.tta_shift).softmax(1)
-        top = probs.topk(min(top_k, len(classes)), dim=1)
-        results += [
-            [(classes[i], p) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
-            for values, indices in zip(top.values, top.indices, strict=True)
-        ]
+        results += classifier.top(torch.stack([classifier.read(p) for p in chunk]), top_k)
     return results
