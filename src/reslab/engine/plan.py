@@ -18,7 +18,7 @@ from rich.console import Console
 from reslab.data.sources import Source
 from reslab.engine.batches import batch_loss, sam_steps
 from reslab.engine.budget import Budget, epochs_within
-from reslab.engine.config import TrainConfig
+from reslab.engine.config import PRESETS, TrainConfig
 from reslab.engine.distributed import World, sum_over_ranks, wrap
 from reslab.engine.evaluate import logits
 from reslab.engine.loop import Hook, Loop
@@ -36,6 +36,14 @@ BUDGET_SHARE = 0.97
 # time, since a process's first epochs can run slower than the rest. A change this early only
 # bends the rise of a one-cycle schedule; later it would jump the rate in its decay.
 REPLAN_EPOCHS = 3
+# A folder run without a preset sizes the values not given to the folder (config.plan_data):
+# the batch halves from the preset's, down to SMALLEST_BATCH, until an epoch has at least
+# MIN_EPOCH_STEPS steps; the rate follows the batch (the linear scaling rule, Goyal et al.
+# 2017, section 2.1); the epochs rise until the run takes at least PLANNED_STEPS steps. A
+# folder the size of Fashion-MNIST keeps the preset's recipe.
+SMALLEST_BATCH = 16
+MIN_EPOCH_STEPS = 32
+PLANNED_STEPS = 1000
 
 
 @contextmanager
@@ -234,3 +242,29 @@ class Replan(Hook):
         )
         config.epochs = loop.epochs = epochs
         return True
+
+
+def plan_for_data(config: TrainConfig, source: Source, console: Console) -> None:
+    """Choose the values ``config.plan_data`` names (batch size, rate, epochs) from the
+    training set's size, and print what was chosen."""
+    if not config.plan_data:
+        return
+    preset = PRESETS[config.preset]
+    if "batch_size" in config.plan_data:
+        while (
+            config.batch_size > SMALLEST_BATCH
+            and source.train_size // config.batch_size < MIN_EPOCH_STEPS
+        ):
+            config.batch_size //= 2
+    if "lr" in config.plan_data:
+        config.lr = preset["lr"] * config.batch_size / preset["batch_size"]
+    n_steps = steps_per_epoch(config, source)
+    if "epochs" in config.plan_data:
+        config.epochs = max(config.epochs, math.ceil(PLANNED_STEPS / n_steps))
+    names = ", ".join("--" + name.replace("_", "-") for name in config.plan_data)
+    say(
+        console,
+        f"sized to the folder's {source.train_size:,} training images: batch "
+        f"{config.batch_size}, lr {config.lr:.3g}, {config.epochs} epochs of {n_steps} steps "
+        f"({config.epochs * n_steps:,} steps); give {names} or a --preset to set them",
+    )

@@ -37,6 +37,7 @@ from reslab.engine.plan import (
     choose_precision,
     fit_to_budget,
     last_evaluation_extra,
+    plan_for_data,
     say,
 )
 from reslab.engine.plots import plot_confusion, plot_curves
@@ -387,6 +388,8 @@ def fit(
     if not world.is_main:
         console = Console(quiet=True)
     source = prepare(config, world, console)
+    if payload is None:
+        plan_for_data(config, source, console)
     replan = plan_budget(config, source, world, budget, console, payload is not None)
     if world.is_main:
         run_dir = run_dir or new_run_dir(config)
