@@ -42,6 +42,37 @@ def test_predict_equals_the_predict_command(client, tiny_run, tmp_path):
     assert [r["class"] for r in raw["top"]] == [name for name, _ in expected[0][:2]]
 
 
+def test_explain_draws_the_grad_cam_map_of_the_served_model(client, tiny_run):
+    import io
+
+    import torch
+    from PIL import Image
+
+    from reslab.data.transforms import InputSpec, to_input
+    from reslab.engine.checkpoint import model_from_checkpoint
+    from reslab.explain import grad_cam, overlay
+
+    image = png(6)
+    answer = client.post("/explain", files={"file": ("x.png", image, "image/png")})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    drawn = Image.open(io.BytesIO(answer.content))
+    assert drawn.size == (224, 224) and drawn.mode == "RGB"
+    # the map of the predicted class in the last stage, as reslab.explain draws it
+    payload = load_checkpoint(tiny_run)
+    gray = Image.open(io.BytesIO(image))
+    pixels = torch.tensor(list(gray.getdata()), dtype=torch.uint8).view(1, 1, 28, 28)
+    x = to_input(pixels, InputSpec.from_dict(payload["input"]))
+    cam = grad_cam(model_from_checkpoint(payload).eval(), x)[0]
+    expected = overlay(gray.resize((224, 224), Image.Resampling.NEAREST), cam)
+    assert list(drawn.getdata()) == list(expected.getdata())
+    other = client.post("/explain?target=class%203&layer=layer2", content=image)
+    assert other.status_code == 200 and other.content != answer.content
+    bad_class = client.post("/explain?target=cat", content=image)
+    assert bad_class.status_code == 422 and "'cat' is not one of" in bad_class.json()["error"]
+    assert client.post("/explain?layer=nope", content=image).status_code == 422
+    assert client.post("/explain", content=b"text").status_code == 415
+
+
 def test_health_run_and_page(client):
     assert client.get("/health").json() == {
         "status": "ok",
@@ -50,7 +81,7 @@ def test_health_run_and_page(client):
     }
     run = client.get("/run").json()
     assert run["classes"] == CLASSES and run["pictures"] == ["curves"]
-    assert run["config"]["model"] == "resnet20" and run["epoch"] == 1
+    assert run["config"]["model"] == "resnet20" and run["epoch"] == 1 and run["explain"]
     assert client.get("/run/curves.png").headers["content-type"] == "image/png"
     assert client.get("/run/confusion.png").status_code == 404
     page = client.get("/").text
@@ -129,6 +160,7 @@ def test_a_detector_checkpoint_is_served_with_its_boxes(tmp_path):
         answer = client.post("/predict", files={"file": ("x.png", image, "image/png")}).json()
         assert client.get("/run").json()["config"] == {"epochs": 1}
         bad = client.post("/predict", content=b"not an image")
+        assert client.post("/explain", content=image).status_code == 404
     assert answer["task"] == "detection" and (answer["width"], answer["height"]) == (64, 64)
     assert answer["detections"] == expected and len(expected) > 0
     assert bad.status_code == 415 and "not a readable image" in bad.json()["error"]

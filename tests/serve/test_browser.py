@@ -53,6 +53,9 @@ def test_the_page_shows_the_predicted_class(tiny_run, tmp_path, browser):
         browser.find_element(By.ID, "file").send_keys(str(image))
         shown = wait.until(lambda b: b.find_element(By.ID, "prediction").text)
         rows = [row.text.split("\n") for row in browser.find_elements(By.CSS_SELECTOR, "#bars li")]
+        # the Grad-CAM overlay arrives after the classes and is drawn as a 224-pixel image
+        wait.until(lambda b: b.find_element(By.ID, "cam").get_property("naturalWidth") == 224)
+        assert browser.find_element(By.ID, "explained").is_displayed()
     finally:
         server.terminate()
         server.wait(timeout=30)

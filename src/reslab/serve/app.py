@@ -13,8 +13,9 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -40,6 +41,7 @@ def run_info(service, run_dir: Path | None) -> dict:
         # a classifier's run config, or a detector's training config
         "config": payload.get("config") or payload.get("train_config") or {},
         "epoch": payload.get("epoch"),
+        "explain": service.explains,
         "pictures": pictures,
     }
 
@@ -118,6 +120,27 @@ async def predict(request: Request, top: int = 5):
         return await request.app.state.batcher.submit(Upload(data, name, top))
     except ReslabError as error:
         return _error(415, str(error))
+
+
+@routes.post("/explain")
+async def explain(request: Request, target: str | None = None, layer: str | None = None):
+    """The upload with the Grad-CAM map of ``target`` (default: the predicted class) of
+    ``layer`` (default: the last stage) over it, as a PNG."""
+    service = request.app.state.service
+    if not service.explains:
+        raise HTTPException(404, f"Grad-CAM explains classifiers; this model is a {service.task}")
+    try:
+        service.check_explain(target, layer)
+    except ReslabError as error:
+        return _error(422, str(error))
+    data, name = await read_upload(request)
+    if not data:
+        raise HTTPException(400, "the upload is empty; send an image file")
+    try:
+        png = await run_in_threadpool(service.explain, Upload(data, name), target, layer)
+    except ReslabError as error:
+        return _error(415, str(error))
+    return Response(png, media_type="image/png")
 
 
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:

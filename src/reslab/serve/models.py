@@ -8,13 +8,17 @@ predict`: :class:`reslab.engine.inference.Classifier` and
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from reslab.data.coco import decode_rgb
+from reslab.data.transforms import to_input
+from reslab.engine.checkpoint import model_from_checkpoint
 from reslab.engine.detect_infer import detect_images, prepare_detector_for_inference
 from reslab.engine.detection import detector_from_checkpoint
 from reslab.engine.inference import Classifier
@@ -55,10 +59,41 @@ def _decode_all(read, uploads: Sequence[Upload]) -> tuple[list, list]:
 
 class ClassifierService:
     task = "classification"
+    explains = True
+    EXPLAIN_SIDE = 224  # pixels of the Grad-CAM overlay's side: a 28-pixel image made visible
 
     def __init__(self, payload: dict, precision: str = "auto", fast_path: bool = True):
         self.classifier = Classifier(payload, precision, fast_path=fast_path)
         self.payload = payload
+        # Grad-CAM needs the layers as trained (batch norm not folded into them) and gradients
+        self.eager = model_from_checkpoint(payload).eval().requires_grad_(False)
+
+    def check_explain(self, target: str | None, layer: str | None) -> None:
+        """A class name and a layer name that :meth:`explain` can use, or a ReslabError."""
+        from reslab.explain import find_layer
+
+        classes = self.classifier.classes
+        if target is not None and target not in classes:
+            raise ReslabError(f"class {target!r} is not one of the model's: {', '.join(classes)}")
+        find_layer(self.eager, layer)
+
+    def explain(self, upload: Upload, target: str | None = None, layer: str | None = None):
+        """A PNG of the upload, as the model sees it, with the Grad-CAM map (Selvaraju et al.
+        2017) of ``target`` (a class name; default: the predicted class) in ``layer`` (a
+        module's name; default: the last stage) over it."""
+        from reslab.explain import grad_cam, overlay
+
+        classes = self.classifier.classes
+        image = self.classifier.read(upload.data, upload.name)  # uint8 (C, S, S)
+        x = to_input(image[None], self.classifier.spec)
+        index = None if target is None else classes.index(target)
+        cam = grad_cam(self.eager, x, index, layer)[0]
+        pixels = image.permute(1, 2, 0).squeeze(-1).numpy()
+        side = max(self.EXPLAIN_SIDE, image.shape[-1])
+        base = Image.fromarray(pixels).resize((side, side), Image.Resampling.NEAREST)
+        out = io.BytesIO()
+        overlay(base, cam).save(out, "PNG")
+        return out.getvalue()
 
     def run(self, uploads: Sequence[Upload], stages: dict[str, float]) -> list:
         clock = _Clock(stages)
@@ -82,6 +117,7 @@ class ClassifierService:
 
 class DetectorService:
     task = "detection"
+    explains = False  # Grad-CAM explains a classifier's class score
 
     def __init__(self, payload: dict, precision: str = "auto", fast_path: bool = True):
         model = detector_from_checkpoint(payload)

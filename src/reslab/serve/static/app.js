@@ -59,7 +59,7 @@ function showBoxes(answer) {
   showBars(answer.detections.slice(0, 5).map((d) => ({ class: d.label, probability: d.score })));
 }
 
-async function explain(file) {
+async function explain(file, name) {
   const form = new FormData();
   form.append("file", file);
   const response = await fetch("/explain", { method: "POST", body: form });
@@ -70,6 +70,7 @@ async function explain(file) {
   const old = $("cam").src;
   $("cam").src = URL.createObjectURL(await response.blob());
   if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+  $("cam-caption").textContent = `Grad-CAM of ${name}, last stage`;
   $("explained").hidden = false;
 }
 
@@ -103,7 +104,7 @@ async function send(file) {
     showBars(answer.top);
   }
   say(`${file.name}`);
-  if (info && info.explain) await explain(file);
+  if (info && info.explain) await explain(file, answer.prediction);
 }
 
 function showRun(run) {
