@@ -16,6 +16,7 @@ from reslab.cli import (
     detect,
     evaluate,
     export,
+    lr_find,
     models,
     predict,
     scenes,
@@ -26,7 +27,20 @@ from reslab.cli import (
 )
 from reslab.errors import Interrupted, ReslabError
 
-COMMANDS = (models, summary, train, evaluate, predict, scenes, detect, study, bench, export, serve)
+COMMANDS = (
+    models,
+    summary,
+    train,
+    lr_find,
+    evaluate,
+    predict,
+    scenes,
+    detect,
+    study,
+    bench,
+    export,
+    serve,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

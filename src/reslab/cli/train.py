@@ -47,6 +47,12 @@ def register(subparsers) -> None:
         "last.pt, best.pt, curves.png, confusion.png). Flags not given take the preset's "
         "values; the full config is printed at the start.",
     )
+    add_config_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def add_config_flags(parser) -> None:
+    """Every flag of a training config (`reslab train`, `reslab lr-find`)."""
     parser.add_argument(
         "--preset",
         default=None,
@@ -62,7 +68,6 @@ def register(subparsers) -> None:
     _augment_flags(parser)
     _finetune_flags(parser)
     _run_flags(parser)
-    parser.set_defaults(func=run)
 
 
 def _adder(parser):
