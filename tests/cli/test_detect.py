@@ -144,6 +144,8 @@ def predict_checks(scenes, out, tmp_path, capsys, class_names: list[str]) -> Non
         assert main(command) == 2
         err = capsys.readouterr().err
         assert "holds a detection model (fasterrcnn_c4)" in err and "reslab detect eval" in err
+    assert main(["explain", str(out), str(image)]) == 2
+    assert "not an image classifier; explain takes image classifiers" in capsys.readouterr().err
     assert main(["train", "--resume", str(out)]) == 2
     assert f"detect train --resume --out {out}`" in capsys.readouterr().err
 

@@ -7,8 +7,9 @@ import sys
 
 from PIL import Image
 
+from reslab.cli.explain import add_explain_flags, print_explained
 from reslab.engine.checkpoint import load_checkpoint
-from reslab.engine.inference import predict_files
+from reslab.engine.inference import explain_files, predict_files
 from reslab.errors import ReslabError
 from reslab.precision import BF16_MIN_SPEEDUP, PRECISIONS
 
@@ -27,7 +28,14 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--top-k", type=int, default=3, help="classes to list per image (default %(default)s)"
     )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write a Grad-CAM overlay of the top class beside each image, as "
+        "NAME.gradcam.png (`reslab explain` does only that; default: off)",
+    )
     add_inference_flags(parser)
+    add_explain_flags(parser, target=False)
     parser.set_defaults(func=run)
 
 
@@ -100,6 +108,8 @@ def conversion_notes(paths: list[str], spec: dict) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ReslabError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.layer is not None and not args.explain:
+        raise ReslabError("--layer applies to the Grad-CAM maps of --explain; add --explain")
     payload = load_checkpoint(args.checkpoint)
     for note in conversion_notes(args.images, payload.get("input", {})):
         print(note, file=sys.stderr)
@@ -109,4 +119,7 @@ def run(args: argparse.Namespace) -> int:
     for path, top in zip(args.images, results, strict=True):
         ranked = ", ".join(f"{name} {100 * p:.1f}%" for name, p in top)
         print(f"{path}: {ranked}")
+    if args.explain:
+        top = [payload["classes"].index(ranked[0][0]) for ranked in results]
+        print_explained(explain_files(payload, args.images, top, args.layer))
     return 0

@@ -1,4 +1,5 @@
-"""Using a trained checkpoint: evaluate it on a data set, classify image files."""
+"""Using a trained checkpoint: evaluate it on a data set, classify image files, show where it
+looks in them (Grad-CAM)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 
 from reslab import fast
 from reslab.data.folders import (
@@ -15,13 +17,15 @@ from reslab.data.folders import (
     held_out_folder,
     open_image,
     scan,
+    to_8bit,
 )
-from reslab.data.transforms import InputSpec
-from reslab.engine.checkpoint import model_from_checkpoint, require_classifier
+from reslab.data.transforms import InputSpec, to_input
+from reslab.engine.checkpoint import atomic_write, model_from_checkpoint, require_classifier
 from reslab.engine.config import TrainConfig
 from reslab.engine.evaluate import Evaluation, evaluate, logits
 from reslab.engine.state import open_source
 from reslab.errors import ReslabError, check_whole
+from reslab.explain import find_layer, grad_cam_logits, overlay
 
 
 def _setup(
@@ -157,3 +161,72 @@ def predict_files(
         chunk = paths[start : start + batch_size]
         results += classifier.top(torch.stack([classifier.read(p) for p in chunk]), top_k)
     return results
+
+
+def cam_path(path: str | Path) -> Path:
+    """Where the Grad-CAM overlay of image ``path`` goes: beside it, ``NAME.gradcam.png``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.gradcam.png")
+
+
+# overlays of images smaller than this (a 28x28 Fashion-MNIST item) are enlarged to it, so
+# that the map's cells can be seen
+CAM_SIDE = 224
+
+
+def class_index(classes: list[str], name: str | int) -> int:
+    """A class given by name or index, as ``--class`` takes it."""
+    if isinstance(name, str) and name in classes:
+        return classes.index(name)
+    if str(name).isdigit() and int(name) < len(classes):
+        return int(name)
+    raise ReslabError(
+        f"--class {name!r} is not one of the checkpoint's classes: {', '.join(classes)} "
+        f"(or an index 0..{len(classes) - 1})"
+    )
+
+
+def explain_files(
+    payload: dict,
+    paths: list[str],
+    target: str | int | list[int] | None = None,
+    layer: str | None = None,
+) -> list[tuple[Path, str, float]]:
+    """Write a Grad-CAM overlay beside each image file (:func:`cam_path`), for ``target`` (a
+    class name or index for all, an index per image, or None for each image's predicted
+    class) from
+    ``layer`` (None: the last stage). Returns (overlay file, class explained, its
+    probability) per image. Every image is read before any file is written, so an unreadable
+    one leaves nothing behind. The maps come from the fp32 model without test-time views."""
+    require_classifier(
+        payload, "explain takes image classifiers; `reslab detect predict` draws a detector's boxes"
+    )
+    if isinstance(target, str):
+        target = class_index(payload["classes"], target)
+    for path in paths:
+        check_image_file(path)
+    spec = InputSpec.from_dict(payload["input"])
+    model = model_from_checkpoint(payload).eval()
+    find_layer(model, layer)  # a wrong name fails before the images are read
+    images = torch.stack([open_image(p, spec.channels, spec.source_size) for p in paths])
+    originals = [_upright(p) for p in paths]
+    cams, logits, explained = grad_cam_logits(model, to_input(images, spec), target, layer)
+    probs = logits.softmax(1).gather(1, explained[:, None])[:, 0]
+    results = []
+    for path, original, cam, k, p in zip(paths, originals, cams, explained, probs, strict=True):
+        picture = overlay(original, cam)
+        out = atomic_write(cam_path(path), lambda f, picture=picture: picture.save(f, "PNG"))
+        results.append((out, payload["classes"][int(k)], float(p)))
+    return results
+
+
+def _upright(path: str | Path) -> Image.Image:
+    """The image as viewers show it (EXIF orientation applied), in RGB, enlarged to
+    :data:`CAM_SIDE` when smaller."""
+    with Image.open(path) as image:
+        image = to_8bit(ImageOps.exif_transpose(image), path).convert("RGB")
+    scale = CAM_SIDE / max(image.size)
+    if scale > 1:
+        size = (round(image.width * scale), round(image.height * scale))
+        image = image.resize(size, Image.Resampling.NEAREST)
+    return image
