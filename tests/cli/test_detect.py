@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from reslab.cli import build_parser, main
@@ -67,6 +68,10 @@ def test_train_resume_eval_predict(scenes, tmp_path, capsys, monkeypatch):
     assert second["epoch"] == 2 and second["step"] == 4
     assert tuple(second["model"]["kwargs"]["rpn"]["anchor_sizes"]) == (8, 16, 32)
     assert len((out / "log.jsonl").read_text().splitlines()) == 4
+    board = EventAccumulator(str(out), size_guidance={"images": 0, "scalars": 0})
+    board.Reload()  # TensorBoard holds every step of both runs, and each run's first batch
+    assert [e.step for e in board.Scalars("step/loss_objectness")] == [1, 2, 3, 4]
+    assert [e.step for e in board.Images("train/batch")] == [1, 3]
 
     metrics = tmp_path / "metrics.json"
     assert main(["detect", "eval", str(out), "--data", str(scenes), "--json", str(metrics)]) == 0

@@ -28,6 +28,7 @@ from reslab.engine.distributed import World, check_batch, wrap
 from reslab.engine.ema import UpdateEma, make_ema, restore_ema
 from reslab.engine.loop import Hook, Loop, NonFiniteLoss, StopOnNonFinite, run
 from reslab.engine.schedules import Schedule, warmup_cosine
+from reslab.engine.tensorboard import TensorBoard, with_boxes
 from reslab.errors import ReslabError
 from reslab.fast import autocast
 from reslab.models.detection import SPEC_NAME, DetectorConfig, build_detector
@@ -69,9 +70,10 @@ class DetectionStep:
         self.model, self.optimizer, self.params = model, optimizer, params
         self.clip, self.precision = clip, precision
         self.values: dict[str, float] = {}  # the latest named losses
+        self.batch = None  # the latest (images, targets)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        images, targets = batch
+        images, targets = self.batch = batch
         with autocast(self.precision):
             losses = self.model(list(images), list(targets))
         self.values = {name: value.item() for name, value in losses.items()}
@@ -298,6 +300,7 @@ def train_detector(
         *([UpdateEma(ema, model)] if ema is not None else []),
         log,
         DetectionCheckpoint(out, world, console, save, log, config.max_minutes),
+        TensorBoard(out, optimizer, batch_images=lambda loop: with_boxes(*step.batch)),
     ]
     run(loop, lambda loop: _epoch(loader, world, loop), step, hooks)
     if ema is not None:

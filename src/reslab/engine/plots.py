@@ -38,6 +38,14 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def plot_confusion(confusion: torch.Tensor, classes: tuple[str, ...], path: Path) -> None:
+    """:func:`confusion_figure` saved to ``path``."""
+    plt = pyplot()
+    fig = confusion_figure(confusion, classes)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_figure(confusion: torch.Tensor, classes: tuple[str, ...]):
     """Counts with true class as rows, predictions as columns, each row's share as colour."""
     plt = pyplot()
     k = len(classes)
@@ -54,5 +62,4 @@ def plot_confusion(confusion: torch.Tensor, classes: tuple[str, ...], path: Path
     accuracy = confusion.diag().sum().item() / max(confusion.sum().item(), 1)
     ax.set_title(f"confusion matrix, accuracy {100 * accuracy:.2f}%")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

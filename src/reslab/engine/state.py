@@ -16,12 +16,17 @@ from torch.optim.swa_utils import AveragedModel
 from reslab.data.folders import DEFAULT_SIZE, FolderSource
 from reslab.data.sources import Source, fashion_mnist_source
 from reslab.data.transforms import InputSpec
-from reslab.engine.checkpoint import load_checkpoint, make_payload, require_classifier
+from reslab.engine.checkpoint import (
+    load_checkpoint,
+    make_payload,
+    require_classifier,
+    save_checkpoint,
+)
 from reslab.engine.config import TrainConfig, validate
 from reslab.engine.distributed import World, check_batch
 from reslab.engine.ema import make_ema, restore_ema
 from reslab.engine.evaluate import Evaluation
-from reslab.engine.loop import Loop
+from reslab.engine.loop import Hook, Loop
 from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.precision import bf16_supported
@@ -342,3 +347,27 @@ def write_config(config: TrainConfig, run_dir: Path) -> None:
 
 def describe(config: TrainConfig) -> str:
     return "\n".join(f"  {k}: {v}" for k, v in config.to_dict().items())
+
+
+class SaveEvery(Hook):
+    """``--save-every N``: last.pt every N steps as well (rank 0), unless the run is stopping,
+    which saves anyway."""
+
+    def __init__(self, state: TrainState, steps: int):
+        self.state, self.steps = state, steps
+
+    def after_step(self, loop: Loop) -> None:
+        if self.steps and loop.step % self.steps == 0 and not loop.stop and loop.world.is_main:
+            save_checkpoint(self.state.run_dir / "last.pt", checkpoint_payload(self.state, None))
+
+
+class SaveStopped(Hook):
+    """A run stopped mid-epoch (a signal, a hook) keeps its step count and weights in
+    last.pt, with the epoch's position, not a claim that the epoch finished."""
+
+    def __init__(self, state: TrainState):
+        self.state = state
+
+    def after_run(self, loop: Loop) -> None:
+        if loop.stop and loop.batch_in_epoch and loop.world.is_main:
+            save_checkpoint(self.state.run_dir / "last.pt", checkpoint_payload(self.state, None))

@@ -43,6 +43,8 @@ from reslab.engine.plan import (
 from reslab.engine.plots import plot_confusion, plot_curves
 from reslab.engine.schedules import Schedule, lr_factor
 from reslab.engine.state import (
+    SaveEvery,
+    SaveStopped,
     TrainState,
     build_state,
     checkpoint_payload,
@@ -58,6 +60,7 @@ from reslab.engine.state import (
     write_config,
 )
 from reslab.engine.target import describe_reach, target_reached
+from reslab.engine.tensorboard import classification_board
 from reslab.errors import Interrupted, ReslabError
 from reslab.precision import format_seconds
 
@@ -262,30 +265,6 @@ class CallerHooks(Hook):
         self.hooks.after_step(self.state, loop.loss)
 
 
-class SaveEvery(Hook):
-    """``--save-every N``: last.pt every N steps as well (rank 0), unless the run is stopping,
-    which saves anyway."""
-
-    def __init__(self, state: TrainState, steps: int):
-        self.state, self.steps = state, steps
-
-    def after_step(self, loop: Loop) -> None:
-        if self.steps and loop.step % self.steps == 0 and not loop.stop and loop.world.is_main:
-            save_checkpoint(self.state.run_dir / "last.pt", checkpoint_payload(self.state, None))
-
-
-class SaveStopped(Hook):
-    """A run stopped mid-epoch (a signal, a hook) keeps its step count and weights in
-    last.pt, with the epoch's position, not a claim that the epoch finished."""
-
-    def __init__(self, state: TrainState):
-        self.state = state
-
-    def after_run(self, loop: Loop) -> None:
-        if loop.stop and loop.batch_in_epoch and loop.world.is_main:
-            save_checkpoint(self.state.run_dir / "last.pt", checkpoint_payload(self.state, None))
-
-
 def non_finite_message(state: TrainState):
     def message(loop: Loop, bad: dict[str, float]) -> str:
         last = state.run_dir / "last.pt"
@@ -348,6 +327,7 @@ def train_epochs(
             evaluator,
             *([replan] if replan is not None else []),
             record,
+            classification_board(state, step, evaluator),
             SaveStopped(state),
         ]
         batches = with_cache(state, source, epoch_batches(state, source))
