@@ -22,7 +22,9 @@ from reslab.engine.rescore import Rescorer
 from reslab.models import create_model
 from reslab.models.detection import DetectorConfig, RPNConfig, build_detector
 
-TINY = [
+TINY = [  # the paper defaults but for these: the plan has its own tests
+    "--recipe",
+    "detectron2",
     "--backbone",
     "resnet18",
     "--width",

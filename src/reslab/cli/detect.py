@@ -12,34 +12,17 @@ import sys
 
 from rich.console import Console
 
-from reslab.engine.detect_config import (
-    DetectConfig,
-    InferConfig,
-    anchor_sizes,
-    proposal_settings,
-    scale_factors,
-    validate_inference,
+from reslab.cli.detect_train_flags import (
+    TRAIN,
+    add_planned_flags,
+    add_recipe_flags,
+    flag_type,
+    planned_config,
 )
+from reslab.engine.detect_config import DetectConfig, InferConfig, scale_factors, validate_inference
 from reslab.engine.detect_infer import evaluate_checkpoint, predict_files
 from reslab.engine.detect_train import run_training
-from reslab.errors import ReslabError
-from reslab.models.detection import BACKBONES, RoIHeadsConfig, RPNConfig
 from reslab.precision import PRECISIONS
-
-TRAIN = DetectConfig()
-
-
-def _flag_type(parse):
-    """An engine parser as an argparse type: its one-line error becomes argparse's."""
-
-    def convert(text: str):
-        try:
-            return parse(text)
-        except ReslabError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
 
 
 def register(subparsers) -> None:
@@ -55,9 +38,9 @@ def register(subparsers) -> None:
         help="train a detector",
         description="Train on the train split; checkpoints to OUT/last.pt.",
     )
-    for add in (_data_flags, _model_flags, _proposal_flags, _recipe_flags, _warm_start_flags):
+    for add in (_data_flags, add_planned_flags, add_recipe_flags, _model_flags, _recipe_flags):
         add(train)
-    _run_flags(train)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.set_defaults(func=run_train)
 
     evaluate = actions.add_parser(
@@ -131,86 +114,21 @@ def _precision_flags(parser, what: str) -> argparse._MutuallyExclusiveGroup:
 
 def _model_flags(parser) -> None:
     parser.add_argument("--out", default=TRAIN.out, help="run folder (default %(default)s)")
-    model = TRAIN.model
-    parser.add_argument(
-        "--backbone",
-        default=model.backbone,
-        choices=BACKBONES,
-        help="ResNet depth for the C4 trunk and head (default %(default)s)",
-    )
-    parser.add_argument("--width", type=float, default=model.width, help="channel multiplier")
     parser.add_argument(
         "--backbone-weights",
         metavar="FILE",
         help="ImageNet torchvision ResNet state dict; freezes batch norm, stem and layer1",
     )
-    parser.add_argument(
-        "--min-size",
-        type=int,
-        help="shorter image side after resizing (default: the images' own, at most 800)",
-    )
-    parser.add_argument("--max-size", type=int, default=model.max_size, help="default %(default)s")
-    parser.add_argument(
-        "--rois-per-image",
-        type=int,
-        default=RoIHeadsConfig.batch_size_per_image,
-        help="RoIs sampled per training image; res5 runs on each, so this sets "
-        "the cost of a step (default %(default)s)",
-    )
-    parser.add_argument(
-        "--roi-positive-fraction",
-        type=float,
-        default=RoIHeadsConfig.positive_fraction,
-        help="largest share of the sampled RoIs that may be positive, the rest "
-        "background (default %(default)s, as detectron2)",
-    )
-
-
-def _proposal_flags(parser) -> None:
-    parser.add_argument(
-        "--anchor-sizes",
-        type=_flag_type(anchor_sizes),
-        default=RPNConfig.anchor_sizes,
-        metavar="PX,PX,...",
-        help="RPN anchor sides in pixels of the resized image, all on the one stride-16 map "
-        "(default 32,64,128,256,512, detectron2's, made for 800-pixel images; small images "
-        "with small objects want smaller ones: 16,32,64,128 for the 128-pixel scenes)",
-    )
-    parser.add_argument(
-        "--train-pre-nms",
-        type=int,
-        default=RPNConfig.pre_nms_top_n_train,
-        metavar="N",
-        help="RPN boxes, by objectness, that enter NMS per training image (default "
-        "%(default)s, detectron2's)",
-    )
-    parser.add_argument(
-        "--train-proposals",
-        type=int,
-        default=RPNConfig.post_nms_top_n_train,
-        metavar="N",
-        help="proposals kept after NMS per training image, from which the RoIs are "
-        "sampled (default %(default)s)",
-    )
-    parser.add_argument(
-        "--test-proposals",
-        type=int,
-        default=RPNConfig.post_nms_top_n_test,
-        help="proposals per image at test time (default %(default)s)",
-    )
 
 
 def _recipe_flags(parser) -> None:
     recipe = TRAIN.train
-    for flag, kind, help in (
-        ("--epochs", int, "passes over the training images; with --max-minutes, at most"),
-        ("--batch-size", int, "images per optimizer step, over all --processes"),
-        ("--lr", float, "learning rate for 16 images, scaled by batch size"),
-        ("--warmup-iters", int, "steps of linear rise to --lr at the start"),
-        ("--seed", int, "seed for the weights and the order of images"),
-    ):
-        default = getattr(recipe, flag[2:].replace("-", "_"))
-        parser.add_argument(flag, type=kind, default=default, help=help + " (default %(default)s)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=recipe.seed,
+        help="seed for the weights and the order of images (default %(default)s)",
+    )
     _precision_flags(parser, "a training step")
     parser.add_argument(
         "--ema",
@@ -226,48 +144,8 @@ def _recipe_flags(parser) -> None:
         type=float,
         default=recipe.max_minutes,
         help="a wall-clock budget for the whole run: the rate anneals within it and the run "
-        "stops with a checkpoint when it is spent (0: no limit)",
-    )
-
-
-def _warm_start_flags(parser) -> None:
-    parser.add_argument(
-        "--pretrain-minutes",
-        type=float,
-        default=0.0,
-        metavar="M",
-        help="first train trunk, res5 head and class layer as a classifier on crops around the "
-        "training boxes for M minutes, part of --max-minutes (default 0: none)",
-    )
-    parser.add_argument(
-        "--pretrain-jitter",
-        type=float,
-        default=0.0,
-        metavar="F",
-        help="with --pretrain-minutes: move each crop box's edges at random by up to F of its "
-        "width or height every time it is drawn, like proposals near the object (default 0)",
-    )
-    parser.add_argument(
-        "--rescore-minutes",
-        type=float,
-        default=0.0,
-        metavar="M",
-        help="first train a small classifier on windows of the image around the training "
-        "boxes for M minutes, part of --max-minutes; eval and predict multiply each "
-        "detection's score by its probability of the detection's label (decoupled "
-        "classification refinement; default 0: none)",
-    )
-
-
-def _run_flags(parser) -> None:
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=1,
-        metavar="N",
-        help="train in N local processes with DistributedDataParallel (0: one per core), each "
-        "with its share of the cores; --batch-size stays the global batch (default 1)",
+        "stops with a checkpoint when it is spent; the plan fits its steps to it from a timed "
+        "step (0: no limit)",
     )
 
 
@@ -296,7 +174,7 @@ def _inference_flags(parser, calibration: str) -> None:
     )
     parser.add_argument(
         "--scales",
-        type=_flag_type(scale_factors),
+        type=flag_type(scale_factors),
         default=(1.0,),
         metavar="F,F,...",
         help="also average the box head over the image resized by these factors, the RPN's "
@@ -339,23 +217,7 @@ def _pick(args, names: tuple[str, ...]) -> dict:
 
 def train_config(args) -> DetectConfig:
     """`detect train`'s flags as the engine's config (checked when the run starts)."""
-    rpn, roi_heads = proposal_settings(vars(args))
-    model = _pick(args, ("backbone", "width", "min_size", "max_size"))
-    model.update(weights=args.backbone_weights, rpn=rpn, roi_heads=roi_heads)
-    recipe = ("epochs", "batch_size", "lr", "warmup_iters", "ema", "seed", "max_minutes")
-    return DetectConfig.from_dict(
-        {
-            "data": _pick(args, ("data", "images", "annotations")),
-            "out": args.out,
-            "resume": args.resume,
-            "model": model,
-            "train": _pick(args, recipe),
-            "warm": _pick(args, ("pretrain_minutes", "pretrain_jitter", "rescore_minutes")),
-            "precision": _precision(args),
-            "processes": args.processes,
-            "threads": args.threads or 0,
-        }
-    )
+    return planned_config(args, _precision(args))
 
 
 def inference_config(args) -> InferConfig:

@@ -9,6 +9,7 @@ right. Category ids map to contiguous labels 1..K in id order (0 is the backgrou
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -56,12 +57,12 @@ def _read_json(path: Path) -> dict:
 def validate(data: dict, images_dir: Path, source: Path) -> None:
     """Raise a one-line ``ReslabError`` on the first thing wrong with a COCO dataset."""
     categories = {c["id"] for c in data["categories"]}
-    images = {}
-    for image in data["images"]:
-        path = images_dir / image["file_name"]
-        if not path.is_file():
-            raise ReslabError(f"{source}: image {image['id']} file {path} does not exist")
-        images[image["id"]] = image
+    images = _checked_images(data, images_dir, source)
+    if data["images"] and not data["annotations"]:
+        raise ReslabError(
+            f"{source} has {len(data['images'])} images and no annotations at all: a detector "
+            "learns from boxes; give the file with its 'annotations'"
+        )
     for ann in data["annotations"]:
         where = f"{source}: annotation {ann.get('id')} (image {ann.get('image_id')})"
         if ann.get("image_id") not in images:
@@ -71,16 +72,47 @@ def validate(data: dict, images_dir: Path, source: Path) -> None:
                 f"{where} has unknown category id {ann.get('category_id')}; "
                 f"known: {sorted(categories)}"
             )
-        x, y, w, h = ann["bbox"]
-        if w <= 0 or h <= 0:
-            raise ReslabError(f"{where} has a zero-area box {ann['bbox']} (x, y, w, h)")
-        image = images[ann["image_id"]]
-        t = BORDER_TOLERANCE
-        if x < -t or y < -t or x + w > image["width"] + t or y + h > image["height"] + t:
+        _check_box(ann, images[ann["image_id"]], where)
+
+
+def _checked_images(data: dict, images_dir: Path, source: Path) -> dict:
+    """``{id: image}`` of the file's images, each file there and listed once."""
+    images, files = {}, {}
+    for image in data["images"]:
+        path = images_dir / image["file_name"]
+        if image["file_name"] in files:
             raise ReslabError(
-                f"{where} box {ann['bbox']} (x, y, w, h) lies outside its "
-                f"{image['width']}x{image['height']} image"
+                f"{source}: image {image['id']} lists {image['file_name']} again (image "
+                f"{files[image['file_name']]} has it); list each image once"
             )
+        if not path.is_file():
+            raise ReslabError(f"{source}: image {image['id']} file {path} does not exist")
+        images[image["id"]] = image
+        files[image["file_name"]] = image["id"]
+    return images
+
+
+def _check_box(ann: dict, image: dict, where: str) -> None:
+    x, y, w, h = ann["bbox"]
+    if w <= 0 or h <= 0:
+        raise ReslabError(f"{where} has a zero-area box {ann['bbox']} (x, y, w, h)")
+    t = BORDER_TOLERANCE
+    if w > image["width"] + t or h > image["height"] + t:
+        raise ReslabError(
+            f"{where} box {ann['bbox']} (x, y, w, h) is larger than its "
+            f"{image['width']}x{image['height']} image; are its sides swapped or in another scale?"
+        )
+    if x < -t or y < -t or x + w > image["width"] + t or y + h > image["height"] + t:
+        raise ReslabError(
+            f"{where} box {ann['bbox']} (x, y, w, h) lies outside its "
+            f"{image['width']}x{image['height']} image"
+        )
+
+
+def unused_categories(data: dict) -> list[dict]:
+    """The categories of a COCO dict that no (non-crowd) box has: a detector never learns them."""
+    used = {a["category_id"] for a in data["annotations"] if not a.get("iscrowd", 0)}
+    return [c for c in data["categories"] if c["id"] not in used]
 
 
 def decode_rgb(source: str | Path | bytes, name: str | None = None) -> torch.Tensor:
@@ -123,6 +155,33 @@ class CocoDetection(Dataset):
             # crowd regions are neither positives nor negatives in training (COCO convention)
             if not ann.get("iscrowd", 0):
                 self.annotations[ann["image_id"]].append(ann)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [image["id"] for image in self.images]
+
+    def held_out(self, fraction: float, seed: int = 0) -> set[int]:
+        """The ids of ``fraction`` of the images (at least one, and one left), drawn by
+        ``seed`` from the images in id order, so the same file gives the same split."""
+        ids = self.image_ids
+        if len(ids) < 2:
+            raise ReslabError(f"{self.annotation_file} has {len(ids)} image: none to hold out")
+        count = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+        return {ids[i] for i in order[:count].tolist()}
+
+    def subset(self, image_ids) -> CocoDetection:
+        """This dataset restricted to ``image_ids``, its COCO dict too (evaluation reads it)."""
+        keep = set(image_ids)
+        part = copy.copy(self)
+        part.coco = {
+            **self.coco,
+            "images": [i for i in self.coco["images"] if i["id"] in keep],
+            "annotations": [a for a in self.coco["annotations"] if a["image_id"] in keep],
+        }
+        part.images = [image for image in self.images if image["id"] in keep]
+        part.annotations = {i: anns for i, anns in self.annotations.items() if i in keep}
+        return part
 
     @property
     def num_classes(self) -> int:

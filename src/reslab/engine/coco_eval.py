@@ -23,6 +23,9 @@ def _cocoeval(ground_truth: dict, results: Sequence[dict]) -> COCOeval | None:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         gt = COCO()
         gt.dataset = copy.deepcopy(ground_truth)
+        for ann in gt.dataset["annotations"]:  # optional in a user's file, read by COCOeval
+            ann.setdefault("iscrowd", 0)
+            ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
         gt.createIndex()
         evaluator = COCOeval(gt, gt.loadRes(list(results)), iouType="bbox")
         evaluator.evaluate()

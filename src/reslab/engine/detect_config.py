@@ -60,15 +60,32 @@ class DetectTrainConfig:
 
 @dataclass
 class DataPaths:
-    """A folder as `reslab scenes make` writes it, or one COCO image folder and its JSON."""
+    """A folder as `reslab scenes make` writes it, or one COCO image folder and its JSON; for
+    training, a val split beside it or held out of it."""
 
     data: str | None = None
     images: str | None = None
     annotations: str | None = None
+    val_images: str | None = None  # with val_annotations: the val split of images+annotations
+    val_annotations: str | None = None
+    val_fraction: float = 0.0  # or this share of those images held out as the val split
+
+    @property
+    def has_val(self) -> bool:
+        """Whether training has a val split to score at the end."""
+        return self.data is not None or self.val_annotations is not None or self.val_fraction > 0
 
     def dataset(self, split: str, transforms=None) -> CocoDetection:
+        if self.data is None and split == "val" and self.val_annotations is not None:
+            return CocoDetection(self.val_images, self.val_annotations, transforms)
         images, annotations = resolve(self.data, self.images, self.annotations, split)
-        return CocoDetection(images, annotations, transforms)
+        dataset = CocoDetection(images, annotations, transforms)
+        if self.data is not None or not self.val_fraction:
+            return dataset
+        held_out = dataset.held_out(self.val_fraction)
+        if split == "val":
+            return dataset.subset(held_out)
+        return dataset.subset(set(dataset.image_ids) - held_out)
 
 
 @dataclass
@@ -119,6 +136,20 @@ class WarmStarts:
 
 
 @dataclass
+class PlanChoice:
+    """Where the recipe comes from: ``planned`` from the data and the machine
+    (:mod:`reslab.engine.detect_plan`) for every flag not in ``explicit``, or ``detectron2``,
+    the paper defaults the fields hold."""
+
+    recipe: str = "detectron2"
+    explicit: tuple[str, ...] = ()  # flags of FLAG_FIELDS the user gave; a plan keeps them
+    file: str | None = None  # a plan.json to apply instead of planning (the ranks get one)
+
+
+RECIPES = ("planned", "detectron2")
+
+
+@dataclass
 class DetectConfig:
     """`reslab detect train`: printed when the run starts; the recipe lands in config.json."""
 
@@ -132,6 +163,7 @@ class DetectConfig:
     precision: str = "auto"
     processes: int = 1  # local DDP processes; 0: one per core
     threads: int = 0  # intra-op CPU threads per process; 0: torch's choice
+    plan: PlanChoice = field(default_factory=PlanChoice)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,21 +206,65 @@ class InferConfig:
         return _build(cls, values)
 
 
+# Each flag a plan may set (reslab.engine.detect_plan) -> its field's path in a DetectConfig
+FLAG_FIELDS = {
+    "backbone": ("model", "backbone"),
+    "width": ("model", "width"),
+    "min_size": ("model", "min_size"),
+    "max_size": ("model", "max_size"),
+    "anchor_sizes": ("model", "rpn", "anchor_sizes"),
+    "anchor_ratios": ("model", "rpn", "aspect_ratios"),
+    "train_pre_nms": ("model", "rpn", "pre_nms_top_n_train"),
+    "train_proposals": ("model", "rpn", "post_nms_top_n_train"),
+    "test_proposals": ("model", "rpn", "post_nms_top_n_test"),
+    "rois_per_image": ("model", "roi_heads", "batch_size_per_image"),
+    "roi_positive_fraction": ("model", "roi_heads", "positive_fraction"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "warmup_iters": ("train", "warmup_iters"),
+    "pretrain_minutes": ("warm", "pretrain_minutes"),
+    "pretrain_jitter": ("warm", "pretrain_jitter"),
+    "rescore_minutes": ("warm", "rescore_minutes"),
+    "processes": ("processes",),
+}
+
+
+def flag_value(config: DetectConfig, flag: str):
+    """The value ``config`` holds for a flag of :data:`FLAG_FIELDS`."""
+    value = config
+    for name in FLAG_FIELDS[flag]:
+        value = getattr(value, name)
+    return value
+
+
+def set_flags(config: DetectConfig, values: dict) -> DetectConfig:
+    """A copy of ``config`` with the flags of :data:`FLAG_FIELDS` in ``values`` set."""
+    tree = config.to_dict()
+    for flag, value in values.items():
+        *parents, last = FLAG_FIELDS[flag]
+        node = tree
+        for name in parents:
+            node = node[name]
+        node[last] = list(value) if isinstance(value, tuple) else value
+    return DetectConfig.from_dict(tree)
+
+
 def proposal_settings(flags: dict) -> tuple[dict, dict]:
     """The RPN's and the RoI heads' settings from flag-named values (``anchor_sizes``,
     ``train_pre_nms``, ``train_proposals``, ``test_proposals``, ``rois_per_image``,
-    ``roi_positive_fraction``), for :class:`DetectorSettings`."""
-    rpn = {
-        "anchor_sizes": flags["anchor_sizes"],
-        "pre_nms_top_n_train": flags["train_pre_nms"],
-        "post_nms_top_n_train": flags["train_proposals"],
-        "post_nms_top_n_test": flags["test_proposals"],
-    }
-    roi_heads = {
-        "batch_size_per_image": flags["rois_per_image"],
-        "positive_fraction": flags["roi_positive_fraction"],
-    }
-    return rpn, roi_heads
+    ``roi_positive_fraction`` and, if there, ``anchor_ratios``), for
+    :class:`DetectorSettings`."""
+    settings: dict[str, dict] = {"rpn": {}, "roi_heads": {}}
+    for flag, (_, part, name) in (
+        (flag, path) for flag, path in FLAG_FIELDS.items() if path[:2] in PROPOSAL_PARTS
+    ):
+        if flag in flags:
+            settings[part][name] = flags[flag]
+    return settings["rpn"], settings["roi_heads"]
+
+
+PROPOSAL_PARTS = (("model", "rpn"), ("model", "roi_heads"))
 
 
 def _build(cls, values: dict):
@@ -243,6 +319,11 @@ def iou_list(text: str) -> tuple[float, ...]:
     return _numbers(text, 1, "IoU thresholds", "0.4,0.5")
 
 
+def anchor_ratios(text: str) -> tuple[float, ...]:
+    """``--anchor-ratios``: anchor heights over widths in (0, 16], comma-separated."""
+    return _numbers(text, 16, "anchor height:width ratios", "0.5,1,2")
+
+
 def anchor_sizes(text: str) -> tuple[int, ...]:
     """``--anchor-sizes``: positive pixel sides, comma-separated, ascending."""
     try:
@@ -288,6 +369,7 @@ def _check_model(model: DetectorSettings) -> None:
         check_whole("min-size", model.min_size)
     rpn, roi = model.rpn, model.roi_heads
     check_anchor_sizes(tuple(rpn.anchor_sizes))
+    check_numbers(tuple(rpn.aspect_ratios), 16, "anchor height:width ratios", "0.5,1,2")
     for flag, value in (
         ("rois-per-image", roi.batch_size_per_image),
         ("train-pre-nms", rpn.pre_nms_top_n_train),
@@ -332,8 +414,35 @@ def _check_warm_starts(warm: WarmStarts, resume: bool, max_minutes: float) -> No
         )
 
 
+def _check_data(data: DataPaths, plan: PlanChoice) -> None:
+    if (data.val_images is None) != (data.val_annotations is None):
+        raise ReslabError("--val-images and --val-annotations go together: give both or neither")
+    if not 0 <= data.val_fraction < 1:
+        raise ReslabError(
+            f"--val-fraction is a share below 1, such as 0.1; got {data.val_fraction:g}"
+        )
+    held = data.val_fraction > 0
+    if held and (data.data is not None or data.val_annotations is not None):
+        raise ReslabError(
+            "--val-fraction holds a val split out of --images/--annotations; --data and "
+            "--val-annotations bring their own: give one"
+        )
+    if data.data is not None and data.val_annotations is not None:
+        raise ReslabError(
+            "--data has its own val split; --val-images/--val-annotations go with --images"
+        )
+    if plan.recipe not in RECIPES:
+        raise ReslabError(f"--recipe must be one of {RECIPES}, got {plan.recipe!r}")
+    unknown = set(plan.explicit) - set(FLAG_FIELDS)
+    if unknown:
+        raise ReslabError(
+            f"unknown planned flag(s) {sorted(unknown)}; known: {sorted(FLAG_FIELDS)}"
+        )
+
+
 def validate(config: DetectConfig) -> DetectConfig:
     """One-line errors for values that cannot work, before any data is read."""
+    _check_data(config.data, config.plan)
     _check_recipe(config.train)
     _check_model(config.model)
     if config.processes < 0:

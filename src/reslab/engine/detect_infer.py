@@ -15,7 +15,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from reslab.data.coco import CocoDetection, collate, decode_rgb, eval_transforms, resolve
-from reslab.engine.checkpoint import load_checkpoint
+from reslab.engine.checkpoint import atomic_write, load_checkpoint
 from reslab.engine.coco_eval import coco_evaluate, report_metrics
 from reslab.engine.detect_config import InferConfig
 from reslab.engine.detection import detector_from_checkpoint
@@ -166,8 +166,11 @@ def predict_images(
     scales: Sequence[float] = (1.0,),
     refine: bool = False,
     rescorer=None,
+    category_ids: Sequence[int] | None = None,
 ) -> list[dict]:
-    """Detect on image files; write ``out/<name>.png`` with boxes drawn and return the records."""
+    """Detect on image files; write ``out/<name>.png`` with boxes drawn and return the records,
+    each detection with its class name and, given ``category_ids`` (the dataset's, in label
+    order), its original category id."""
     model.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +178,7 @@ def predict_images(
     for path in map(Path, paths):
         image = read_image(path, scale=False)
         output = _detect(model, [image.float() / 255], precision, flip, scales, refine, rescorer)[0]
-        boxes, found = detections(output, class_names, score_thresh)
+        boxes, found = detections(output, class_names, score_thresh, category_ids)
         drawn = draw_bounding_boxes(
             image,
             boxes,
@@ -190,18 +193,25 @@ def predict_images(
 
 
 def detections(
-    output: dict, class_names: Sequence[str], score_thresh: float
+    output: dict,
+    class_names: Sequence[str],
+    score_thresh: float,
+    category_ids: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """One image's detector output above ``score_thresh``: its boxes (M, 4) xyxy, and a record
-    per box (label, score, box) as `detect predict` and `reslab serve` report them."""
+    per box (label, score, box) as `detect predict` and `reslab serve` report them; given
+    ``category_ids`` (the dataset's, in label order), each record has its original id too."""
     keep = output["scores"] >= score_thresh
     boxes = output["boxes"][keep].float()
-    labels = [class_names[i - 1] for i in output["labels"][keep].tolist()]
+    indices = [i - 1 for i in output["labels"][keep].tolist()]
     scores = output["scores"][keep].float().tolist()
-    return boxes, [
-        {"label": n, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
-        for n, s, b in zip(labels, scores, boxes.tolist(), strict=True)
-    ]
+    records = []
+    for index, score, box in zip(indices, scores, boxes.tolist(), strict=True):
+        record = {"label": class_names[index], "score": round(score, 4)}
+        if category_ids:
+            record["category_id"] = category_ids[index]
+        records.append({**record, "box_xyxy": [round(v, 1) for v in box]})
+    return boxes, records
 
 
 def detect_images(
@@ -323,9 +333,10 @@ def predict_files(config: InferConfig, console: Console) -> list[dict]:
         config.scales,
         config.refine,
         _rescorer(config, payload),
+        payload.get("category_ids"),
     )
     path = Path(config.out) / "predictions.json"
-    path.write_text(json.dumps(records, indent=1))
+    atomic_write(path, lambda f: f.write(json.dumps(records, indent=1).encode()))
     for record in records:
         print(f"{record['image']}: {len(record['detections'])} objects -> {record['drawn']}")
     print(f"detections: {path}")

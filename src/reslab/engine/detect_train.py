@@ -8,6 +8,7 @@ its own measurements between them.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,10 +22,17 @@ from reslab.engine.box_pretrain import (
     pretrain_box_classifier,
     save_warm_start,
 )
-from reslab.engine.checkpoint import load_checkpoint
+from reslab.engine.checkpoint import atomic_write, load_checkpoint
 from reslab.engine.coco_eval import report_metrics
-from reslab.engine.detect_config import DetectConfig, DetectTrainConfig, validate
+from reslab.engine.detect_config import (
+    FLAG_FIELDS,
+    DetectConfig,
+    DetectTrainConfig,
+    set_flags,
+    validate,
+)
 from reslab.engine.detect_infer import evaluate_detector
+from reslab.engine.detect_plan import chosen, data_line, make_plan, plan_table, warnings_for
 from reslab.engine.detection import DetectionStep, train_detector
 from reslab.engine.distributed import (
     World,
@@ -191,29 +199,73 @@ def report_start(prepared: Prepared, world: World, console: Console) -> None:
         )
 
 
-def relaunch_as(processes: int, argv: list[str] | None, threads: int, precision: str):
+def relaunch_as(
+    processes: int, argv: list[str] | None, threads: int, precision: str, plan: Path | None = None
+):
     """:func:`~reslab.engine.distributed.relaunch`, the ranks told the precision this process
     resolved (``--precision``, in place of ``--bf16``), so that every rank computes in it
-    without timing it again; ``argv`` None: this process's own command line."""
-    return relaunch(processes, argv, threads, drop=("--bf16",), extra=("--precision", precision))
+    without timing it again, and the plan it made (``--plan FILE``), so that every rank trains
+    the same recipe; ``argv`` None: this process's own command line."""
+    extra = ("--precision", precision, *(("--plan", str(plan)) if plan else ()))
+    return relaunch(processes, argv, threads, drop=("--bf16",), extra=extra)
+
+
+def plan_path(config: DetectConfig) -> Path:
+    return Path(config.out) / "plan.json"
+
+
+def planned(config: DetectConfig, console: Console) -> tuple[DetectConfig, str, dict | None]:
+    """(the run's config, its precision, the plan's record or None): a plan file's or a
+    resumed checkpoint's plan applied as it was made (less the flags given now), or, for a new run with the planned
+    recipe, a plan made from the training set and one timed step and written to
+    ``OUT/plan.json``. The precision is resolved here unless a plan was only applied."""
+    record = None
+    if config.plan.file:
+        record = json.loads(Path(config.plan.file).read_text())
+    elif config.resume:
+        record = load_checkpoint(Path(config.out) / "last.pt").get("plan")
+    if record is not None:  # the flags given now still win; a resumed run's warm starts are done
+        values = chosen(config, record["values"])
+        if config.resume:
+            values = {k: v for k, v in values.items() if FLAG_FIELDS[k][0] != "warm"}
+        return set_flags(config, values), config.precision, record
+    if config.plan.recipe != "planned":
+        return config, resolve_train_precision(config, console, World()), None
+    dataset = config.data.dataset("train")
+    for line in warnings_for(dataset):
+        console.print(line)
+    precision = config.precision
+
+    def measure(draft: DetectConfig) -> float:
+        nonlocal precision
+        precision = resolve_train_precision(draft, console, World())
+        return step_seconds(draft, precision, World())
+
+    config, record = make_plan(config, dataset, cpu_cores(), measure)
+    console.print(data_line(record), soft_wrap=True)
+    console.print(plan_table(record))
+    path = plan_path(config)
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    return config, precision, record
 
 
 def run_training(config: DetectConfig, argv: list[str] | None = None) -> int:
     """`reslab detect train`: ``argv`` is the command line the ranks repeat (None: this
     process's)."""
     validate(config)
-    processes = config.processes or cpu_cores()
-    launcher = processes > 1 and not in_launched_world()
-    if launcher:
-        check_batch(World(size=processes), config.train.batch_size)
     if config.threads:
         torch.set_num_threads(config.threads)
-    precision = config.precision
+    precision, plan = config.precision, None
     if not in_launched_world():
-        precision = resolve_train_precision(config, Console(), World())
+        config, precision, plan = planned(config, Console())
+        validate(config)
         warm_starts(config, precision, Console())
-    if launcher:
-        return relaunch_as(processes, argv, config.threads, precision)
+    elif config.plan.file:
+        config, precision, plan = planned(config, Console(quiet=True))
+    processes = config.processes or cpu_cores()
+    if processes > 1 and not in_launched_world():
+        check_batch(World(size=processes), config.train.batch_size)
+        return relaunch_as(processes, argv, config.threads, precision, plan and plan_path(config))
     world = init_world()
     console = Console() if world.is_main else Console(quiet=True)
     if precision == "auto":  # ranks that torchrun started time it together
@@ -229,11 +281,12 @@ def run_training(config: DetectConfig, argv: list[str] | None = None) -> int:
         console=console,
         world=world,
         rescorer=prepared.rescorer,
+        plan=plan,
     )
     console.print("last step: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
     checkpoint = Path(config.out) / "last.pt"
     console.print(f"checkpoint: {checkpoint}")
-    if config.data.data is not None and world.is_main:
+    if config.data.has_val and world.is_main:
         metrics = evaluate_detector(
             prepared.model,
             config.data.dataset("val", eval_transforms()),

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from reslab.data.coco import CocoDetection, collate
-from reslab.engine.budget import Budget, StopAtDeadline
+from reslab.engine.budget import Budget, StopAtDeadline, now
 from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
 from reslab.engine.detect_config import DetectTrainConfig
 from reslab.engine.distributed import World, check_batch, wrap
@@ -32,6 +32,7 @@ from reslab.engine.tensorboard import TensorBoard, with_boxes
 from reslab.errors import ReslabError
 from reslab.fast import autocast
 from reslab.models.detection import SPEC_NAME, DetectorConfig, build_detector
+from reslab.precision import format_seconds
 
 __all__ = [
     "LOSS_NAMES",
@@ -95,14 +96,29 @@ class AnnealedSchedule(Schedule):
             super().before_step(loop)
 
 
+def phase(step: int, warmup: int, progress: float) -> str:
+    """Where :func:`~reslab.engine.schedules.warmup_cosine` is: the warm-up, the cosine's
+    first half (main) or its second, where the rate falls below half its peak (anneal)."""
+    if step < warmup:
+        return "warm-up"
+    return "anneal" if progress >= 0.5 else "main"
+
+
 class StepLog(Hook):
-    """``log.jsonl``, one record per step (epoch, step, rate, losses), and the progress bar;
-    ``last`` holds the latest step's losses, their sum first."""
+    """``log.jsonl``, one record per step (epoch, step, rate, losses), and the progress line:
+    the phase, steps per second, the time left (by the budget when there is one), and the
+    four losses smoothed (an exponential average, 0.9 per step); ``last`` holds the latest
+    step's losses, their sum first."""
+
+    SMOOTHING = 0.9
 
     def __init__(self, path: Path | None, append: bool, step: DetectionStep, total: int, console):
         self.path, self.append, self.step, self.total = path, append, step, total
         self.console = console
         self.last: dict[str, float] = {}
+        self.smooth: dict[str, float] = {}
+        self.budget, self.warmup = Budget(0), 0  # set by train_detector
+        self.started, self.first = now(), 0
 
     @contextmanager
     def active(self, loop: Loop):
@@ -110,8 +126,7 @@ class StepLog(Hook):
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[losses]}"),
+            TextColumn("{task.fields[status]}"),
         )
         with (
             Progress(*columns, console=self.console, transient=False) as self.progress,
@@ -119,12 +134,30 @@ class StepLog(Hook):
             open(self.path or os.devnull, "a" if self.append else "w", buffering=1) as self.log,
         ):
             self.task = self.progress.add_task(
-                "train", total=self.total, completed=loop.step, losses=""
+                "train", total=self.total, completed=loop.step, status=""
             )
+            self.started, self.first = now(), loop.step
             yield
 
     def before_epoch(self, loop: Loop) -> None:
         self.progress.update(self.task, description=f"epoch {loop.epoch + 1}/{loop.epochs}")
+
+    def status(self, loop: Loop) -> str:
+        """Phase, steps/s, time left and the smoothed losses, in one line."""
+        rate = (loop.step - self.first) / max(now() - self.started, 1e-9)
+        left = (self.total - loop.step) / max(rate, 1e-9)
+        if self.budget.limited:
+            left = min(left, max(0.0, self.budget.left()))
+        progress = max(loop.step / self.total, self.budget.used())
+        losses = " ".join(
+            f"{name.removeprefix('loss_')}={self.smooth[name]:.3f}"
+            for name in LOSS_NAMES
+            if name in self.smooth
+        )
+        return (
+            f"{phase(loop.step, self.warmup, progress)} {rate:.2f} steps/s "
+            f"eta {format_seconds(left)} {losses}"
+        )
 
     def after_step(self, loop: Loop) -> None:
         values = self.step.values
@@ -132,12 +165,9 @@ class StepLog(Hook):
         lr = self.step.optimizer.param_groups[0]["lr"]
         record = {"epoch": loop.epoch, "step": loop.step, "lr": lr, **self.last}
         self.log.write(json.dumps(record) + "\n")
-        shown = " ".join(
-            f"{name.removeprefix('loss_')}={values[name]:.3f}"
-            for name in LOSS_NAMES
-            if name in values
-        )
-        self.progress.update(self.task, advance=1, losses=shown)
+        a = self.SMOOTHING
+        self.smooth = {k: a * self.smooth.get(k, v) + (1 - a) * v for k, v in values.items()}
+        self.progress.update(self.task, advance=1, status=self.status(loop))
 
 
 class DetectionCheckpoint(Hook):
@@ -189,11 +219,13 @@ def _loader(dataset: CocoDetection, config: DetectTrainConfig, world: World, epo
     return loader
 
 
-def _payload_maker(model, ema, optimizer, config, dataset: CocoDetection, rescorer):
+def _payload_maker(model, ema, optimizer, config, dataset: CocoDetection, rescorer, plan):
     """``payload(epoch, step)``: a checkpoint of the run as it stands."""
 
     def payload(epoch: int, step: int) -> dict:
         extra = {} if rescorer is None else {"rescorer": rescorer}
+        if plan is not None:
+            extra["plan"] = plan
         saved = model
         if ema is not None:
             # "state_dict" holds the averaged weights that eval and predict load; resuming
@@ -247,6 +279,7 @@ def train_detector(
     console: Console | None = None,
     world: World | None = None,
     rescorer: dict | None = None,
+    plan: dict | None = None,
 ) -> dict:
     """Train, writing ``out/last.pt`` after each epoch and ``out/log.jsonl`` per step.
 
@@ -256,7 +289,8 @@ def train_detector(
     (``world``) each process takes its share of every global batch of ``config.batch_size``
     images through a DistributedSampler, DDP averages the gradients, and only rank 0 writes
     files. ``rescorer``, a trained :class:`~reslab.engine.rescore.Rescorer`'s payload, rides in
-    every checkpoint (a resumed run keeps the one its checkpoint has).
+    every checkpoint (a resumed run keeps the one its checkpoint has), as does ``plan``, the
+    record of a planned recipe (:mod:`reslab.engine.detect_plan`).
     """
     world = world or World()
     check_batch(world, config.batch_size)
@@ -292,7 +326,8 @@ def train_detector(
     trained = wrap(model, world, sync_bn=False)
     step = DetectionStep(trained, optimizer, params, config.clip_grad_norm, config.precision)
     log = StepLog(out / "log.jsonl" if world.is_main else None, resume, step, total, console)
-    save = _payload_maker(model, ema, optimizer, config, dataset, rescorer)
+    log.budget, log.warmup = budget, config.warmup_iters
+    save = _payload_maker(model, ema, optimizer, config, dataset, rescorer, plan)
     hooks = [
         StopAtDeadline(budget),
         schedule,
