@@ -2,7 +2,8 @@
 
 from reslab.errors import ReslabError
 from reslab.export import load
-from reslab.models import create_model, list_models
+from reslab.models import list_models
+from reslab.weights import create_model
 
 __version__ = "0.1.0"
 __all__ = ["ReslabError", "create_model", "list_models", "load", "__version__"]

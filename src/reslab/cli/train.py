@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from reslab.engine.config import (
+    CROPS,
     OPTIMIZERS,
     PRECISIONS,
     PRESETS,
@@ -79,7 +80,21 @@ def _adder(parser):
 def _model_flags(parser) -> None:
     """Flags of the network: which model and its constructor arguments."""
     add = _adder(parser)
-    add("--model", help="any name from `reslab models` (the preset's stem and width still apply)")
+    add(
+        "--model",
+        help="any name from `reslab models` (the preset's stem and width still apply, except "
+        "with --weights; default: the preset's, or the architecture a --weights file records)",
+    )
+    add(
+        "--weights",
+        metavar="SOURCE",
+        help="start from pretrained weights: imagenet (torchvision's default for --model "
+        "resnet18..152), IMAGENET1K_V1 or IMAGENET1K_V2 (downloaded into $TORCH_HOME once, "
+        "read from there after), a .pth/.pt/.safetensors state dict (torchvision or timm), or a "
+        "reslab checkpoint or run folder. Their input size, resize and crop, mean and std "
+        "become the run's, and the preset's stem and width are dropped; a head for other "
+        "classes is replaced (default: none, random weights)",
+    )
     add("--stem", choices=("imagenet", "cifar", "small"), help="override the model's stem")
     add("--width", type=float, help="channel width multiplier")
     add(
@@ -128,7 +143,19 @@ def _data_flags(parser) -> None:
         type=float,
         help="validation share when FOLDER has no train/ and val/ (or test/)",
     )
-    add("--image-size", type=int, help="side the model sees (Fashion-MNIST: 28)")
+    add(
+        "--image-size",
+        type=int,
+        help="side the model sees (Fashion-MNIST 28, folders 64; with --weights theirs, 224 "
+        "for ImageNet weights)",
+    )
+    add(
+        "--resize",
+        type=int,
+        metavar="N",
+        help="folders: evaluate on images whose shorter side is resized to N, centre-cropped to "
+        "--image-size (0 = squash whole images; default 0, with ImageNet weights 256 or 232)",
+    )
     add("--workers", type=int, help="DataLoader workers decoding image-folder files")
     _bool(parser, "--strict", "stop on an unreadable image-folder file (default: skip, warn)")
 
@@ -229,6 +256,13 @@ def _augment_flags(parser) -> None:
     """Flags of augmentation, weight averaging, SAM and test-time augmentation."""
     add = _adder(parser)
     _bool(parser, "--augment", "random crop with padding, flip and random erasing on batches")
+    add(
+        "--crop",
+        choices=CROPS,
+        help="the training crop: pad = moved by up to --crop-padding pixels; resized = a window "
+        "of 8-100%% of the image, aspect ratio 3/4 to 4/3, resized to --image-size, as for "
+        "photos (default pad; resized with ImageNet weights)",
+    )
     add(
         "--crop-padding",
         type=int,

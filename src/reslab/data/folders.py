@@ -2,8 +2,9 @@
 
 ``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` (or ``valid/``, ``validation/``,
 ``test/`` for the held-out split); or ``root/<class>/*.png`` split by a fraction drawn from the
-seed. Every image is converted to RGB and resized to a square side, so batches stack into uint8
-tensors and the rest of the pipeline is the one Fashion-MNIST uses.
+seed. Every image is converted to RGB and resized to a square side (or, with ``resize``, its
+centre crop taken as for ImageNet weights), so batches stack into uint8 tensors and the rest of
+the pipeline is the one Fashion-MNIST uses.
 """
 
 from __future__ import annotations
@@ -60,10 +61,27 @@ def to_8bit(image: Image.Image, path: str | Path) -> Image.Image:
     return Image.fromarray(np.rint(values * (255 / 65535)).astype(np.uint8), "L")
 
 
+def centre_crop(image: Image.Image, size: int, resize: int) -> Image.Image:
+    """The shorter side resized to ``resize``, then the central ``size`` x ``size`` square:
+    torchvision's ``Resize(resize)`` then ``CenterCrop(size)``, the evaluation transform that
+    ImageNet weights were scored with."""
+    width, height = image.size
+    scale = resize / min(width, height)
+    width, height = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    left, top = round((width - size) / 2), round((height - size) / 2)
+    return image.crop((left, top, left + size, top + size))
+
+
 def open_image(
-    source: str | Path | bytes, channels: int, size: int, name: str | None = None
+    source: str | Path | bytes,
+    channels: int,
+    size: int,
+    name: str | None = None,
+    resize: int = 0,
 ) -> torch.Tensor:
-    """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it.
+    """Any PNG/JPEG (any size or mode) -> uint8 (channels, size, size), as training saw it:
+    the whole image squashed to the square, or with ``resize`` its :func:`centre_crop`.
     ``source`` is a file's path or its bytes (an upload); ``name`` stands for it in messages.
     A photo's EXIF orientation is applied, so the image is upright as viewers show it."""
     if isinstance(source, bytes):
@@ -75,7 +93,10 @@ def open_image(
         with Image.open(source) as image:
             image = ImageOps.exif_transpose(image)
             image = to_8bit(image, name).convert("L" if channels == 1 else "RGB")
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
+            if resize:
+                image = centre_crop(image, size, resize)
+            else:
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
             data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, DecompressionBombError) as e:
         raise ReslabError(f"{name}: not a readable image ({type(e).__name__})") from None
@@ -151,20 +172,26 @@ def check_not_split(root: Path, held_out: Path | None) -> None:
 
 
 class FolderDataset(Dataset):
-    def __init__(self, samples: list[tuple[Path, int]], size: int):
+    """uint8 RGB images of ``size`` (see :func:`open_image` for ``resize``) and labels."""
+
+    def __init__(self, samples: list[tuple[Path, int]], size: int, resize: int = 0):
         self.samples = samples
-        self.size = size
+        self.size, self.resize = size, resize
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return open_image(path, 3, self.size), label
+        return open_image(path, 3, self.size, resize=self.resize), label
 
 
 class FolderSource:
-    """Train and validation splits of an image folder, as uint8 RGB batches."""
+    """Train and validation splits of an image folder, as uint8 RGB batches of ``size``.
+
+    With ``resize`` the validation images are centre crops (:func:`centre_crop`); the
+    training images are too, unless ``whole_train``: then they are whole images squashed to
+    ``resize`` square, for a random resized crop to cut its windows from."""
 
     channels = 3
     mean = IMAGENET_MEAN
@@ -178,6 +205,8 @@ class FolderSource:
         seed: int = 0,
         workers: int = 2,
         strict: bool = False,
+        resize: int = 0,
+        whole_train: bool = False,
     ):
         root = Path(root)
         self.skipped: list[Path] = []
@@ -201,10 +230,13 @@ class FolderSource:
             val = [samples[i] for i in perm[:n_val].tolist()]
             train = [samples[i] for i in perm[n_val:].tolist()]
             how = f"a {val_fraction:g} validation split (seed {seed})"
-        self.size = size
+        self.size, self.resize = size, resize
         self.workers = workers
-        self.train = FolderDataset(train, size)
-        self.val = FolderDataset(val, size)
+        whole = resize and whole_train
+        self.train = (
+            FolderDataset(train, resize, 0) if whole else FolderDataset(train, size, resize)
+        )
+        self.val = FolderDataset(val, size, resize)
         self.train_size, self.test_size = len(train), len(val)
         self.description = (
             f"image folder {root} ({len(self.classes)} classes, {len(train):,} train and "

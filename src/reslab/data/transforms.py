@@ -9,6 +9,7 @@ batch's device, so a batch on a GPU is augmented exactly as the same batch on th
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,6 +26,9 @@ class InputSpec:
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
     stem: str  # the model's stem, recorded for readers of the checkpoint
+    # image files: shorter side resized to this, then a centre crop of source_size
+    # (data.folders.centre_crop); 0 = the whole image squashed to source_size
+    resize: int = 0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -39,7 +43,8 @@ class InputSpec:
 
 
 def to_input(images: torch.Tensor, spec: InputSpec, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> normalised float (N, C, size, size)."""
+    """uint8 (N, C, H, W), or float on the same 0-255 scale -> normalised float
+    (N, C, size, size)."""
     x = images.float().div_(255)
     if x.shape[-2:] != (spec.size, spec.size):
         # antialias only matters when shrinking; it matches PIL's resize there
@@ -97,6 +102,36 @@ def random_crop(
     chans = torch.arange(x.shape[1])[None, :, None, None]
     index = (i.to(x.device) for i in (batch, chans, rows, cols))
     return padded[tuple(index)]  # (N, C, H, W)
+
+
+def random_resized_crop(
+    images: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """One random window per image resized to ``size`` x ``size`` (Szegedy et al. 2015,
+    "Going Deeper with Convolutions", section 6; torchvision's RandomResizedCrop): its area a
+    uniform share ``scale`` of the image's, its aspect ratio log-uniform in ``ratio``. A side
+    that would exceed the image is clipped to it, where torchvision draws again. All windows are
+    cut by one bilinear ``grid_sample`` over the batch. uint8 or float (N, C, H, W) in, float
+    (N, C, size, size) out, on the input's scale."""
+    n, c = images.shape[:2]
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt().clamp(max=1.0)  # the window's share of the width
+    h = (area / aspect).sqrt().clamp(max=1.0)
+    cx = w / 2 + torch.rand(n, generator=generator) * (1 - w)  # its centre, as a share
+    cy = h / 2 + torch.rand(n, generator=generator) * (1 - h)
+    theta = torch.zeros(n, 2, 3)  # output [-1, 1] -> input coordinates
+    theta[:, 0, 0], theta[:, 0, 2] = w, 2 * cx - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h, 2 * cy - 1
+    grid = F.affine_grid(theta.to(images.device), [n, c, size, size], align_corners=False)
+    return F.grid_sample(
+        images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

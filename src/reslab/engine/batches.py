@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reslab.data.transforms import augment, cutmix, random_flip, to_input
+from reslab.data.transforms import augment, cutmix, random_flip, random_resized_crop, to_input
 from reslab.engine.config import TrainConfig
 from reslab.engine.state import TrainState
 from reslab.fast import autocast
@@ -31,15 +31,19 @@ def batch_input(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -
     """One global uint8 batch augmented with ``state.draws``, this process's slice of it."""
     config, world = state.config, state.world
     images, labels = images.to(config.device), labels.to(config.device)
-    x = to_input(images, state.spec)
     lam, pasted = 1.0, None
     clean_epoch = state.epoch >= config.epochs - config.clean_epochs
+    resized = config.augment and not clean_epoch and config.crop == "resized"
+    if resized:  # the window of the whole image, before to_input would resize all of it
+        images = random_resized_crop(images, state.spec.size, state.draws)
+    x = to_input(images, state.spec)
     if config.augment and clean_epoch:
         x = random_flip(x, state.draws)  # the flip alone
     elif config.augment:
         # the crop pads with black, the background of Fashion-MNIST and torchvision's
         # RandomCrop fill, not with the normalised zero (the mean grey, an edge no test image has)
-        x = augment(x, config.crop_padding, config.erasing, state.draws, state.spec.black())
+        padding = 0 if resized else config.crop_padding
+        x = augment(x, padding, config.erasing, state.draws, state.spec.black())
         x, shuffled, lam = cutmix(x, config.cutmix, state.draws)
         if lam < 1:
             pasted = world.shard(labels[shuffled.to(config.device)])  # the boxes' labels

@@ -8,6 +8,7 @@ that would need arbitrary code to load is refused rather than executed.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import tempfile
@@ -71,23 +72,44 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
 
 # the first byte of every pickle since protocol 2: torch.save's legacy, pre-zip format
 PICKLE_PROTO = b"\x80"
+ZIP_MAGIC = b"PK\x03\x04"  # a zip file's first local header: torch.save's format
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint; every way a file can be wrong is a one-line ``ReslabError``."""
+def checkpoint_file(path: str | Path) -> Path:
+    """``path``, or the last.pt (else best.pt) of a run folder."""
     path = Path(path)
     if path.is_dir():
         for name in ("last.pt", "best.pt"):
             if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise ReslabError(f"{path} is a folder with no last.pt or best.pt in it")
+                return path / name
+        raise ReslabError(f"{path} is a folder with no last.pt or best.pt in it")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint; every way a file can be wrong is a one-line ``ReslabError``."""
+    path = checkpoint_file(path)
+    payload = read_torch_file(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ReslabError(
+            f"{path} is not a reslab checkpoint (no '{FORMAT}' tag); a bare state dict can be "
+            "loaded into a model built with reslab.create_model"
+        )
+    return payload
+
+
+def read_torch_file(path: Path):
+    """What ``torch.save`` wrote to ``path``, read without running pickled code; a missing,
+    truncated or foreign file is a one-line ``ReslabError``."""
     if not path.is_file():
         raise ReslabError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
-        head = f.read(1)
-    if head and not zipfile.is_zipfile(path) and head != PICKLE_PROTO:
+        head = f.read(4)
+    if head == ZIP_MAGIC and not zipfile.is_zipfile(path):
+        raise ReslabError(
+            f"{path} is truncated or not a PyTorch checkpoint (a zip file without its end)"
+        )
+    if head and not zipfile.is_zipfile(path) and head[:1] != PICKLE_PROTO:
         # the weights-only unpickler would call any other file "objects that need code"
         raise ReslabError(
             f"{path} is not a PyTorch checkpoint (neither torch.save's zip format nor a "
@@ -97,7 +119,10 @@ def load_checkpoint(path: str | Path) -> dict:
         with warnings.catch_warnings():
             # on a bare pickle torch warns about its protocol before the refusal below says why
             warnings.simplefilter("ignore", UserWarning)
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            # timm's and torchvision's training scripts save their argparse options beside the
+            # weights; a Namespace holds plain values, so it is let through
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ReslabError(
             f"refused to load {path}: it holds Python objects that need arbitrary code to "
@@ -109,11 +134,6 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ReslabError(
             f"{path} is truncated or not a PyTorch checkpoint ({type(error).__name__})"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ReslabError(
-            f"{path} is not a reslab checkpoint (no '{FORMAT}' tag); a bare state dict can be "
-            "loaded into a model built with reslab.create_model"
-        )
     return payload
 
 

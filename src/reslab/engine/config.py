@@ -18,8 +18,10 @@ from reslab.errors import ReslabError, check_whole, finite_positive
 from reslab.models import BLOCKS, list_models, model_defaults
 from reslab.models.resnet import check_se
 from reslab.precision import PRECISIONS
+from reslab.weights import read_weights
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
+CROPS = ("pad", "resized")
 SCHEDULES = ("onecycle", "cosine", "step", "none")
 # the flags that are constructor arguments of the model: they go to model_kwargs
 MODEL_KEYS = ("stem", "width", "widths", "shortcut", "se", "zero_init_residual")
@@ -34,6 +36,9 @@ class TrainConfig:
     # num_classes come from the data
     model: str = "resnet18"
     model_kwargs: dict = field(default_factory=dict)
+    # pretrained weights to start from (reslab.weights): imagenet, IMAGENET1K_V1/V2, a
+    # .pth/.pt/.safetensors file, or a reslab checkpoint or run folder; None = random
+    weights: str | None = None
     # data: None = Fashion-MNIST (system dir, then data_dir, then download); else an
     # ImageFolder tree with train/ and val/, or one tree split by val_fraction
     data: str | None = None
@@ -44,6 +49,9 @@ class TrainConfig:
     plan_data: list = field(default_factory=list)
     val_fraction: float = 0.1
     image_size: int | None = None  # None: 28 for Fashion-MNIST, 64 for folders
+    # folders: evaluation images have their shorter side resized to this and a centre crop of
+    # image_size taken, as torchvision's ImageNet transforms do; 0 = the whole image squashed
+    resize: int = 0
     normalize: bool = True  # subtract the training set's mean, divide by its std
     verify: bool = True  # check Fashion-MNIST files against the release's SHA-256
     workers: int = 2  # DataLoader workers decoding image-folder files
@@ -82,6 +90,9 @@ class TrainConfig:
     # batch augmentation: random crop with crop_padding zero pixels, horizontal flip, random
     # erasing with probability erasing
     augment: bool = True
+    # pad: the padded random crop; resized: a random crop of 8-100% of the image's area and
+    # aspect ratio 3/4-4/3 resized to image_size (Szegedy et al. 2015), for photos
+    crop: str = "pad"
     crop_padding: int = 2
     erasing: float = 0.25
     # the last clean_epochs epochs train on whole images (flip only: no crop, erasing or
@@ -214,9 +225,34 @@ def build_config(preset: str = "default", **overrides) -> TrainConfig:
     """A preset's config with ``overrides`` (only the values the user actually gave)."""
     if preset not in PRESETS:
         raise ReslabError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    config = replace(TrainConfig(preset=preset, **PRESETS[preset]), **overrides)
+    values = PRESETS[preset]
+    if overrides.get("weights"):
+        values = with_weights(values, overrides)
+    config = replace(TrainConfig(preset=preset, **values), **overrides)
     validate(config)
     return config
+
+
+def with_weights(values: dict, overrides: dict) -> dict:
+    """A preset's values for a run that starts from pretrained weights: the architecture and
+    the preprocessing the weights record (input size, resize and centre crop, and for photos
+    the random resized crop), under the values the user gave. The preset's own model
+    arguments (stem, width) are dropped: the weights fix the network."""
+    values = dict(values)
+    _, info = read_weights(overrides["weights"], overrides.get("model", values["model"]), False)
+    if "model" not in overrides and info.model is not None:
+        values["model"] = info.model["name"]
+    recorded = info.model["kwargs"] if info.model and info.model["name"] == values["model"] else {}
+    values["model_kwargs"] = {
+        k: v for k, v in recorded.items() if k not in ("num_classes", "in_channels")
+    }
+    values["image_size"], values["resize"] = info.size, info.resize
+    if info.resize and "image_size" in overrides:
+        # the same share of the image in the centre crop at another size
+        values["resize"] = round(overrides["image_size"] * info.resize / info.size)
+    if info.resize:
+        values["crop"] = "resized"
+    return values
 
 
 def check_device(device: str) -> None:
@@ -251,6 +287,7 @@ def _check_names_and_counts(config: TrainConfig) -> None:
         ("optimizer", OPTIMIZERS),
         ("schedule", SCHEDULES),
         ("precision", PRECISIONS),
+        ("crop", CROPS),
     ):
         if getattr(config, name) not in allowed:
             raise ReslabError(f"--{name} must be one of {allowed}, got {getattr(config, name)!r}")
@@ -343,6 +380,12 @@ def _check_run(config: TrainConfig) -> None:
         raise ReslabError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
     if config.image_size is not None and config.image_size < 8:
         raise ReslabError(f"--image-size must be at least 8, got {config.image_size}")
+    check_whole("resize", config.resize, least=0)
+    if config.resize and config.resize < (config.image_size or 0):
+        raise ReslabError(
+            f"--resize {config.resize} is smaller than --image-size {config.image_size}, the "
+            "centre crop taken from it; give at least that, or 0 to squash whole images"
+        )
     if min(config.crop_padding, config.workers, config.threads, config.processes) < 0:
         raise ReslabError("--crop-padding, --workers, --threads and --processes must be >= 0")
     if not isinstance(config.save_every, int) or config.save_every < 0:

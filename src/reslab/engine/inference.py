@@ -69,7 +69,8 @@ class Classifier:
 
     def read(self, source: str | Path | bytes, name: str | None = None) -> torch.Tensor:
         """An image file or its bytes as uint8 (C, S, S), converted as training read images."""
-        return open_image(source, self.spec.channels, self.spec.source_size, name)
+        spec = self.spec
+        return open_image(source, spec.channels, spec.source_size, name, spec.resize)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, S, S) -> (N, K) class probabilities, averaged over the test views."""
@@ -87,7 +88,7 @@ class Classifier:
         ]
 
 
-def _folder_batches(root: Path, classes: list[str], size: int, batch_size: int, workers: int):
+def _folder_batches(root: Path, classes: list[str], spec: InputSpec, batch_size: int, workers: int):
     """All images of ``root``, or of its held-out folder (val/, test/, ...) when it has one,
     with the checkpoint's classes."""
     held_out = held_out_folder(root)
@@ -105,7 +106,7 @@ def _folder_batches(root: Path, classes: list[str], size: int, batch_size: int, 
         )
     index = list(range(len(samples)))
     loader = torch.utils.data.DataLoader(
-        FolderDataset(samples, size),
+        FolderDataset(samples, spec.source_size, spec.resize),
         batch_sampler=[index[i : i + batch_size] for i in range(0, len(index), batch_size)],
         num_workers=workers,
     )
@@ -129,7 +130,7 @@ def evaluate_checkpoint(
     classes = payload["classes"]
     if data is not None:
         batches, description = _folder_batches(
-            Path(data), classes, spec.source_size, batch_size, config.workers
+            Path(data), classes, spec, batch_size, config.workers
         )
     else:
         source = open_source(replace(config, data_dir=data_dir or config.data_dir))
@@ -208,7 +209,9 @@ def explain_files(
     spec = InputSpec.from_dict(payload["input"])
     model = model_from_checkpoint(payload).eval()
     find_layer(model, layer)  # a wrong name fails before the images are read
-    images = torch.stack([open_image(p, spec.channels, spec.source_size) for p in paths])
+    images = torch.stack(
+        [open_image(p, spec.channels, spec.source_size, resize=spec.resize) for p in paths]
+    )
     originals = [_upright(p) for p in paths]
     cams, logits, explained = grad_cam_logits(model, to_input(images, spec), target, layer)
     probs = logits.softmax(1).gather(1, explained[:, None])[:, 0]

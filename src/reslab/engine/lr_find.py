@@ -117,8 +117,8 @@ def lr_find(
         config.precision = "fp32"  # timing both precisions would cost more than the test
     source = prepare(config, world, console)
     plan_for_data(config, source, console)
-    run_dir = new_run_dir(config)
-    state = build_state(config, source, run_dir)
+    state = build_state(config, source, Path("."), console, pretrained=True)
+    state.run_dir = run_dir = new_run_dir(config)
     state.loop.epochs = None  # until the recorder stops it
     # each group's rate relative to the head's, so that the test sweeps the head's rate and
     # discriminative rates keep their slice below it

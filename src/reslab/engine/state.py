@@ -30,6 +30,7 @@ from reslab.engine.loop import Hook, Loop
 from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.precision import bf16_supported
+from reslab.weights import WeightsInfo, fit_weights, read_weights
 
 
 def open_source(config: TrainConfig) -> Source:
@@ -42,6 +43,8 @@ def open_source(config: TrainConfig) -> Source:
         seed=config.seed,
         workers=config.workers,
         strict=config.strict,
+        resize=config.resize,
+        whole_train=config.augment and config.crop == "resized",
     )
 
 
@@ -85,16 +88,34 @@ def prepare(config: TrainConfig, world, console: Console) -> Source:
     return source
 
 
-def input_spec(config: TrainConfig, source: Source) -> InputSpec:
+def input_spec(
+    config: TrainConfig, source: Source, weights: WeightsInfo | None = None
+) -> InputSpec:
+    """How the run's images become model input; pretrained ``weights`` bring the mean and
+    std they were trained with (averaged over channels when the data has fewer)."""
     channels = source.channels
+    mean, std = tuple(source.mean), tuple(source.std)
+    if weights is not None:
+        mean, std = (per_channel(values, channels) for values in (weights.mean, weights.std))
     return InputSpec(
         size=config.image_size or source.size,
         source_size=source.size,
         channels=channels,
-        mean=tuple(source.mean) if config.normalize else (0.0,) * channels,
-        std=tuple(source.std) if config.normalize else (1.0,) * channels,
+        mean=mean if config.normalize else (0.0,) * channels,
+        std=std if config.normalize else (1.0,) * channels,
         stem=config.model_kwargs.get("stem", "registry default"),
+        resize=getattr(source, "resize", 0),
     )
+
+
+def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """A statistic per channel for ``channels`` inputs: as it is, repeated from one channel,
+    or averaged for one channel from several."""
+    if len(values) == channels:
+        return tuple(values)
+    if len(values) == 1:
+        return tuple(values) * channels
+    return (sum(values) / len(values),) * channels
 
 
 def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -180,6 +201,7 @@ class TrainState:
     draws: torch.Generator | None = None
     sums: tuple[float, int, int] = (0.0, 0, 0)
     resume_progress: dict | None = None
+    weights: dict | None = None  # the pretrained weights' WeightsInfo.to_dict(), if any
 
     @property
     def eval_model(self) -> nn.Module:
@@ -214,10 +236,33 @@ class TrainState:
         self.loop.stop = value
 
 
-def build_state(config: TrainConfig, source: Source, run_dir: Path) -> TrainState:
+def read_pretrained(config: TrainConfig, console: Console | None) -> tuple[dict, WeightsInfo]:
+    """The weights ``config.weights`` names, and their info."""
+    tensors, info = read_weights(config.weights, config.model)
+    if console is not None:
+        say(console, f"weights: {info.source}")
+    return tensors, info
+
+
+def build_state(
+    config: TrainConfig,
+    source: Source,
+    run_dir: Path,
+    console: Console | None = None,
+    pretrained: bool = False,
+) -> TrainState:
+    """A fresh run's state; with ``pretrained`` the weights ``config.weights`` names, if any,
+    are fitted into the model before the average and the optimizer are made from it. Callers
+    make the run folder after this, so that weights that do not fit leave none behind."""
     kwargs = {**config.model_kwargs, "in_channels": source.channels}
     kwargs["num_classes"] = len(source.classes)
-    model = create_model(config.model, **kwargs).to(config.device)
+    model = create_model(config.model, **kwargs)
+    info = None
+    if pretrained and config.weights:
+        tensors, info = read_pretrained(config, console)
+        report = (lambda text: say(console, text)) if console is not None else None
+        fit_weights(model, tensors, info, report, source.classes)
+    model = model.to(config.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return TrainState(
@@ -227,8 +272,9 @@ def build_state(config: TrainConfig, source: Source, run_dir: Path) -> TrainStat
         make_optimizer(config, model),
         run_dir,
         source.classes,
-        input_spec(config, source),
+        input_spec(config, source, info),
         loop=Loop(epochs=config.epochs),
+        weights=info.to_dict() if info is not None else None,
     )
 
 
@@ -241,6 +287,7 @@ def checkpoint_payload(state: TrainState, evaluation: Evaluation | None) -> dict
         "config": state.config.to_dict(),
         "classes": list(state.classes),
         "input": state.spec.to_dict(),
+        "weights": state.weights,
         "best_accuracy": state.best_accuracy,
         "test_accuracy": evaluation.accuracy if evaluation else None,
         "progress": None,
@@ -267,6 +314,7 @@ def restore(state: TrainState, payload: dict) -> None:
     state.optimizer.load_state_dict(payload["optimizer"])
     state.loop.epoch, state.loop.step = payload["epoch"], payload["step"]
     state.best_accuracy = payload["best_accuracy"]
+    state.weights = payload.get("weights")
     torch.set_rng_state(payload["rng"]["torch"])
     state.resume_progress = payload.get("progress")
     if state.resume_progress is not None:

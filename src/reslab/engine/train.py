@@ -371,9 +371,9 @@ def fit(
     if payload is None:
         plan_for_data(config, source, console)
     replan = plan_budget(config, source, world, budget, console, payload is not None)
-    if world.is_main:
-        run_dir = run_dir or new_run_dir(config)
-    state = build_state(config, source, run_dir or Path("."))
+    state = build_state(config, source, Path("."), console, pretrained=payload is None)
+    run_dir = (run_dir or new_run_dir(config)) if world.is_main else run_dir
+    state.run_dir = run_dir or Path(".")
     state.world = world
     if payload is not None:
         restore(state, payload)
