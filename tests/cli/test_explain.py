@@ -1,5 +1,5 @@
-"""`reslab explain` and `predict --explain`: overlays written beside the images, and the bad
-inputs each answered in one line."""
+"""`reslab explain`, `predict --explain` and `eval --top-losses`: pictures of what a trained
+model does, and the bad inputs each answered in one line."""
 
 from __future__ import annotations
 
@@ -82,3 +82,14 @@ def test_bad_input_is_one_line_and_writes_nothing(run, image, tmp_path, capsys):
     fails(capsys, ["explain", str(run), str(image), "--layer", "layer7"], "layer1, layer2")
     fails(capsys, ["predict", str(run), str(image), "--layer", "layer2"], "add --explain")
     assert not (tmp_path / "shirt.gradcam.png").exists()
+
+
+def test_eval_draws_the_top_losses_in_the_run_folder(run, capsys, monkeypatch):
+    from reslab.data import fashion_mnist
+
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", run.parent / "no-system-dir")
+    assert main(["eval", str(run / "last.pt"), "--top-losses", "4"]) == 0
+    assert f"top losses: {run / 'top_losses.png'}" in capsys.readouterr().out
+    assert Image.open(run / "top_losses.png").size[0] > 400
+    assert main(["eval", str(run), "--top-losses", "-1"]) == 2
+    assert "--top-losses must be a whole number >= 0" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -11,7 +12,8 @@ from reslab.cli.predict import add_inference_flags
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.evaluate import Evaluation
 from reslab.engine.inference import evaluate_checkpoint
-from reslab.errors import ReslabError
+from reslab.engine.plots import save_figure, top_losses_figure
+from reslab.errors import ReslabError, check_whole
 
 
 def register(subparsers) -> None:
@@ -27,6 +29,15 @@ def register(subparsers) -> None:
     parser.add_argument("--data-dir", help="where the Fashion-MNIST files are")
     parser.add_argument(
         "--batch-size", type=int, default=500, help="images per forward pass (default %(default)s)"
+    )
+    parser.add_argument(
+        "--top-losses",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also draw the N test images with the highest loss, each with its predicted "
+        "class, probability and true class, into top_losses.png in the run folder (the "
+        "checkpoint's folder); 0 = off (default %(default)s)",
     )
     add_inference_flags(parser)
     parser.set_defaults(func=run)
@@ -50,6 +61,7 @@ def print_evaluation(console: Console, evaluation: Evaluation, classes: list[str
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ReslabError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_whole("top-losses", args.top_losses, least=0)
     payload = load_checkpoint(args.checkpoint)
     evaluation, description = evaluate_checkpoint(
         payload,
@@ -59,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         shift=args.tta_shift,
+        top=args.top_losses,
     )
     console = Console()
     console.print(f"data: {description}", markup=False, highlight=False)
@@ -70,4 +83,9 @@ def run(args: argparse.Namespace) -> int:
         markup=False,
         highlight=False,
     )
+    if evaluation.top_losses is not None:
+        folder = Path(args.checkpoint)
+        path = (folder if folder.is_dir() else folder.parent) / "top_losses.png"
+        save_figure(top_losses_figure(evaluation.top_losses, payload["classes"]), path)
+        console.print(f"top losses: {path}", markup=False, highlight=False)
     return 0

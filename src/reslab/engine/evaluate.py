@@ -14,11 +14,33 @@ from reslab.fast import autocast
 
 
 @dataclass
+class TopLosses:
+    """The test images with the highest loss, highest first (fastai's ``top_losses``)."""
+
+    images: torch.Tensor  # (n, C, H, W) uint8, as the data source gives them
+    labels: torch.Tensor  # (n,) true classes
+    predicted: torch.Tensor  # (n,) the model's classes
+    probability: torch.Tensor  # (n,) the model's probability of its class
+    loss: torch.Tensor  # (n,) cross entropy
+
+    def merged(self, other: TopLosses | None, n: int) -> TopLosses:
+        """The ``n`` highest of both (of this one alone when ``other`` is None)."""
+        parts = [self] if other is None else [self, other]
+        loss = torch.cat([p.loss for p in parts])
+        keep = loss.topk(min(n, len(loss))).indices
+        return TopLosses(*(torch.cat([getattr(p, f) for p in parts])[keep] for f in TOP_FIELDS))
+
+
+TOP_FIELDS = ("images", "labels", "predicted", "probability", "loss")
+
+
+@dataclass
 class Evaluation:
     loss: float  # mean cross entropy, without label smoothing
     accuracy: float  # fraction correct
     confusion: torch.Tensor  # (K, K) int64, rows = true class, columns = prediction
     views: int = 1  # test-time views averaged for each image (:func:`view_count`)
+    top_losses: TopLosses | None = None  # with evaluate(top=n)
 
     @property
     def per_class(self) -> torch.Tensor:
@@ -81,15 +103,23 @@ def evaluate(
     channels_last: bool = False,
     tta: bool = False,
     shift: int = 0,
+    top: int = 0,
 ) -> Evaluation:
+    """Loss, accuracy and confusion over ``batches`` of (uint8 images, labels); with
+    ``top``, also the ``top`` images with the highest loss."""
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    loss_sum, count = 0.0, 0
+    loss_sum, count, worst = 0.0, 0, None
     try:
         for images, labels in batches:
             out = logits(model, images, spec, precision, channels_last, tta, shift)
             loss_sum += F.cross_entropy(out, labels, reduction="sum").item()
+            if top:
+                probability, predicted = out.softmax(1).max(1)
+                losses = F.cross_entropy(out, labels, reduction="none")
+                found = TopLosses(images.cpu(), labels, predicted, probability, losses)
+                worst = found.merged(worst, top)
             count += len(labels)
             pairs = labels * num_classes + out.argmax(1)
             confusion += torch.bincount(pairs, minlength=num_classes**2).view(
@@ -99,5 +129,5 @@ def evaluate(
         model.train(was_training)
     correct = confusion.diag().sum().item()
     return Evaluation(
-        loss_sum / max(count, 1), correct / max(count, 1), confusion, view_count(tta, shift)
+        loss_sum / max(count, 1), correct / max(count, 1), confusion, view_count(tta, shift), worst
     )

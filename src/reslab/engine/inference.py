@@ -121,8 +121,10 @@ def evaluate_checkpoint(
     precision: str = "fp32",
     compile: bool = False,
     shift: int | None = None,
+    top: int = 0,
 ) -> tuple[Evaluation, str]:
-    """Evaluate on ``data`` (a folder), else on the test split of the data it was trained on.
+    """Evaluate on ``data`` (a folder), else on the test split of the data it was trained on;
+    with ``top``, keep the ``top`` images of highest loss (:class:`TopLosses`).
 
     fp32 by default, so the numbers equal an fp32 training run's evaluation (folding batch norm
     changes outputs by float rounding only)."""
@@ -137,7 +139,7 @@ def evaluate_checkpoint(
         batches, description = source.test_batches(batch_size), source.description
     # the prepared model takes fp32 NCHW batches and handles layout and precision itself
     evaluation = evaluate(
-        model, batches, spec, len(classes), tta=config.tta, shift=config.tta_shift
+        model, batches, spec, len(classes), tta=config.tta, shift=config.tta_shift, top=top
     )
     return evaluation, description
 

@@ -45,6 +45,16 @@ def plot_confusion(confusion: torch.Tensor, classes: tuple[str, ...], path: Path
     plt.close(fig)
 
 
+def save_figure(fig, path: Path) -> Path:
+    """A figure written to ``path`` as a PNG whole or not at all, then closed."""
+    from reslab.engine.checkpoint import atomic_write
+
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        pyplot().close(fig)
+
+
 def confusion_figure(confusion: torch.Tensor, classes: tuple[str, ...]):
     """Counts with true class as rows, predictions as columns, each row's share as colour."""
     plt = pyplot()
@@ -62,4 +72,29 @@ def confusion_figure(confusion: torch.Tensor, classes: tuple[str, ...]):
     accuracy = confusion.diag().sum().item() / max(confusion.sum().item(), 1)
     ax.set_title(f"confusion matrix, accuracy {100 * accuracy:.2f}%")
     fig.tight_layout()
+    return fig
+
+
+def top_losses_figure(top, classes: list[str], columns: int = 5):
+    """fastai's ``plot_top_losses``: each image (highest loss first) titled with the model's
+    class and its probability, the true class and the loss."""
+    plt = pyplot()
+    n = len(top.loss)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.4 * columns, 2.9 * rows), squeeze=False, layout="constrained"
+    )
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= n:
+            continue
+        image = top.images[index].permute(1, 2, 0).numpy()  # (H, W, C) uint8
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(
+            f"predicted {classes[int(top.predicted[index])]} "
+            f"{100 * float(top.probability[index]):.0f}%\n"
+            f"true {classes[int(top.labels[index])]}, loss {float(top.loss[index]):.2f}",
+            fontsize=8,
+        )
+    fig.suptitle("top losses: predicted (probability) / true class / loss")
     return fig
