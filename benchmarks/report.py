@@ -507,6 +507,57 @@ def seed_screen(files: list[tuple[Path, dict]]) -> list[str]:
     ]
 
 
+def serve_load(files: list[tuple[Path, dict]]) -> list[str]:
+    headers = ["result file", "fast path", "clients", "req/s", "p50 ms", "p99 ms", "failed"]
+    headers += ["mean batch", "decode ms", "model ms", "rest ms", "load avg start, end"]
+    headers += ["machine"]
+    rows = []
+    for path, data in files:
+        load = [get(data, key, 0) for key in ("load_average_start", "load_average_end")]
+        load_text = ", ".join(number(v, 2) for v in load if v is not None) or DASH
+        for r in data.get("results") or []:
+            if r.get("route"):  # the bare-HTTP baseline row, shown below the table
+                continue
+            rows.append(
+                [
+                    link(path),
+                    "on" if r.get("fast") else "off",
+                    compact(r.get("clients", DASH)),
+                    number(r.get("requests_per_s"), 0),
+                    number(r.get("p50_ms"), 1),
+                    number(r.get("p99_ms"), 1),
+                    compact(r.get("failed", DASH)),
+                    number(r.get("mean_batch"), 1),
+                    number(r.get("decode_ms"), 2),
+                    number(r.get("model_ms"), 2),
+                    number(r.get("rest_ms"), 2),
+                    load_text,
+                    machine(data.get("machine")),
+                ]
+            )
+    bare = [
+        f"{link(path)}: {number(r.get('requests_per_s'), 0)} req/s at "
+        f"{compact(r.get('clients'))} clients"
+        for path, data in files
+        for r in data.get("results") or []
+        if r.get("route") == "GET /health"
+    ]
+    return [
+        "## Serving: `reslab serve` under load (`benchmarks/serve_load.py`)",
+        "",
+        "`POST /predict` with one Fashion-MNIST test image over loopback, each client a",
+        "keep-alive connection sending its next request when the last is answered; server and",
+        "load generator on the same cores, shared with other work (the load average says how",
+        "much). decode, model: the server's milliseconds per request in each stage (a batch's",
+        "model time divided by its size); rest: the cores' time per request (cores / req/s)",
+        "left for HTTP, the form, JSON, the event loop and the load generator.",
+        "",
+        *table(headers, rows),
+        "",
+        *(["Bare HTTP, `GET /health`: " + "; ".join(bare) + ".", ""] if bare else []),
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("fashion_mnist-*.json", classification),
     ("seed_screen-*.json", seed_screen),
@@ -516,6 +567,7 @@ SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("bench-*.json", bench),
     ("train_step-*.json", train_step),
     ("kernels-*.json", kernels),
+    ("serve_load-*.json", serve_load),
 ]
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from reslab.bench import machine_info
+from reslab.engine.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -222,6 +223,15 @@ def main() -> None:
     png = test_png()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = args.checkpoint or default_checkpoint(folder)
+        payload = load_checkpoint(checkpoint)
+        model = {
+            "name": payload["model"]["name"],
+            "kwargs": payload["model"]["kwargs"],
+            "preset": payload["config"].get("preset"),
+            "epochs": payload["config"].get("epochs"),
+            "tta": payload["config"].get("tta"),
+            "test_accuracy": payload.get("test_accuracy"),
+        }
         started = time.perf_counter()
         rows = [row for fast in (True, False) for row in measure(checkpoint, fast, args, png)]
         wall = time.perf_counter() - started
@@ -234,7 +244,8 @@ def main() -> None:
     path = RESULTS / f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {
         "machine": info,
-        "checkpoint": args.checkpoint or "default preset, 1 epoch, trained by this script",
+        "checkpoint": args.checkpoint or "trained for one epoch by this script",
+        "model": model,
         "image": "Fashion-MNIST test image 0, PNG, multipart form",
         "seconds_per_level": args.seconds,
         "max_batch": args.max_batch,
