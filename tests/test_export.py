@@ -99,3 +99,36 @@ def test_export_command(model, tmp_path, capsys, fmt):
         x = torch.randn(2, 1, 28, 28)
         with torch.no_grad():
             torch.testing.assert_close(reslab.load(out)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_every_format_carries_classes_input_and_weights_source(model, tmp_path):
+    """A served model must answer with its own classes, not its pretrained weights' ImageNet
+    ones: the checkpoint's classes, input transform and weights' source go into each file."""
+    import onnx
+
+    from reslab.cli import main
+    from reslab.export import ABOUT
+
+    about = {
+        "classes": [f"class {i}" for i in range(10)],
+        "input": {"size": 28, "resize": 32, "channels": 1, "mean": [0.3], "std": [0.35]},
+        "weights": {"source": "runs/fmnist/last.pt (reslab checkpoint of resnet18)"},
+    }
+    save_checkpoint(tmp_path / "run" / "last.pt", make_payload(model, **about))
+    found = {}
+    for fmt in ("onnx", "safetensors", "torchscript"):
+        out = tmp_path / f"m-{fmt}.{fmt}"
+        argv = ["export", str(tmp_path / "run"), "--format", fmt, "--out", str(out)]
+        assert main(argv + (["--fold-bn"] if fmt == "onnx" else [])) == 0
+        if fmt == "onnx":
+            found[fmt] = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+        elif fmt == "safetensors":
+            with safe_open(str(out), framework="pt") as f:
+                found[fmt] = f.metadata()
+            assert reslab.load(out).about == about  # and back again
+        else:
+            files = dict.fromkeys(ABOUT, "")
+            torch.jit.load(str(out), _extra_files=files)
+            found[fmt] = files
+    for fmt, strings in found.items():
+        assert {key: json.loads(strings[key]) for key in ABOUT} == about, fmt

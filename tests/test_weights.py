@@ -188,3 +188,19 @@ def test_bad_weights_leave_no_run_folder(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and err[-1].startswith("reslab: error: "), err
         assert not out.exists()
+
+
+def test_predict_reads_images_as_the_weights_preprocessing_says(tmp_path):
+    from reslab.engine.config import TrainConfig
+    from reslab.engine.inference import Classifier
+
+    picture = Image.new("RGB", (60, 20), (255, 0, 0))
+    picture.paste((0, 255, 0), (20, 0, 40, 20))  # a green middle between red sides
+    picture.save(tmp_path / "bands.png")
+    net = reslab.create_model("resnet18", width=0.125, num_classes=2)
+    spec = InputSpec(16, 16, 3, (0.5,) * 3, (0.25,) * 3, "imagenet", resize=20)
+    payload = make_payload(
+        net, config=TrainConfig().to_dict(), classes=["a", "b"], input=spec.to_dict()
+    )
+    image = Classifier(payload, precision="fp32", fast_path=False).read(tmp_path / "bands.png")
+    assert image.shape == (3, 16, 16) and image[1].min() >= 250 and image[0].max() <= 5

@@ -3,6 +3,11 @@
 safetensors files carry the model's registry name, constructor arguments and whether batch
 norm was folded in their string metadata, so :func:`load` rebuilds the model from the file
 alone, as it does from a reslab checkpoint.
+
+What a served model must answer with travels into every format (:data:`ABOUT`): the class
+names, the input transform (size, resize and centre crop, mean, std, channels) and the
+pretrained weights' source, each a JSON string: safetensors metadata, ONNX metadata_props,
+TorchScript extra files. :func:`load` puts them on the model as ``model.about``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,18 @@ from reslab.models import create_model
 FORMATS = ("onnx", "safetensors", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".pt"}
 METADATA_FORMAT = "reslab-safetensors"
+# a checkpoint's entries that go into every export, as JSON strings under these keys
+ABOUT = ("classes", "input", "weights")
+
+
+def about_strings(model: nn.Module) -> dict[str, str]:
+    """``model.about`` (set by :func:`load`) as the JSON strings every format stores."""
+    about = getattr(model, "about", {})
+    return {key: json.dumps(about[key]) for key in ABOUT if about.get(key) is not None}
+
+
+def about_from_strings(strings: dict[str, str]) -> dict:
+    return {key: json.loads(strings[key]) for key in ABOUT if key in strings}
 
 
 def _spec(model: nn.Module) -> dict:
@@ -42,6 +59,7 @@ def save_safetensors(model: nn.Module, path: str | Path, folded: bool = False) -
         "name": spec["name"],
         "kwargs": json.dumps(spec["kwargs"], sort_keys=True),
         "folded": json.dumps(folded),
+        **about_strings(model),
     }
     # contiguous NCHW copies: the file must not depend on the model's memory format
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -68,18 +86,23 @@ def load_safetensors(path: str | Path) -> nn.Module:
         model = fold_batchnorm(model)  # the same structure the weights were folded into
         model.spec = spec
     model.load_state_dict(state_dict, strict=True)
+    model.about = about_from_strings(metadata)
     return model.eval()
 
 
 def load(path: str | Path) -> nn.Module:
     """Rebuild a model from a reslab ``.safetensors`` file or a reslab checkpoint (or its folder).
 
-    The model comes back in eval mode, on the CPU, in fp32.
+    The model comes back in eval mode, on the CPU, in fp32, with ``model.about``: the class
+    names, input transform and pretrained weights' source the file records (:data:`ABOUT`).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_safetensors(path)
-    return model_from_checkpoint(load_checkpoint(path)).eval()
+    payload = load_checkpoint(path)
+    model = model_from_checkpoint(payload).eval()
+    model.about = {key: payload[key] for key in ABOUT if payload.get(key) is not None}
+    return model
 
 
 def export_onnx(
@@ -106,6 +129,7 @@ def export_onnx(
         dynamo=True,
         verbose=False,
     )
+    program.model.metadata_props.update(about_strings(model))
     program.save(str(path))
     check = torch.randn(batch + 1, *input_shape)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -123,7 +147,8 @@ def export_torchscript(model: nn.Module, path: str | Path, input_shape: tuple[in
     model = model.eval()
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(2, *input_shape))
-    return atomic_write(path, lambda f: torch.jit.save(traced, f))
+    extra = about_strings(model)
+    return atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files=extra))
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, int, int]:

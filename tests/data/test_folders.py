@@ -128,3 +128,17 @@ def test_one_class_is_a_clear_error(tmp_path):
     make_tree(tmp_path / "cats", classes=("cat",))
     with pytest.raises(ReslabError, match=r"one class folder \(cat\); a classifier needs two"):
         FolderSource(tmp_path / "cats")
+
+
+def test_centre_crop_keeps_the_middle_and_the_shorter_side(tmp_path):
+    # three vertical bands, red | green | blue, in a 60x20 image: resizing the shorter side to
+    # 20 and cropping 20x20 keeps the green middle alone; squashing keeps all three
+    picture = Image.new("RGB", (60, 20), (255, 0, 0))
+    picture.paste((0, 255, 0), (20, 0, 40, 20))
+    picture.paste((0, 0, 255), (40, 0, 60, 20))
+    picture.save(tmp_path / "bands.png")
+    crop = open_image(tmp_path / "bands.png", 3, 16, resize=20)
+    assert crop.shape == (3, 16, 16)
+    assert crop[1].min() >= 250 and crop[0].max() <= 5 and crop[2].max() <= 5
+    squashed = open_image(tmp_path / "bands.png", 3, 16)
+    assert squashed[0, :, 0].min() >= 250 and squashed[2, :, -1].min() >= 250

@@ -6,6 +6,7 @@ from reslab.data.transforms import (
     cutmix,
     random_crop,
     random_erasing,
+    random_resized_crop,
     shifted,
     to_input,
 )
@@ -113,3 +114,21 @@ def test_cutmix_off_leaves_the_batch_and_the_draws_alone():
     out, order, lam = cutmix(x, 0.0, g)
     assert out is x and lam == 1.0 and order.tolist() == [0, 1, 2, 3]
     assert torch.equal(g.get_state(), gen().get_state())
+
+
+def test_random_resized_crop_windows_and_draws():
+    x = torch.arange(4 * 16 * 16, dtype=torch.float32).view(4, 1, 16, 16).expand(4, 3, 16, 16)
+    # the whole image at its own size, for a window of all of it: the identity
+    whole = random_resized_crop(x, 16, gen(), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(whole, x)
+    # a quarter of the area at ratio 1: a centred-anywhere 8x8 window stretched to 16x16,
+    # so neighbouring output pixels differ by about half a pixel of the input
+    out = random_resized_crop(x.to(torch.uint8), 16, gen(), scale=(0.25, 0.25), ratio=(1, 1))
+    assert out.shape == (4, 3, 16, 16) and out.dtype == torch.float32
+    steps = out[:, 0, 8, 1:] - out[:, 0, 8, :-1]
+    assert torch.allclose(steps[:, 2:-2], torch.full_like(steps[:, 2:-2], 0.5), atol=1e-4)
+    # the same generator state draws the same windows; another seed others
+    again = random_resized_crop(x, 16, gen(), scale=(0.25, 0.25), ratio=(1, 1))
+    other = random_resized_crop(x, 16, gen(1), scale=(0.25, 0.25), ratio=(1, 1))
+    assert torch.equal(again, random_resized_crop(x, 16, gen(), scale=(0.25, 0.25), ratio=(1, 1)))
+    assert not torch.equal(again, other)

@@ -88,9 +88,12 @@ def conversion_notes(paths: list[str], spec: dict) -> list[str]:
         if mode != wanted_mode or not width == height == size:
             differing.append((path, mode, width, height))
     wanted = f"{'grayscale' if channels == 1 else 'RGB'} {size}x{size}"
+    how = wanted
+    if spec.get("resize"):
+        how += f" (shorter side resized to {spec['resize']}, centre crop)"
     if len(differing) <= NOTES_EACH:
         return [
-            f"note: {path} is {mode} {width}x{height}; converted to {wanted} "
+            f"note: {path} is {mode} {width}x{height}; converted to {how} "
             "as the training images were"
             for path, mode, width, height in differing
         ]
@@ -101,7 +104,7 @@ def conversion_notes(paths: list[str], spec: dict) -> list[str]:
     return [
         f"note: {len(differing)} of {len(paths)} images are not {wanted} "
         f"(mode{'s' if len(modes) > 1 else ''} {', '.join(modes)}, "
-        f"size {sizes}); each was converted to {wanted} as the training images were"
+        f"size {sizes}); each was converted to {how} as the training images were"
     ]
 
 
