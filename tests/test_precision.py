@@ -1,17 +1,13 @@
 """The one rule that resolves --precision auto (reslab/precision.py)."""
 
 import logging
+import random
 
 import pytest
 import torch
 
 from reslab import create_model, fast, precision
 from reslab.errors import ReslabError
-
-
-def native(monkeypatch, value: bool) -> None:
-    flags = {"avx2", "avx512f", "avx512_bf16"} if value else {"avx2", "fma"}
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
 
 
 def fake_measure(fp32: float, bf16: float):
@@ -31,22 +27,61 @@ def test_bf16_detection_reads_cpu_flags(monkeypatch):
     assert not precision.bf16_supported()
 
 
+def native(monkeypatch, value: bool, amx: bool = False) -> None:
+    flags = {"avx2", "avx512f", "avx512_bf16"} if value else {"avx2", "fma"}
+    flags |= {"amx_tile", "amx_bf16"} if amx else set()
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+
+
 @pytest.mark.parametrize(
-    ("fp32", "bf16", "chosen"),
-    [(1.2, 1.0, "bf16"), (1.1, 1.0, "fp32"), (1.0, 2.0, "fp32"), (1.15, 1.0, "bf16")],
+    ("fp32", "bf16", "amx", "chosen"),
+    [
+        (1.6, 1.0, False, "bf16"),  # clearly faster: bf16 whatever the features
+        (0.8, 1.0, True, "fp32"),  # clearly slower: fp32 whatever the features
+        (1.2, 1.0, False, "fp32"),  # the band: AVX512-BF16 alone keeps fp32
+        (1.2, 1.0, True, "bf16"),  # the band: AMX-BF16 takes bf16
+        (1.0, 1.0, True, "bf16"),
+    ],
 )
-def test_auto_keeps_bf16_only_when_timed_at_least_1_15x_faster(monkeypatch, fp32, bf16, chosen):
-    native(monkeypatch, True)
+def test_auto_decides_by_clear_timings_and_by_features_in_between(
+    monkeypatch, fp32, bf16, amx, chosen
+):
+    native(monkeypatch, True, amx)
     measure, timed = fake_measure(fp32, bf16)
     lines = []
     got = precision.resolve_precision("auto", "cpu", measure, lines.append, "an epoch")
     assert got == (chosen, {"fp32": fp32, "bf16": bf16}[chosen])
-    assert timed == ["fp32", "bf16"]
-    assert lines == [
-        f"precision auto: {chosen}; an epoch takes about {fp32:.1f}s in fp32 and {bf16:.1f}s "
-        f"in bf16 here (measured, bf16 {fp32 / bf16:.2f}x), and bf16 is kept only when at "
-        "least 1.15x faster"
-    ]
+    assert timed == ["fp32", "bf16", "bf16", "fp32", "fp32", "bf16"]  # alternate rounds
+    assert len(lines) == 1 and lines[0].startswith(
+        f"precision auto: {chosen}; an epoch takes about {precision.format_seconds(fp32)} in "
+        f"fp32 and {bf16:.1f}s in bf16 here (median of 3 alternate timings, bf16 {fp32 / bf16:.2f}x)"
+    )
+
+
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("true_speedup", [1.0, 1.15, 1.3])
+def test_auto_gives_one_answer_whatever_moment_the_load_strikes(monkeypatch, amx, true_speedup):
+    """Identical commands on one machine: the same true speeds, timed with a jitter of 5%
+    and one timing slowed 5x by a momentary load, at each of the six positions in turn (or
+    none). Every replay must choose the same precision."""
+    native(monkeypatch, True, amx)
+    g = random.Random(0)
+    answers = set()
+
+    def loaded(spike: int):
+        calls = []
+
+        def measure(p: str) -> float:
+            calls.append(p)
+            base = 1.0 if p == "fp32" else 1.0 / true_speedup
+            slow = 5.0 if len(calls) - 1 == spike else 1.0
+            return base * slow * g.uniform(0.95, 1.05)
+
+        return measure
+
+    for spike in [*range(-1, 6)] * 5:
+        answers.add(precision.resolve_precision("auto", "cpu", loaded(spike), lambda _: None)[0])
+    assert len(answers) == 1, answers
 
 
 def test_auto_without_native_bf16_is_fp32_untimed(monkeypatch):
@@ -91,7 +126,7 @@ def test_time_forward_is_the_median_of_timed_calls():
     assert len(calls) == 4 and 0 <= seconds < 1  # one untimed warm-up call
 
 
-@pytest.mark.parametrize(("fp32", "bf16", "chosen"), [(1.2, 1.0, "bf16"), (1.1, 1.0, "fp32")])
+@pytest.mark.parametrize(("fp32", "bf16", "chosen"), [(1.6, 1.0, "bf16"), (1.1, 1.0, "fp32")])
 def test_inference_auto_times_the_prepared_model_in_each(monkeypatch, fp32, bf16, chosen):
     native(monkeypatch, True)
     timed = []
@@ -104,9 +139,10 @@ def test_inference_auto_times_the_prepared_model_in_each(monkeypatch, fp32, bf16
     model = create_model("resnet20", width=0.25, in_channels=1, num_classes=10)
     predictor = fast.prepare_for_inference(model, "auto")
     assert predictor.precision == chosen
-    assert timed == [("fp32", (32, 1, 28, 28)), ("bf16", (32, 1, 28, 28))]
+    order = ["fp32", "bf16", "bf16", "fp32", "fp32", "bf16"]
+    assert timed == [(p, (32, 1, 28, 28)) for p in order]
     native(monkeypatch, False)
-    assert fast.prepare_for_inference(model, "auto").precision == "fp32" and len(timed) == 2
+    assert fast.prepare_for_inference(model, "auto").precision == "fp32" and len(timed) == 6
 
 
 def test_training_auto_times_an_autocast_forward_pass(monkeypatch):

@@ -7,10 +7,15 @@
 - on a CPU without native bf16 (AVX512-BF16 or AMX), fp32, untimed: there oneDNN emulates
   bf16 and runs several times slower than fp32;
 - on a CPU with native bf16, both are timed on the work at hand (``measure``: an epoch for
-  training, :func:`time_forward` of a batch for evaluation, prediction and ``reslab bench``)
-  and bf16 is kept only when it is at least ``BF16_MIN_SPEEDUP`` times faster: with native
-  bf16 alike, the same model trained at 0.92x fp32's rate on one CPU and 1.75x on another
+  training, :func:`time_forward` of a batch for evaluation, prediction and ``reslab bench``),
+  ``TIMING_ROUNDS`` times each, alternately, and the medians compared: with native bf16
+  alike, the same model trained at 0.92x fp32's rate on one CPU and 1.75x on another
   (benchmarks/results/train_step-20261126-010948.json, train_step-20261128-035524.json).
+  bf16 at least ``BF16_MIN_SPEEDUP`` times faster is bf16; at most ``FP32_MIN_SPEEDUP``
+  times as fast (fp32 clearly faster) is fp32; between the two the timing cannot tell them
+  apart under a moment's load, and the CPU's features decide: bf16 with AMX-BF16 (tile units
+  that multiply bf16 matrices in hardware), fp32 with AVX512-BF16 alone. The band keeps
+  identical commands on one machine from training in different precisions.
 
 The choice is reported in one line, so a run's log says what it computed in and why.
 """
@@ -32,9 +37,13 @@ from reslab.errors import ReslabError
 log = logging.getLogger("reslab")
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# bf16 rounds every product to 8 significant bits: only a clear gain is worth that, and a
-# margin keeps timing noise from flipping the choice between two runs
-BF16_MIN_SPEEDUP = 1.15
+# bf16 rounds every product to 8 significant bits: timing alone chooses it only for a clear
+# gain, and fp32 only for a clear loss; the band between is wide enough that a momentary load
+# on a shared machine (one timing several times too slow) moves a median-of-rounds ratio
+# within it rather than across it
+BF16_MIN_SPEEDUP = 1.5
+FP32_MIN_SPEEDUP = 0.87
+TIMING_ROUNDS = 3
 
 
 @functools.cache
@@ -91,8 +100,8 @@ def resolve_precision(
     """(``"fp32"`` or ``"bf16"``, the chosen precision's measured seconds or None).
 
     ``requested`` is ``auto``, ``fp32`` or ``bf16``; ``auto`` follows the module's rule,
-    calling ``measure(precision) -> seconds`` for fp32 and then bf16 only on a CPU with
-    native bf16, and says its choice through ``say`` in one line (``what`` names what
+    calling ``measure(precision) -> seconds`` for each precision ``TIMING_ROUNDS`` times,
+    alternately, only on a CPU with native bf16, and says its choice through ``say`` in one line (``what`` names what
     ``measure`` times). An explicit bf16 on a CPU without native bf16 is honoured, with a
     warning that it will be slow.
     """
@@ -114,15 +123,38 @@ def resolve_precision(
     if measure is None:
         say("precision auto: fp32, nothing was given to time bf16 against it")
         return "fp32", None
-    seconds = {precision: measure(precision) for precision in ("fp32", "bf16")}
+    seconds = alternate_medians(measure)
     speedup = seconds["fp32"] / seconds["bf16"]
-    chosen = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    chosen, why = _decide(speedup)
     say(
         f"precision auto: {chosen}; {what} takes about {format_seconds(seconds['fp32'])} in "
-        f"fp32 and {format_seconds(seconds['bf16'])} in bf16 here (measured, bf16 "
-        f"{speedup:.2f}x), and bf16 is kept only when at least {BF16_MIN_SPEEDUP:g}x faster"
+        f"fp32 and {format_seconds(seconds['bf16'])} in bf16 here (median of "
+        f"{TIMING_ROUNDS} alternate timings, bf16 {speedup:.2f}x): {why}"
     )
     return chosen, seconds[chosen]
+
+
+def alternate_medians(measure: Callable[[str], float]) -> dict[str, float]:
+    """Median seconds of each precision over ``TIMING_ROUNDS`` rounds, timed alternately in
+    the order fp32, bf16, bf16, fp32, ... so that a drift in load weighs on both alike."""
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for round_ in range(TIMING_ROUNDS):
+        order = ("fp32", "bf16") if round_ % 2 == 0 else ("bf16", "fp32")
+        for precision in order:
+            times[precision].append(measure(precision))
+    return {precision: statistics.median(values) for precision, values in times.items()}
+
+
+def _decide(speedup: float) -> tuple[str, str]:
+    """The precision for a measured bf16 ``speedup`` over fp32, and why, in a few words."""
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"at least {BF16_MIN_SPEEDUP:g}x faster"
+    if speedup <= FP32_MIN_SPEEDUP:
+        return "fp32", f"fp32 is clearly faster (bf16 at most {FP32_MIN_SPEEDUP:g}x)"
+    band = f"between {FP32_MIN_SPEEDUP:g}x and {BF16_MIN_SPEEDUP:g}x timing cannot tell"
+    if "amx_bf16" in cpu_flags():
+        return "bf16", f"{band}, and this CPU multiplies bf16 in AMX tiles"
+    return "fp32", f"{band}, and this CPU has no AMX-BF16"
 
 
 def time_forward(call: Callable[[torch.Tensor], object], example: torch.Tensor, runs: int = 3):

@@ -56,7 +56,7 @@ def test_auto_training_precision_times_a_step_in_each(
     lines = []
     console = type("Say", (), {"print": staticmethod(lines.append)})
     got = detect_train.resolve_train_precision(bars_config(tmp_path), console, World())
-    assert got == chosen and timed == ["fp32", "bf16"]
+    assert got == chosen and timed == ["fp32", "bf16", "bf16", "fp32", "fp32", "bf16"]
     assert lines[0].startswith(f"precision auto: {chosen}; a training step takes about")
 
 
@@ -116,7 +116,7 @@ def test_auto_inference_precision_times_one_image_in_each(monkeypatch):
     lines = []
     image = lambda: torch.rand(3, 64, 64)  # noqa: E731
     got = detect_infer.inference_precision(InferConfig(), tiny_detector(), image, lines.append)
-    assert got == "bf16" and seen == ["fp32", "bf16"]
+    assert got == "bf16" and seen == ["fp32", "bf16", "bf16", "fp32", "fp32", "bf16"]
     assert "one image through the detector takes about" in lines[0]
     # the int8 head keeps the trunk in fp32: nothing timed
     seen.clear()

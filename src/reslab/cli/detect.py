@@ -22,7 +22,7 @@ from reslab.cli.detect_train_flags import (
 from reslab.engine.detect_config import DetectConfig, InferConfig, scale_factors, validate_inference
 from reslab.engine.detect_infer import evaluate_checkpoint, predict_files
 from reslab.engine.detect_train import run_training
-from reslab.precision import PRECISIONS
+from reslab.precision import BF16_MIN_SPEEDUP, PRECISIONS
 
 
 def register(subparsers) -> None:
@@ -105,8 +105,9 @@ def _precision_flags(parser, what: str) -> argparse._MutuallyExclusiveGroup:
         choices=PRECISIONS,
         default="auto",
         help="fp32, bf16 (bfloat16 autocast: fast only where the CPU has native bf16, "
-        f"AVX512-BF16 or AMX) or auto: bf16 where {what} is timed at least 1.15x faster in it, "
-        "fp32 otherwise and on CPUs without native bf16 (default %(default)s)",
+        f"AVX512-BF16 or AMX) or auto: where bf16 is native, {what} is timed in both and bf16 "
+        f"kept if clearly faster ({BF16_MIN_SPEEDUP:g}x), the CPU's AMX deciding when timing "
+        "cannot tell; fp32 otherwise (default %(default)s)",
     )
     group.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     return group

@@ -47,7 +47,8 @@ def add_precision_flag(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="bf16 = bfloat16, slow without native bf16 (AVX512-BF16 or AMX); auto = fp32, "
         "unless bf16 is native here and a forward pass timed in each is at least "
-        f"{BF16_MIN_SPEEDUP:g}x faster in bf16 (default: %(default)s)",
+        f"{BF16_MIN_SPEEDUP:g}x faster in bf16, or timing cannot tell and the CPU has AMX "
+        "(default: %(default)s)",
     )
 
 

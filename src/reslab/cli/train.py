@@ -323,7 +323,8 @@ def _run_flags(parser) -> None:
         choices=PRECISIONS,
         help="bf16 = bfloat16 autocast: slow without native bf16 (AVX512-BF16, AMX), and with "
         "it faster on some CPUs and slower on others; auto = time an epoch in both where bf16 "
-        f"is native and keep bf16 if {BF16_MIN_SPEEDUP:g}x faster, else fp32; fp32 on a GPU "
+        f"is native and keep bf16 if {BF16_MIN_SPEEDUP:g}x faster, the CPU's AMX deciding "
+        "when timing cannot tell, else fp32; fp32 on a GPU "
         "(presets: default and best auto, seed fp32)",
     )
     _bool(
