@@ -558,6 +558,97 @@ def serve_load(files: list[tuple[Path, dict]]) -> list[str]:
     ]
 
 
+def load_range(data: dict) -> str:
+    start = get(data, "machine", "load_average_start", 0)
+    return f"{number(start, 1)} -> {number(get(data, 'load_average_end', 0), 1)}"
+
+
+def mean_sd(recipe: object) -> str:
+    """A recipe's mean accuracy and its standard deviation in points."""
+    if not isinstance(recipe, dict) or "mean" not in recipe:
+        return DASH
+    return f"{percent(recipe['mean'])} ± {number(100 * recipe.get('stdev', 0), 2)}"
+
+
+def transfer(files: list[tuple[Path, dict]]) -> list[str]:
+    headers = ["result file", "target images", "epochs", "seeds", "pretrained (source)"]
+    headers += ["scratch", "fine-tuned", "fine-tuned, train_bn", "load", "machine"]
+    rows = []
+    for path, data in files:
+        recipes = data.get("recipes") or {}
+
+        rows.append(
+            [
+                link(path),
+                f"{compact(data.get('per_class', DASH))} a class",
+                compact(data.get("epochs", DASH)),
+                compact(len(get(recipes, "scratch", "runs", default=[]))),
+                percent(get(data, "pretrain", "test_acc")),
+                mean_sd(recipes.get("scratch")),
+                mean_sd(recipes.get("finetune")),
+                mean_sd(recipes.get("finetune_train_bn")),
+                load_range(data),
+                machine(data.get("machine")),
+            ]
+        )
+    return [
+        "## Fine-tuning: transfer (`benchmarks/transfer.py`)",
+        "",
+        "A network pretrained on five Fashion-MNIST classes, fine-tuned on a small folder of the",
+        "other five, against the same network from scratch with the same batch and epochs; test",
+        "accuracy on every test image of the five target classes, mean ± standard deviation",
+        "(points) over the seeds.",
+        "",
+        *table(headers, rows),
+        "",
+    ]
+
+
+def finetune_speed(files: list[tuple[Path, dict]]) -> list[str]:
+    headers = ["result file", "model", "library", "unfrozen", "frozen", "body forward"]
+    headers += ["cached head", "decode PIL / tv.io (1 core)", "frozen phase, cached / not"]
+    headers += ["load", "machine"]
+    rows = []
+    for path, data in files:
+        decode = data.get("decode_img_per_s_one_core") or {}
+        frozen = get(data, "frozen_phase", "seconds", default={})
+        phase = DASH
+        if frozen:
+            phase = (
+                f"{number(frozen.get('cached'), 1)} s / {number(frozen.get('uncached'), 1)} s "
+                f"({get(data, 'frozen_phase', 'epochs')} epochs, "
+                f"{get(data, 'frozen_phase', 'images')} photos)"
+            )
+        for library, rates in (data.get("train_img_per_s") or {}).items():
+            rows.append(
+                [
+                    link(path),
+                    f"{data.get('model', '?')} at {data.get('image_size', '?')} px",
+                    library,
+                    *(
+                        number(rates.get(k), 1)
+                        for k in ("unfrozen", "frozen", "body_forward", "cached_head")
+                    ),
+                    f"{number(decode.get('pil_open_image'), 0)} / "
+                    f"{number(decode.get('torchvision_io'), 0)}",
+                    phase if library == "reslab" else DASH,
+                    load_range(data),
+                    machine(data.get("machine")),
+                ]
+            )
+    return [
+        "## Fine-tuning: speed (`benchmarks/finetune_speed.py`)",
+        "",
+        "Training images/s at 224 px, body unfrozen, frozen (head trained, batch norm in eval",
+        "mode), its forward pass alone, and the head on cached features; reslab's model and",
+        "torchvision's in the same run. Decoding: JPEG photos to 224 px, images/s on one core.",
+        "The frozen phase of a real run on a folder, with `--cache-features` and without.",
+        "",
+        *table(headers, rows),
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("fashion_mnist-*.json", classification),
     ("seed_screen-*.json", seed_screen),
@@ -568,6 +659,8 @@ SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("train_step-*.json", train_step),
     ("kernels-*.json", kernels),
     ("serve_load-*.json", serve_load),
+    ("transfer-*.json", transfer),
+    ("finetune_speed-*.json", finetune_speed),
 ]
 
 

@@ -12,6 +12,7 @@ import json
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -230,3 +231,32 @@ def test_coco_json_with_bad_boxes_through_the_command(tmp_path, capsys):
         ],
         "outside",
     )  # fmt: skip
+
+
+def test_a_folder_with_one_class_leaves_no_run_folder(tmp_path, capsys):
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "cat" / "a.png")
+    out = tmp_path / "run"
+    argv = ["train", *TINY, f"--data={tmp_path / 'one'}", f"--out={out}"]
+    fails_cleanly(capsys, argv, "one class folder (cat)", "two or more")
+    assert not out.exists()
+
+
+def test_16_bit_and_cmyk_images_in_a_folder_are_read_not_skipped(tmp_path, capsys):
+    from reslab.data.folders import open_image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(tmp_path / "pets" / name / f"{i}.png")
+    deep = tmp_path / "pets" / "cat" / "deep.png"
+    Image.fromarray(np.full((12, 12), 40000, dtype=np.uint16)).save(deep)  # 16-bit grey
+    cmyk = tmp_path / "pets" / "dog" / "print.jpg"
+    Image.new("CMYK", (12, 12), (0, 255, 255, 0)).save(cmyk)  # red in print colours
+    assert Image.open(deep).mode.startswith("I") and Image.open(cmyk).mode == "CMYK"
+    args = ["train", *TINY, f"--data={tmp_path / 'pets'}", "--val-fraction=0.3", "--workers=0"]
+    assert main([*args, f"--out={tmp_path / 'ok'}"]) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert open_image(deep, 3, 12).unique().tolist() == [round(40000 * 255 / 65535)]
+    red = open_image(cmyk, 3, 12)[:, 6, 6].tolist()
+    assert red[0] > 200 and max(red[1:]) < 60
