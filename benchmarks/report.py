@@ -508,7 +508,8 @@ def seed_screen(files: list[tuple[Path, dict]]) -> list[str]:
 
 
 def serve_load(files: list[tuple[Path, dict]]) -> list[str]:
-    headers = ["result file", "fast path", "clients", "req/s", "p50 ms", "p99 ms", "failed"]
+    headers = ["result file", "fast path", "threads", "clients", "req/s", "p50 ms", "p99 ms"]
+    headers += ["failed"]
     headers += ["mean batch", "decode ms", "model ms", "rest ms", "load avg start, end"]
     headers += ["machine"]
     rows = []
@@ -522,6 +523,7 @@ def serve_load(files: list[tuple[Path, dict]]) -> list[str]:
                 [
                     link(path),
                     "on" if r.get("fast") else "off",
+                    compact(r.get("threads") or "default"),
                     compact(r.get("clients", DASH)),
                     number(r.get("requests_per_s"), 0),
                     number(r.get("p50_ms"), 1),

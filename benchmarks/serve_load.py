@@ -121,9 +121,10 @@ def get_json(port: int, path: str) -> dict:
         return json.loads(response.read())
 
 
-def start_server(checkpoint: str, fast: bool, max_batch: int, max_wait_ms: float):
+def start_server(checkpoint: str, fast: bool, max_batch: int, max_wait_ms: float, threads: int = 0):
     command = [sys.executable, "-m", "reslab", "serve", checkpoint, "--port", "0"]
     command += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+    command += ["--threads", str(threads)]
     command += [] if fast else ["--no-fast"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     line = server.stdout.readline()  # "serving NAME at http://127.0.0.1:PORT/ (...)"
@@ -155,8 +156,8 @@ def share(before: dict, after: dict, result: dict) -> dict:
     return per
 
 
-def measure(checkpoint: str, fast: bool, args, png: bytes) -> list[dict]:
-    server, port = start_server(checkpoint, fast, args.max_batch, args.max_wait_ms)
+def measure(checkpoint: str, fast: bool, threads: int, args, png: bytes) -> list[dict]:
+    server, port = start_server(checkpoint, fast, args.max_batch, args.max_wait_ms, threads)
     rows = []
     try:
         predict, health = (
@@ -167,14 +168,14 @@ def measure(checkpoint: str, fast: bool, args, png: bytes) -> list[dict]:
             before = get_json(port, "/stats")
             result = asyncio.run(_load(port, predict, clients, args.seconds))
             result.update(share(before, get_json(port, "/stats"), result))
-            result["fast"] = fast
+            result["fast"], result["threads"] = fast, threads
             rows.append(result)
             print(
-                f"  fast={fast} clients={clients}: {result['requests_per_s']} req/s, "
+                f"  fast={fast} threads={threads} clients={clients}: {result['requests_per_s']} req/s, "
                 f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, failed {result['failed']}",
                 flush=True,
             )
-        if fast:
+        if fast and threads == args.threads[0]:
             bare = asyncio.run(_load(port, health, max(args.clients), args.seconds / 2))
             rows.append({**bare, "fast": fast, "route": "GET /health"})
             print(f"  GET /health at {bare['clients']} clients: {bare['requests_per_s']} req/s")
@@ -197,14 +198,14 @@ def default_checkpoint(folder: str) -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"\n{'fast':>5} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} "
+        f"\n{'fast':>5} {'thr':>3} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} "
         f"{'batch':>6} {'decode':>7} {'model':>7} {'rest':>7}  (ms of core time per request)"
     )
     for r in rows:
         if r.get("route"):
             continue
         print(
-            f"{'on' if r['fast'] else 'off':>5} {r['clients']:>7} {r['requests_per_s']:>8} "
+            f"{'on' if r['fast'] else 'off':>5} {r['threads'] or 'def':>3} {r['clients']:>7} {r['requests_per_s']:>8} "
             f"{r['p50_ms']:>8} {r['p99_ms']:>8} {r['failed']:>6} {r.get('mean_batch', '-'):>6} "
             f"{r.get('decode_ms', '-'):>7} {r.get('model_ms', '-'):>7} {r.get('rest_ms', '-'):>7}"
         )
@@ -217,8 +218,12 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32", help="levels (default 1,8,32)")
     parser.add_argument("--max-batch", type=int, default=32, help="server's (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0, help="server's (default 2)")
+    parser.add_argument(
+        "--threads", default="0", help="server's torch threads, each in turn (default 0: torch's)"
+    )
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.threads = [int(t) for t in args.threads.split(",")]
     info = machine_info()
     png = test_png()
     with tempfile.TemporaryDirectory() as folder:
@@ -233,13 +238,21 @@ def main() -> None:
             "test_accuracy": payload.get("test_accuracy"),
         }
         started = time.perf_counter()
-        rows = [row for fast in (True, False) for row in measure(checkpoint, fast, args, png)]
+        rows = [
+            row
+            for threads in args.threads
+            for fast in (True, False)
+            for row in measure(checkpoint, fast, threads, args, png)
+        ]
         wall = time.perf_counter() - started
     print_table(rows)
-    at = {(r["fast"], r["clients"]): r for r in rows if not r.get("route")}
+    at = {(r["fast"], r["threads"], r["clients"]): r for r in rows if not r.get("route")}
     top = max(args.clients)
-    ratio = at[True, top]["requests_per_s"] / at[False, top]["requests_per_s"]
-    print(f"fast path on/off at {top} clients: {ratio:.2f}x requests/s")
+    ratios = {}
+    for threads in args.threads:
+        on, off = at[True, threads, top], at[False, threads, top]
+        ratios[threads] = round(on["requests_per_s"] / off["requests_per_s"], 3)
+        print(f"threads {threads}: fast path on/off at {top} clients: {ratios[threads]:.2f}x req/s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {
@@ -251,11 +264,12 @@ def main() -> None:
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "results": rows,
-        "fast_over_plain_at_most_clients": round(ratio, 3),
+        "fast_over_plain_at_most_clients": {str(t): r for t, r in ratios.items()},
         "wall_seconds": round(wall, 1),
         "load_average_start": info["load_average_start"],
         "load_average_end": os.getloadavg(),
         "note": "server and load generator share the machine's cores with other work",
+        "threads": "the server's torch threads; 0 = torch's default (one per core)",
     }
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")

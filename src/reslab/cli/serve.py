@@ -43,6 +43,13 @@ def register(subparsers) -> None:
         default=2.0,
         help="how long the first upload of a batch waits for others, in ms (default %(default)s)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads the model runs on; the event loop shares the same cores "
+        "(default 0: torch's default, one per core)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         args.fast,
         args.max_batch,
         args.max_wait_ms / 1000,
+        args.threads,
         say,
     )
     return 0

@@ -46,9 +46,12 @@ def serve(
     fast_path: bool = True,
     max_batch: int = 32,
     max_wait: float = 0.002,
+    threads: int = 0,
     say: Callable[[str], None] = print,
 ) -> None:
-    """Serve the checkpoint (or run folder) ``source`` until Ctrl-C or SIGTERM."""
+    """Serve the checkpoint (or run folder) ``source`` until Ctrl-C or SIGTERM; ``threads``:
+    torch's CPU threads for the model (0: torch's default)."""
+    import torch
     import uvicorn
 
     from reslab.serve.app import create_app
@@ -56,8 +59,11 @@ def serve(
 
     check_whole("port", port, least=0)
     check_whole("max-batch", max_batch)
+    check_whole("threads", threads, least=0)
     payload = load_checkpoint(source)
     sock = bind(host, port)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         service = load_service(payload, precision, fast_path)
         app = create_app(service, run_folder(source), max_batch, max_wait)
