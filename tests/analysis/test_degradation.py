@@ -1,10 +1,16 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from reslab.analysis.degradation import (
     DegradationConfig,
+    budget_config,
+    check_claims,
+    claims_title,
     degradation_study,
     final_rows,
+    network_rows,
     plot_degradation,
     random_subset,
     train_fixed_budget,
@@ -78,3 +84,106 @@ def test_a_diverging_run_stops_with_a_one_line_error():
             create_model("resnet20", in_channels=1), train, test, config, rows.append
         )
     assert rows == []
+
+
+def made_up(errors: dict[tuple[bool, int], list[tuple[float, float]]]) -> dict:
+    """A study result with one run per (residual, depth) and seed, each ending at the given
+    (training error, test error)."""
+    runs = [
+        {
+            "name": f"{'' if residual else 'plain_'}resnet{depth}",
+            "seed": seed,
+            "depth": depth,
+            "residual": residual,
+            "params": 1,
+            "history": [
+                {"epoch": 1, "train_error": 0.9, "test_error": 0.9, "seconds": 1.0},
+                {"epoch": 2, "train_error": train, "test_error": test, "seconds": 1.0},
+            ],
+        }
+        for (residual, depth), ends in errors.items()
+        for seed, (train, test) in enumerate(ends)
+    ]
+    config = {**DegradationConfig(seeds=2).__dict__, "depths": [20, 56]}
+    return {"config": config, "train_size": 10, "test_size": 10, "runs": runs}
+
+
+PAPER = {  # each claim holds, over the mean of two seeds
+    (False, 20): [(0.10, 0.12), (0.12, 0.14)],
+    (False, 56): [(0.20, 0.22), (0.16, 0.18)],
+    (True, 20): [(0.08, 0.11), (0.10, 0.13)],
+    (True, 56): [(0.05, 0.09), (0.07, 0.10)],
+}
+
+
+def test_claims_all_hold_on_the_papers_picture():
+    claims = check_claims(made_up(PAPER))
+    assert [c["held"] for c in claims] == [True, True, True]
+    assert claims[0]["deep"] == pytest.approx(0.18) and claims[0]["shallow"] == pytest.approx(0.11)
+    assert claims[2]["text"] == "ResNet-56 ends with a lower test error than ResNet-20"
+    assert claims_title(claims) == "both halves of the paper's Figure 6 hold here"
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "index"),
+    [
+        ((False, 56), [(0.05, 0.22), (0.06, 0.18)], 0),  # deep plain fits better
+        ((True, 56), [(0.12, 0.09), (0.14, 0.10)], 1),  # deep ResNet fits worse
+        ((True, 56), [(0.05, 0.20), (0.07, 0.10)], 2),  # deep ResNet tests worse, on the mean
+    ],
+)
+def test_each_claim_fails_alone_and_the_title_says_so(key, change, index, tmp_path):
+    result = made_up({**PAPER, key: change})
+    claims = check_claims(result)
+    assert [c["held"] for c in claims] == [i != index for i in range(3)]
+    title = claims_title(claims)
+    assert title.startswith("NOT shown at this budget: ") and claims[index]["text"] in title
+    result["claims"] = claims
+    rows = {r["name"]: r for r in network_rows(result)}
+    assert rows["resnet56"]["seeds"] == 2
+    assert rows["plain_resnet20"]["test_range"] == [0.12, 0.14]
+    plot_degradation(result, tmp_path / "f.png")  # the title is drawn from the claims
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_budgets_are_configs_and_flags_override_them():
+    default = budget_config("default")
+    assert (default.train_size, default.test_size, default.seeds, default.pad) == (
+        60_000,
+        10_000,
+        2,
+        2,
+    )
+    paper = budget_config("paper")
+    steps = paper.epochs * -(-paper.train_size // paper.batch_size)
+    assert 64_000 <= steps < 64_000 + 469  # the paper's 64k iterations of 128 images
+    assert budget_config("default", epochs=9, pad=None).epochs == 9
+    with pytest.raises(ReslabError, match="--budget"):
+        budget_config("huge")
+
+
+def test_augmentation_and_warmup_change_the_run_only_when_asked(monkeypatch):
+    config = DegradationConfig(epochs=1, batch_size=8, seed=3)
+    g = torch.Generator().manual_seed(0)
+    train, test = random_subset(*data(16, 0), 16, g), random_subset(*data(8, 1), 8, g)
+    rates = []
+    sgd_step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return sgd_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+
+    def run(**change):
+        torch.manual_seed(0)
+        model = create_model("resnet20", in_channels=1)
+        history = train_fixed_budget(model, train, test, replace(config, **change))
+        return history[0]["train_loss"]
+
+    plain = run()
+    assert run() == plain
+    assert run(pad=2) != plain
+    rates.clear()
+    run(epochs=2, warmup=0.25)  # 4 steps, the first at lr / 10, then the paper's steps
+    assert rates == pytest.approx([0.01, 0.1, 0.01, 0.001])

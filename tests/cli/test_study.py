@@ -40,10 +40,23 @@ def test_degradation_writes_table_json_and_figure(fake_fmnist, tmp_path, capsys)
     folder = only_folder(runs)
     assert folder.name == f"{date.today().isoformat()}-study-degradation"
     result = json.loads((folder / "degradation.json").read_text())
-    assert [len(r["history"]) for r in result["runs"]] == [2, 2, 2, 2]
+    # the default budget: two seeds of each network, the paper's crop and flip
+    assert [len(r["history"]) for r in result["runs"]] == [2] * 8
+    assert [r["seed"] for r in result["runs"]] == [0, 1] * 4
     assert result["config"]["depths"] == [20, 32]
+    assert (result["config"]["seeds"], result["config"]["pad"]) == (2, 2)
+    assert result["config"]["precision"] in ("fp32", "bf16")
+    assert [c["claim"] for c in result["claims"]] == [
+        "plain_deeper_trains_worse",
+        "resnet_deeper_trains_better",
+        "resnet_deeper_tests_better",
+    ]
+    assert {"load_average_start", "load_average_end", "cpu_model"} <= set(result["machine"])
     assert (folder / "degradation.png").stat().st_size > 10_000
     assert "after 2 epochs" in out and "plain_resnet32" in out
+    for claim in result["claims"]:
+        verdict = "holds" if claim["held"] else "DOES NOT HOLD"
+        assert f"{claim['text']}: {verdict}" in out
 
 
 def test_gradients_writes_table_json_and_figure(fake_fmnist, tmp_path, capsys):

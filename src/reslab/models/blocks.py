@@ -24,6 +24,20 @@ and one from He et al. 2019 ("Bag of Tricks for Image Classification", section 4
 Any block takes ``se=R`` (default 0, off): squeeze-and-excitation (Hu et al. 2018, "SE-ResNet
 module", figure 3) rescales each channel of the residual branch, before the addition, by a
 gate computed from the branch's spatial means through a bottleneck of ``channels // R`` units.
+
+Any residual block but a pre-activation one takes ``merge=`` (default ``"add"``), how the
+shortcut and the branch meet; the other merges are the shortcut variants of He et al. 2016
+("Identity Mappings in Deep Residual Networks", section 3.1, Figure 2), all of which the paper
+finds worse than the plain sum:
+
+* ``"scale"``: both scaled by 0.5, ``0.5 * (shortcut + branch)`` (Figure 2b);
+* ``"exclusive_gate"``: ``(1 - g) * shortcut + g * branch`` with ``g = sigmoid(W x + b)``, a 1x1
+  convolution of the block's input, ``b`` starting at -6 (Figure 2c);
+* ``"shortcut_gate"``: ``(1 - g) * shortcut + branch`` (Figure 2d);
+* ``"dropout"``: dropout of ratio 0.5 on the shortcut during training (Figure 2f).
+
+Figure 2e, a 1x1 convolution on every shortcut, is option ``"C"``. The activation orderings of
+the same paper (section 4.1, Figure 4) are block classes of their own, in :data:`ORDERINGS`.
 """
 
 from __future__ import annotations
@@ -109,6 +123,72 @@ def squeeze_excite(channels: int, se: int) -> nn.Module | None:
     return SqueezeExcite(channels, se) if se else None
 
 
+class ConstantScale(nn.Module):
+    """``scale * (shortcut + branch)``: at scale 1 the plain sum."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, scale: float = 0.5):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, branch, shortcut, x):
+        return self.scale * (shortcut + branch)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+class ExclusiveGate(nn.Module):
+    """``(1 - g) * shortcut + g * branch``, the gate ``g`` a 1x1 convolution of the block input
+    through a sigmoid, per channel and position; the bias starts at ``bias`` (the paper's best,
+    -6, keeps the gate near 0 and the block near its shortcut at first)."""
+
+    gates_branch = True
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, bias: float = -6.0):
+        super().__init__()
+        self.gate = nn.Conv2d(in_channels, out_channels, 1, stride=stride)
+        nn.init.constant_(self.gate.bias, bias)
+
+    def forward(self, branch, shortcut, x):
+        g = torch.sigmoid(self.gate(x))
+        return (1 - g) * shortcut + (g * branch if self.gates_branch else branch)
+
+
+class ShortcutGate(ExclusiveGate):
+    """``(1 - g) * shortcut + branch``: the gate on the shortcut alone."""
+
+    gates_branch = False
+
+
+class DropoutShortcut(nn.Module):
+    """``dropout(shortcut) + branch``, ratio ``p`` (kept values scaled by ``1 / (1 - p)`` in
+    training, as ``torch.nn.functional.dropout`` does; the plain sum in evaluation)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, branch, shortcut, x):
+        return F.dropout(shortcut, self.p, self.training) + branch
+
+
+# how the shortcut meets the branch; "add" (None: the in-place sum) is the paper's identity
+MERGES: dict[str, type[nn.Module] | None] = {
+    "add": None,
+    "scale": ConstantScale,
+    "exclusive_gate": ExclusiveGate,
+    "shortcut_gate": ShortcutGate,
+    "dropout": DropoutShortcut,
+}
+
+
+def make_merge(merge: str, in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+    if merge not in MERGES:
+        raise ValueError(f"unknown merge {merge!r}; expected one of {tuple(MERGES)}")
+    kind = MERGES[merge]
+    return None if kind is None else kind(in_channels, out_channels, stride)
+
+
 def residual_shortcut(block: nn.Module, *args, **kwargs) -> nn.Module | None:
     """The shortcut module of a residual block; plain blocks have none at all."""
     return make_shortcut(*args, **kwargs) if block.residual else None
@@ -121,7 +201,13 @@ class BasicBlock(nn.Module):
     residual = True
 
     def __init__(
-        self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "B", se: int = 0
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int = 1,
+        shortcut: str = "B",
+        se: int = 0,
+        merge: str = "add",
     ):
         super().__init__()
         out_channels = channels * self.expansion
@@ -132,6 +218,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.se = squeeze_excite(out_channels, se)
         self.downsample = residual_shortcut(self, in_channels, out_channels, stride, shortcut)
+        self.merge = make_merge(merge, in_channels, out_channels, stride) if self.residual else None
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -148,9 +235,13 @@ class BasicBlock(nn.Module):
         if self.residual:
             # the shortcut takes the block's *input*; applying the projection to the branch's
             # output instead is the bug in the tutorial code this project started from
-            # in place, as torchvision does: the batch norm before it does not need its output
-            # for the backward pass, so this saves one activation-sized tensor per block
-            out += x if self.downsample is None else self.downsample(x)
+            shortcut = x if self.downsample is None else self.downsample(x)
+            if self.merge is None:
+                # in place, as torchvision does: the batch norm before it does not need its
+                # output for the backward pass, so this saves one activation-sized tensor
+                out += shortcut
+            else:
+                out = self.merge(out, shortcut, x)
         return self.relu(out)
 
 
@@ -173,6 +264,7 @@ class Bottleneck(nn.Module):
         shortcut: str = "B",
         stride_in_1x1: bool = False,
         se: int = 0,
+        merge: str = "add",
     ):
         super().__init__()
         out_channels = channels * self.expansion
@@ -186,6 +278,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.se = squeeze_excite(out_channels, se)
         self.downsample = residual_shortcut(self, in_channels, out_channels, stride, shortcut)
+        self.merge = make_merge(merge, in_channels, out_channels, stride) if self.residual else None
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -282,6 +375,58 @@ class PreActBottleneck(PreActBasicBlock):
         out = self.conv2(self.relu(self.bn2(out)))
         return self.conv3(self.relu(self.bn3(out)))
 
+
+class BNAfterAddBlock(BasicBlock):
+    """He et al. 2016, Figure 4b: conv-BN-ReLU-conv, add, then BN and ReLU on the sum. The
+    batch norm sits on the shortcut path, which is no longer an identity."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "B"):
+        super().__init__(in_channels, channels, stride, shortcut)
+        # named bn_out, not bn2: it follows the addition, so folding it into conv2 is wrong
+        self.bn_out, self.bn2 = self.bn2, None
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.relu(self.bn1(self.conv1(x))))
+
+    def last_norm(self) -> None:
+        return None  # zeroing the norm after the addition would silence the shortcut too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.bn_out(self.branch(x) + shortcut))
+
+
+class ReLUBeforeAddBlock(BasicBlock):
+    """He et al. 2016, Figure 4c: the branch ends in its own ReLU, then the sum, and nothing
+    after it; the branch can only add, never subtract."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.branch(x)) + shortcut
+
+
+class ReLUPreActBlock(BasicBlock):
+    """He et al. 2016, Figure 4d: ReLU-conv-BN-ReLU-conv-BN, then the sum, nothing after it;
+    the ReLU moves before the convolutions, the batch norms stay after them."""
+
+    needs_final_norm = True  # the last unit ends with a sum: the network adds BN-ReLU after it
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return super().branch(torch.relu(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.branch(x) + shortcut
+
+
+# He et al. 2016, Figure 4: where batch norm and ReLU sit around the addition, (a) to (e)
+ORDERINGS: dict[str, type[nn.Module]] = {
+    "original": BasicBlock,
+    "bn_after_add": BNAfterAddBlock,
+    "relu_before_add": ReLUBeforeAddBlock,
+    "relu_preact": ReLUPreActBlock,
+    "full_preact": PreActBasicBlock,
+}
 
 BLOCKS: dict[str, type[nn.Module]] = {
     "basic": BasicBlock,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from reslab.errors import ReslabError
-from reslab.models.blocks import BLOCKS, SHORTCUTS
+from reslab.models.blocks import BLOCKS, MERGES, ORDERINGS, SHORTCUTS
 
 # (kernel, stride, padding of conv1; whether a 3x3/2 max pool follows)
 STEMS: dict[str, tuple[int, int, int, bool]] = {
@@ -49,6 +49,25 @@ def check_se(se) -> int:
     return se
 
 
+def _block_options(block, shortcut: str, stride_in_1x1: bool, se: int, merge: str) -> dict:
+    """The keyword arguments every block of a network gets; only those set are passed, so a
+    block class that lacks an option is never handed it."""
+    options = {"shortcut": shortcut}
+    if stride_in_1x1:
+        if block.expansion == 1:
+            raise ReslabError("stride_in_1x1 applies to bottleneck blocks only")
+        options["stride_in_1x1"] = True
+    if check_se(se):
+        options["se"] = se
+    if merge != "add":
+        if merge not in MERGES:
+            raise ReslabError(f"unknown merge {merge!r}; expected one of {tuple(MERGES)}")
+        if block not in (BLOCKS["basic"], BLOCKS["bottleneck"]):
+            raise ReslabError(f"merge {merge!r} needs residual basic or bottleneck blocks")
+        options["merge"] = merge
+    return options
+
+
 class ResNet(nn.Module):
     """Stem, stages of residual blocks, global average pooling and a linear classifier."""
 
@@ -65,6 +84,7 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         stride_in_1x1: bool = False,
         se: int = 0,
+        merge: str = "add",
     ):
         super().__init__()
         if stem not in STEMS:
@@ -81,13 +101,7 @@ class ResNet(nn.Module):
             raise ReslabError(
                 "zero_init_residual needs residual blocks; a plain network would start dead"
             )
-        block_options = {"shortcut": shortcut}
-        if stride_in_1x1:
-            if block.expansion == 1:
-                raise ReslabError("stride_in_1x1 applies to bottleneck blocks only")
-            block_options["stride_in_1x1"] = True
-        if check_se(se):
-            block_options["se"] = se
+        block_options = _block_options(block, shortcut, stride_in_1x1, se, merge)
         widths = [max(1, round(w * width)) for w in widths]
         preact = getattr(block, "preact", False)
         kernel, stride, padding, pool = STEMS[stem]
@@ -116,7 +130,7 @@ class ResNet(nn.Module):
         # pre-activation units end with an addition; the network then needs one last BN-ReLU
         self.final_norm = (
             nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-            if preact
+            if preact or getattr(block, "needs_final_norm", False)
             else nn.Identity()
         )
         self.num_features = channels
@@ -218,13 +232,29 @@ def create_model(name: str, **kwargs) -> ResNet:
             f"accepted: {sorted(_ACCEPTED)}"
         )
     args.update(kwargs)
-    args["block"] = BLOCKS[args["block"]]
+    args["block"] = _block_class(name, args["block"], args.pop("ordering", "original"))
     model = ResNet(**args)
     model.spec = {"name": name, "kwargs": dict(kwargs)}
     return model
 
 
+def _block_class(name: str, kind: str, ordering: str) -> type[nn.Module]:
+    """The block class of ``kind``; an ``ordering`` other than ``"original"`` swaps a residual
+    basic block for one of He et al. 2016's activation orderings (Figure 4)."""
+    if ordering == "original":
+        return BLOCKS[kind]
+    if ordering not in ORDERINGS:
+        raise ReslabError(f"unknown ordering {ordering!r}; expected one of {tuple(ORDERINGS)}")
+    if kind != "basic":
+        raise ReslabError(
+            f"ordering {ordering!r} applies to residual basic-block networks, not {name}"
+        )
+    return ORDERINGS[ordering]
+
+
 _ACCEPTED = {
+    "merge",
+    "ordering",
     "num_classes",
     "in_channels",
     "stem",
