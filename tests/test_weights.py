@@ -16,7 +16,7 @@ import reslab
 from reslab.cli import main
 from reslab.data.transforms import InputSpec
 from reslab.engine.checkpoint import make_payload, save_checkpoint
-from reslab.engine.config import build_config
+from reslab.engine.config import build_config, config_from_flags
 from reslab.errors import ReslabError
 from reslab.weights import adapt_first_conv, load_weights
 
@@ -126,6 +126,9 @@ def test_reslab_run_folder_from_one_channel_to_rgb(tmp_path):
     config = build_config("default", weights=str(tmp_path / "fmnist"), data="x")
     assert config.model_kwargs == {"stem": "small", "width": 0.25}
     assert (config.image_size, config.resize, config.crop) == (28, 0, "pad")
+    # `reslab train --weights` without --preset fine-tunes, with the checkpoint's network
+    config, _, _ = config_from_flags(None, {"weights": str(tmp_path / "fmnist"), "data": "x"})
+    assert (config.preset, config.model, config.plan_data) == ("finetune", "resnet18", [])
     lines = []
     model, info = load_weights(
         "resnet18", tmp_path / "fmnist", num_classes=2, in_channels=3, say=lines.append

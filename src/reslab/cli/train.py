@@ -60,8 +60,8 @@ def add_config_flags(parser) -> None:
         choices=sorted(PRESETS),
         help="seed: the tutorial recipe; default: tuned for a small CPU; best: highest accuracy "
         "within an hour; finetune: pretrained weights on a folder (frozen head epoch, then "
-        "discriminative rates). Not given: default, and a --data folder run chooses the batch "
-        "size, rate and epochs not given from the folder's size",
+        "discriminative rates). Not given: finetune with --weights, else default, and a --data "
+        "folder run chooses the batch size, rate and epochs not given from the folder's size",
     )
     _model_flags(parser)
     _data_flags(parser)

@@ -402,7 +402,7 @@ def config_from_flags(
     is used and only ``RESUMABLE`` values may change. An epoch count given without
     ``max_minutes`` is exact: the preset's time budget is dropped. ``preset`` None is the
     default preset, and a folder run then chooses the batch size, rate and epochs not given
-    from the folder's size (``plan_data``).
+    from the folder's size (``plan_data``); with ``weights`` it is the finetune preset.
     """
     if "resume" in given:
         ignored = sorted(set(given) - {"resume", *RESUMABLE})
@@ -416,6 +416,8 @@ def config_from_flags(
 
         return resume_config(given["resume"], given.get("epochs"), given.get("device"))
     given = dict(given)
+    if preset is None and given.get("weights"):
+        preset = "finetune"  # pretrained weights are fine-tuned, not trained as from scratch
     if preset is None and given.get("data") is not None:
         given.setdefault("plan_data", [k for k in PLANNED if k not in given])
     if "epochs" in given:
