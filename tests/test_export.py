@@ -111,7 +111,7 @@ def test_every_format_carries_classes_input_and_weights_source(model, tmp_path):
 
     about = {
         "classes": [f"class {i}" for i in range(10)],
-        "input": {"size": 28, "resize": 32, "channels": 1, "mean": [0.3], "std": [0.35]},
+        "input": {"size": 32, "resize": 36, "channels": 1, "mean": [0.3], "std": [0.35]},
         "weights": {"source": "runs/fmnist/last.pt (reslab checkpoint of resnet18)"},
     }
     save_checkpoint(tmp_path / "run" / "last.pt", make_payload(model, **about))
@@ -121,7 +121,11 @@ def test_every_format_carries_classes_input_and_weights_source(model, tmp_path):
         argv = ["export", str(tmp_path / "run"), "--format", fmt, "--out", str(out)]
         assert main(argv + (["--fold-bn"] if fmt == "onnx" else [])) == 0
         if fmt == "onnx":
-            found[fmt] = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+            graph = onnx.load(str(out))
+            found[fmt] = {p.key: p.value for p in graph.metadata_props}
+            # traced at the checkpoint's input size, not the 28x28 of a 1-channel default
+            dims = graph.graph.input[0].type.tensor_type.shape.dim
+            assert [d.dim_value for d in dims[1:]] == [1, 32, 32]
         elif fmt == "safetensors":
             with safe_open(str(out), framework="pt") as f:
                 found[fmt] = f.metadata()

@@ -152,7 +152,10 @@ def export_torchscript(model: nn.Module, path: str | Path, input_shape: tuple[in
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """C,H,W for export: 28x28 for 1-channel models (Fashion-MNIST), else 224x224."""
+    """C,H,W for export: the side the checkpoint's input transform gives the model
+    (``model.about``, from :func:`load`), else 28x28 for 1-channel models (Fashion-MNIST) and
+    224x224 for others."""
     channels = model.conv1.in_channels
-    size = 28 if channels == 1 else 224
+    spec = getattr(model, "about", {}).get("input")
+    size = spec["size"] if spec else (28 if channels == 1 else 224)
     return channels, size, size

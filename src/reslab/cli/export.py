@@ -37,7 +37,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--fold-bn", action="store_true", help="fold batch norm into the convs")
     parser.add_argument(
-        "--input", type=parse_shape, help="C,H,W to trace with (default: from the model)"
+        "--input",
+        type=parse_shape,
+        help="C,H,W to trace with (default: the model's channels at the checkpoint's input size)",
     )
     parser.add_argument("--out", type=Path, help="output file (default: beside the checkpoint)")
     parser.set_defaults(func=run)
