@@ -32,6 +32,8 @@ def test_missing_checkpoint_and_busy_port_are_one_line_errors(tiny_run, tmp_path
     )
     assert main(["serve", str(tiny_run), "--max-wait-ms", "-1"]) == 2
     assert "--max-wait-ms must be >= 0" in capsys.readouterr().err
+    assert main(["serve", str(tiny_run), "--port", "70000"]) == 2
+    assert "--port must be 0 to 65535, got 70000" in capsys.readouterr().err
     assert main(["serve", str(tiny_run), "--threads", "-1"]) == 2
     assert "--threads must be a whole number >= 0, got -1" in capsys.readouterr().err
 

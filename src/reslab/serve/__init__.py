@@ -13,6 +13,8 @@ from reslab.errors import ReslabError, check_whole
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (0: any free port), or one line saying why not."""
+    if not 0 <= port <= 65535:
+        raise ReslabError(f"--port must be 0 to 65535, got {port}")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror:
@@ -57,7 +59,6 @@ def serve(
     from reslab.serve.app import create_app
     from reslab.serve.models import load_service
 
-    check_whole("port", port, least=0)
     check_whole("max-batch", max_batch)
     check_whole("threads", threads, least=0)
     payload = load_checkpoint(source)
