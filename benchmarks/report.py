@@ -345,6 +345,47 @@ def detection_nms(files: list[tuple[Path, dict]]) -> list[str]:
     ]
 
 
+def detection_plan(files: list[tuple[Path, dict]]) -> list[str]:
+    headers = ["result file", "recipe", "steps", "train min", "mAP@.5", "mAP@[.5:.95]"]
+    headers += ["vs detectron2", "load avg start, end", "machine"]
+    rows = []
+    for path, data in files:
+        runs = data.get("runs") or {}
+        base = get(runs, "detectron2", "metrics", "mAP50")
+        for name, run in runs.items():
+            m50 = get(run, "metrics", "mAP50")
+            ratio = DASH
+            if isinstance(base, int | float) and isinstance(m50, int | float):
+                ratio = f"{m50 - base:+.3f}" + (f" ({m50 / base:.2f}x)" if base else "")
+            load_start = get(data, "machine", "load_average_start", 0)
+            load_end = get(data, "load_average_end", 0)
+            rows.append(
+                [
+                    link(path),
+                    name,
+                    compact(run.get("steps", DASH)),
+                    minutes(run.get("train_seconds")),
+                    number(m50, 3),
+                    number(get(run, "metrics", "mAP"), 3),
+                    ratio,
+                    f"{number(load_start, 1)}, {number(load_end, 1)}",
+                    machine(data.get("machine")),
+                ]
+            )
+    return [
+        "## Detection: the planned recipe on a COCO set unlike the scenes",
+        "",
+        "`benchmarks/detection_plan.py` makes a COCO set (192-pixel canvases, items 0.1-0.25 of",
+        "the side, 240 training images, category ids 3, 10, 17, ..., a tenth empty images) and",
+        "trains `reslab detect train --images --annotations --max-minutes M` with nothing else,",
+        "planned and with `--recipe detectron2`, one after the other; mAP on its val split. The",
+        "load average (1 minute) says how busy the shared cores were.",
+        "",
+        *table(headers, rows),
+        "",
+    ]
+
+
 def precision_of(label: str) -> str:
     return "int8 res5" if "int8" in label else "bf16" if "bf16" in label else "fp32"
 
@@ -657,6 +698,7 @@ SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("detection-train-*.json", detection_train),
     ("detection-nms-*.json", detection_nms),
     ("detection-infer-*.json", detection_infer),
+    ("detection-plan-*.json", detection_plan),
     ("bench-*.json", bench),
     ("train_step-*.json", train_step),
     ("kernels-*.json", kernels),

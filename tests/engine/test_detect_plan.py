@@ -19,6 +19,7 @@ from reslab.engine.detect_plan import (
     anchors,
     data_stats,
     fit_schedule,
+    input_size,
     log_kmeans,
     make_plan,
 )
@@ -71,6 +72,22 @@ def test_anchors_come_from_the_boxes(tmp_path):
     assert anchors(big, 256, 256)[0] == (round(2 * 192**0.5 * 4),)
     # two clusters of sides, far apart: one anchor for each
     assert [round(c) for c in log_kmeans([10, 11, 12, 80, 88, 96], 2)] == [11, 88]
+
+
+def stats_of(short: int, box: float) -> DataStats:
+    return DataStats(2, 0, [short, short], [short, short], [box, box], [1.0, 1.0], [0, 1], [1, 1])
+
+
+def test_input_size_fits_the_objects_and_the_cpu():
+    # the median box to 64 px: the 128-px scenes' 32-px items at 256
+    assert input_size(stats_of(128, 32), "cuda") == (256, 256)
+    assert input_size(stats_of(128, 32)) == (256, 256)
+    # never below the images' own size
+    assert input_size(stats_of(200, 100)) == (224, 224)
+    # on the CPU at most 320, unless the median box would fall under 32 px
+    assert input_size(stats_of(192, 27), "cuda") == (480, 480)
+    assert input_size(stats_of(192, 27)) == (320, 320)
+    assert input_size(stats_of(192, 12)) == (512, 512)
 
 
 def test_warm_up_fits_the_steps_the_budget_allows():

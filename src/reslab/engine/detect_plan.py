@@ -36,6 +36,10 @@ from reslab.precision import format_seconds
 OBJECT_SIDE = 64
 LARGEST_MIN_SIZE = 800  # detectron2's shorter side for COCO
 LARGEST_UPSCALE = 4
+# on a CPU: at most this shorter side (384-pixel scenes scored below 256-pixel ones in the same
+# 30 minutes, docs/experiments.md), unless the median object would fall under two map cells
+CPU_SIDE = 320
+SMALLEST_OBJECT_SIDE = 32
 SIZE_STEP = 32  # input sides are multiples of this
 # detectron2 keeps 12000 of the ~63000 anchors of an 800x1333 image before the RPN's NMS
 # (50x84 cells x 15 anchors): a fifth; and 2000 after it
@@ -134,13 +138,17 @@ def _pow2_at_least(value: float) -> int:
     return 1 << max(0, math.ceil(math.log2(max(value, 1))))
 
 
-def input_size(stats: DataStats) -> tuple[int, int]:
+def input_size(stats: DataStats, device: str = "cpu") -> tuple[int, int]:
     """(min_size, max_size): the median image scaled so the median box is OBJECT_SIDE pixels,
-    by at least 1 and at most LARGEST_UPSCALE, its shorter side at most LARGEST_MIN_SIZE; the
-    longer side bounded by the widest image at that scale."""
+    at most LARGEST_UPSCALE times and LARGEST_MIN_SIZE on its shorter side, and never below
+    the images' own size; on a CPU, whose step time grows with the pixels, the shorter side
+    at most CPU_SIDE, unless that leaves the median box under SMALLEST_OBJECT_SIDE. The
+    longer side is bounded by the widest image at that scale."""
     short = statistics.median(stats.short_sides)
-    scale = OBJECT_SIDE / statistics.median(stats.box_sides)
-    scale = min(max(scale, 1.0), LARGEST_UPSCALE)
+    box = statistics.median(stats.box_sides)
+    scale = min(max(OBJECT_SIDE / box, 1.0), LARGEST_UPSCALE)
+    if device == "cpu":
+        scale = min(scale, max(CPU_SIDE / short, SMALLEST_OBJECT_SIDE / box))
     min_size = min(_ceil_to(short * scale, SIZE_STEP), LARGEST_MIN_SIZE)
     aspect = max(lo / sh for lo, sh in zip(stats.long_sides, stats.short_sides, strict=True))
     return min_size, min(_ceil_to(min_size * aspect, SIZE_STEP), 1333)
@@ -196,11 +204,12 @@ class Machine:
     cores: int
     minutes: float  # --max-minutes; 0: no limit
     pretrained: bool = False  # backbone weights given
+    device: str = "cpu"  # the detector trains on the CPU
 
 
 def data_plan(stats: DataStats, machine: Machine) -> dict:
     """The plan's values that need no timing, by flag name."""
-    min_size, max_size = input_size(stats)
+    min_size, max_size = input_size(stats, machine.device)
     sizes, ratios = anchors(stats, min_size, max_size)
     budget = machine.minutes
     warm = not machine.pretrained and budget >= WARM_START_MINUTES
@@ -270,7 +279,7 @@ def make_plan(config: DetectConfig, dataset: CocoDetection, cores: int, measure)
         "values": values,
         "explicit": list(config.plan.explicit),
         "data": stats.summary(),
-        "machine": {"device": "cpu", "cores": cores, "minutes": machine.minutes},
+        "machine": {"device": machine.device, "cores": cores, "minutes": machine.minutes},
         "steps_allowed": allowed,
     }
     record["machine"]["step_seconds"] = seconds
