@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from torchvision.io import write_png
 
 from reslab.cli import build_parser, main
@@ -214,3 +215,30 @@ def test_no_boxes_to_plan_from_is_an_error(tmp_path):
     annotations.write_text(json.dumps(data))
     with pytest.raises(ReslabError, match="no boxes"):
         data_stats(CocoDetection(images, annotations))
+
+
+def test_a_grey_classification_run_warm_starts_the_planned_detector(tmp_path, monkeypatch, capsys):
+    from reslab.engine.checkpoint import make_payload, save_checkpoint
+    from reslab.models import create_model
+
+    # a Fashion-MNIST-like classifier: one input channel, half width
+    classifier = create_model("resnet18", width=0.5, in_channels=1, num_classes=10)
+    save_checkpoint(tmp_path / "cls" / "last.pt", make_payload(classifier))
+    data = tmp_path / "data"
+    data.mkdir()
+    images, annotations = write_set(data, bars(4))
+    flags = ("--epochs", "1", "--backbone-weights", str(tmp_path / "cls"))
+    monkeypatch.setattr(detect_train, "step_seconds", lambda config, precision, world: 0.01)
+    argv = ["detect", "train", "--images", str(images), "--annotations", str(annotations)]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--min-size", "64", *flags]) == 0
+    assert "reslab checkpoint of resnet18" in capsys.readouterr().out
+    payload = load_checkpoint(tmp_path / "run")
+    config = payload["model"]["kwargs"]
+    # the plan takes the weights' network and detectron2's rate, and freezes as detectron2
+    assert (config["backbone"], config["width"]) == ("resnet18", 0.5)
+    assert payload["train_config"]["lr"] == 0.02
+    assert config["frozen_bn"] and config["freeze_at"] == 2
+    grey = classifier.state_dict()["conv1.weight"]
+    stem = payload["state_dict"]["backbone.conv1.weight"]
+    # the grey filters spread over RGB (timm's adapt_input_conv), and frozen
+    assert stem.shape[1] == 3 and torch.allclose(stem.sum(dim=1), grey[:, 0], atol=1e-6)

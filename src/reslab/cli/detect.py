@@ -117,8 +117,11 @@ def _model_flags(parser) -> None:
     parser.add_argument("--out", default=TRAIN.out, help="run folder (default %(default)s)")
     parser.add_argument(
         "--backbone-weights",
-        metavar="FILE",
-        help="ImageNet torchvision ResNet state dict; freezes batch norm, stem and layer1",
+        metavar="imagenet|FILE|RUN",
+        help="pretrained trunk and head: torchvision's ImageNet weights (imagenet, "
+        "IMAGENET1K_V1/V2; from the TORCH_HOME cache or downloaded), a state dict or "
+        "safetensors file, or a reslab classification run; batch norm, the stem and layer1 "
+        "are then frozen, as detectron2 does (default: none, from scratch)",
     )
 
 

@@ -29,6 +29,7 @@ import torch
 from reslab.data.coco import CocoDetection, unused_categories
 from reslab.engine.detect_config import FLAG_FIELDS, DetectConfig, flag_value, set_flags
 from reslab.errors import ReslabError
+from reslab.models.detection import BACKBONES
 from reslab.precision import format_seconds
 
 # the median object's side in the resized image: 4 cells of the stride-16 map (the scenes
@@ -204,6 +205,8 @@ class Machine:
     cores: int
     minutes: float  # --max-minutes; 0: no limit
     pretrained: bool = False  # backbone weights given
+    # the architecture the weights record ({"name", "kwargs"}), when they do
+    weights_model: dict | None = None
     device: str = "cpu"  # the detector trains on the CPU
 
 
@@ -216,10 +219,14 @@ def data_plan(stats: DataStats, machine: Machine) -> dict:
     processes = 1
     if machine.cores > 1 and budget >= PROCESS_MINUTES:
         processes = max(p for p in range(1, min(machine.cores, 4) + 1) if 4 % p == 0)
+    backbone, width = "resnet18", 0.25  # the scenes recipe's: fastest from scratch on a CPU
+    if machine.pretrained:  # the network the weights were made for
+        model = machine.weights_model or {}
+        backbone = model.get("name") if model.get("name") in BACKBONES else "resnet18"
+        width = model.get("kwargs", {}).get("width", 1.0)
     return {
-        # the scenes recipe's network: what trains fastest from scratch on a few cores
-        "backbone": "resnet18",
-        "width": 0.25,
+        "backbone": backbone,
+        "width": width,
         "min_size": min_size,
         "max_size": max_size,
         "anchor_sizes": sizes,
@@ -260,12 +267,16 @@ def fit_schedule(
     }
 
 
-def make_plan(config: DetectConfig, dataset: CocoDetection, cores: int, measure) -> tuple:
+def make_plan(
+    config: DetectConfig, dataset: CocoDetection, cores: int, measure, weights_model=None
+) -> tuple:
     """(``config`` with the plan set, the plan's record): the data's plan, then the schedule
     fitted to the seconds ``measure(config)`` says a step of the planned detector takes.
-    Flags in ``config.plan.explicit`` keep the user's values."""
+    Flags in ``config.plan.explicit`` keep the user's values; ``weights_model``: the
+    architecture the backbone weights record, if they do."""
     stats = data_stats(dataset)
-    machine = Machine(cores, config.train.max_minutes, config.model.weights is not None)
+    pretrained = config.model.weights is not None
+    machine = Machine(cores, config.train.max_minutes, pretrained, weights_model)
     values = chosen(config, data_plan(stats, machine))
     config = set_flags(config, values)
     seconds = measure(config)

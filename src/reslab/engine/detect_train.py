@@ -52,6 +52,7 @@ from reslab.engine.rescore import (
 from reslab.errors import ReslabError
 from reslab.models.detection import DetectorConfig, build_detector, load_backbone_weights
 from reslab.precision import resolve_precision
+from reslab.weights import FIRST_CONV, WeightsInfo, adapt_first_conv, read_weights
 
 
 def detector_config(config: DetectConfig, dataset: CocoDetection) -> DetectorConfig:
@@ -67,18 +68,22 @@ def build_model(config: DetectConfig, detector: DetectorConfig, console: Console
     torch.manual_seed(config.train.seed)
     model = build_detector(detector)
     if config.model.weights and not config.resume:
-        path = Path(config.model.weights)
-        if not path.is_file():
-            raise ReslabError(f"backbone weights {path} do not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch.load raises many types for a bad file
-            raise ReslabError(
-                f"cannot read {path} as a state dict ({type(error).__name__})"
-            ) from None
-        skipped = load_backbone_weights(model, state.get("state_dict", state))
-        console.print(f"loaded {path} into trunk and head (unused: {', '.join(skipped)})")
+        state, info = backbone_weights(config.model.weights, detector.backbone)
+        skipped = load_backbone_weights(model, state)
+        console.print(f"loaded {info.source} into trunk and head (unused: {', '.join(skipped)})")
     return model
+
+
+def backbone_weights(source: str, backbone: str) -> tuple[dict, WeightsInfo]:
+    """The weights ``--backbone-weights`` names (:func:`reslab.weights.read_weights`:
+    torchvision's ImageNet weights, a state dict or safetensors file, or a reslab run), the
+    first convolution adapted to RGB where they were trained on another number of channels
+    (a Fashion-MNIST run's grey images)."""
+    state, info = read_weights(source, backbone)
+    conv = state.get(FIRST_CONV)
+    if conv is not None and conv.ndim == 4 and conv.shape[1] != 3:
+        state[FIRST_CONV] = adapt_first_conv(conv, 3)
+    return state, info
 
 
 def step_seconds(config: DetectConfig, precision: str, world: World) -> float:
@@ -241,7 +246,11 @@ def planned(config: DetectConfig, console: Console) -> tuple[DetectConfig, str, 
         precision = resolve_train_precision(draft, console, World())
         return step_seconds(draft, precision, World())
 
-    config, record = make_plan(config, dataset, cpu_cores(), measure)
+    model = None
+    if config.model.weights:  # the architecture they were made for, downloading nothing
+        name = config.model.backbone if "backbone" in config.plan.explicit else "resnet18"
+        model = read_weights(config.model.weights, name, tensors=False)[1].model
+    config, record = make_plan(config, dataset, cpu_cores(), measure, model)
     console.print(data_line(record), soft_wrap=True)
     console.print(plan_table(record))
     path = plan_path(config)
