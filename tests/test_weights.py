@@ -84,9 +84,11 @@ def test_missing_cache_file_names_the_file_and_folder(torch_home):
 
 
 def test_safetensors_state_dict_with_a_new_head(tmp_path):
+    # without the batch norms' step counters, as torchvision's IMAGENET1K_V1 files are
     saved = torchvision.models.resnet18().state_dict()
+    kept = {k: v.contiguous() for k, v in saved.items() if "num_batches_tracked" not in k}
     path = tmp_path / "resnet18.safetensors"
-    save_file({k: v.contiguous() for k, v in saved.items()}, str(path))
+    save_file(kept, str(path))
     lines = []
     model, info = load_weights("resnet18", path, num_classes=3, say=lines.append)
     assert torch.equal(model.layer4[1].bn2.running_var, saved["layer4.1.bn2.running_var"])
@@ -115,6 +117,14 @@ def test_timm_training_checkpoint_is_unwrapped(tmp_path):
     assert torch.equal(model.fc.weight, saved["fc.weight"])  # 1000 classes: its head is kept
     # `reslab train --weights` without --model builds the architecture the checkpoint names
     assert build_config("default", weights=str(path)).model == "resnet34"
+    # a head-less export (timm's reset_classifier(0)) gets a new head, and says so
+    torch.save({k: v for k, v in saved.items() if not k.startswith("fc.")}, path)
+    lines = []
+    model = reslab.create_model("resnet34", weights=path, num_classes=5, say=lines.append)
+    assert torch.equal(model.layer3[5].conv1.weight, saved["layer3.5.conv1.weight"])
+    assert lines == [
+        "the weights have no classifier head; a new one for 5 classes starts from random weights"
+    ]
 
 
 def test_reslab_run_folder_from_one_channel_to_rgb(tmp_path):
