@@ -141,6 +141,7 @@ def test_category_names_and_ids_survive_into_predict(tmp_path, monkeypatch, caps
     assert run_train(tmp_path, monkeypatch, images, annotations, *flags) == 0
     printed = capsys.readouterr().out
     assert "the recipe planned" in printed and "mAP@.5" in printed and "mAP@[.5:.95]" in printed
+    assert "steps/s" in printed
     run = tmp_path / "run"
     payload = load_checkpoint(run / "last.pt")
     assert payload["plan"]["values"]["anchor_ratios"] == [0.33, 3.0]
@@ -242,3 +243,11 @@ def test_a_grey_classification_run_warm_starts_the_planned_detector(tmp_path, mo
     stem = payload["state_dict"]["backbone.conv1.weight"]
     # the grey filters spread over RGB (timm's adapt_input_conv), and frozen
     assert stem.shape[1] == 3 and torch.allclose(stem.sum(dim=1), grey[:, 0], atol=1e-6)
+
+
+def test_the_progress_line_names_the_phase_of_the_schedule():
+    from reslab.engine.detection import phase
+
+    assert phase(0, 5, 0.0) == phase(4, 5, 0.9) == "warm-up"
+    assert phase(5, 5, 0.49) == "main"  # the cosine's first half
+    assert phase(5, 5, 0.5) == "anneal"  # its second, below half the peak rate

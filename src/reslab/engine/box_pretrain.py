@@ -27,6 +27,7 @@ from reslab.engine.schedules import Schedule, warmup_cosine
 from reslab.errors import ReslabError
 from reslab.fast import autocast
 from reslab.models.detection import mirror_boxes
+from reslab.precision import format_seconds
 
 # the side of the pretraining's crops, in pixels of the detector's resized images
 CROP_SIDE = 128
@@ -204,12 +205,18 @@ def deadline_record(loop: Loop, budget: Budget, crops: int) -> dict:
     }
 
 
-def log_line(console: Console, name: str) -> Callable[[Loop], None]:
-    """The periodic line: ``{name} step N: loss=... accuracy=...``."""
+def log_line(console: Console, name: str, budget: Budget) -> Callable[[Loop], None]:
+    """The periodic line of a warm start, its name being the run's phase: ``{name} step N:
+    loss=... accuracy=... (S steps/s, T left)``."""
 
     def log(loop: Loop) -> None:
         accuracy = loop.losses["accuracy"].item()
-        console.print(f"{name} step {loop.step}: loss={loop.loss:.4f} accuracy={accuracy:.3f}")
+        elapsed = budget.elapsed()
+        left = max(0.0, budget.minutes * 60 - elapsed)
+        console.print(
+            f"{name} step {loop.step}: loss={loop.loss:.4f} accuracy={accuracy:.3f} "
+            f"({loop.step / max(elapsed, 1e-9):.2f} steps/s, {format_seconds(left)} left)"
+        )
 
     return log
 
@@ -283,7 +290,7 @@ def pretrain_box_classifier(
         lambda loop: crop_batches(crops, boxes, labels, batch_size, jitter, generator),
         budget,
         max_steps,
-        log_line(console, "pretrain"),
+        log_line(console, "pretrain", budget),
         100,
     )
     record = deadline_record(loop, budget, len(labels))

@@ -230,7 +230,7 @@ def train_rescorer(
         lambda loop: window_batches(crops, boxes, labels, batch_size, jitter, generator),
         budget,
         max_steps,
-        log_line(console, "rescorer"),
+        log_line(console, "rescorer", budget),
         500,
     )
     record = deadline_record(loop, budget, len(labels))
