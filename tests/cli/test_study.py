@@ -86,3 +86,24 @@ def test_bad_depths_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--depths" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # no empty run folder left behind
+
+
+def test_shortcuts_and_responses_write_table_json_and_figure(fake_fmnist, tmp_path, capsys):
+    tiny = ["--depths", "20", "--epochs", "1", "--train-size", "16", "--test-size", "8"]
+    tiny += ["--batch-size", "16", "--data-dir", str(fake_fmnist), "--no-verify"]
+    out = tmp_path / "copy.json"
+    args = ["study", "shortcuts", *tiny, "--runs", str(tmp_path / "s"), "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    folder = only_folder(tmp_path / "s")
+    result = json.loads((folder / "shortcuts.json").read_text())
+    assert json.loads(out.read_text()) == result
+    assert len(result["rows"]) == 11 and (folder / "shortcuts.png").stat().st_size > 10_000
+    assert "full_preact" in printed and "paper's best (identity) best here" in printed
+    assert main(["study", "responses", *tiny, "--runs", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out
+    folder = only_folder(tmp_path / "r")
+    result = json.loads((folder / "responses.json").read_text())
+    assert [n["name"] for n in result["networks"]] == ["plain_resnet20", "resnet20"]
+    assert (folder / "responses.png").stat().st_size > 10_000
+    assert "ResNet-20 responses smaller than plain-20" in printed

@@ -58,11 +58,14 @@ class DegradationConfig:
     precision: str = "fp32"  # fp32 or bf16 autocast (reslab.precision)
     channels_last: bool = False  # NHWC tensors in memory
 
-    def check(self) -> None:
+    def check(self, min_depths: int = 2) -> None:
+        """Raise ReslabError on a bad value; ``min_depths`` depths at least (the degradation
+        study compares two)."""
         unknown = [d for d in self.depths if d not in CIFAR_DEPTHS]
-        if unknown or len(self.depths) < 2:
+        if unknown or len(self.depths) < min_depths:
+            many = "two or more" if min_depths == 2 else "one or more"
             raise ReslabError(
-                f"--depths needs two or more CIFAR depths from {sorted(CIFAR_DEPTHS)}, "
+                f"--depths needs {many} CIFAR depths from {sorted(CIFAR_DEPTHS)}, "
                 f"got {list(self.depths)}"
             )
         for name in ("epochs", "train_size", "test_size", "batch_size", "seeds"):

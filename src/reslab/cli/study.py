@@ -1,4 +1,5 @@
-"""`reslab study gradients|degradation|blocks`: why residual networks work, one command each.
+"""`reslab study gradients|degradation|blocks|shortcuts|responses`: why residual networks work,
+one command each (shortcuts and responses in :mod:`reslab.cli.study_variants`).
 
 Each study prints a table and writes its numbers (JSON) and figure to a new run folder,
 ``runs/<date>-study-<name>/`` (``-2``, ``-3``, ... when that folder exists; never overwritten).
@@ -34,6 +35,7 @@ from reslab.analysis.gradients import (
 )
 from reslab.analysis.summary import block_arithmetic, summarize_name
 from reslab.bench import machine_info
+from reslab.cli import study_variants
 from reslab.cli.summary import parse_shape
 from reslab.data import fashion_mnist
 from reslab.engine.checkpoint import atomic_write
@@ -79,7 +81,8 @@ def finish(result: dict, started: float, out: Path, name: str, copy: str | None)
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "study",
-        help="why residual networks work: gradient flow, degradation, block arithmetic",
+        help="why residual networks work: gradient flow, degradation, block arithmetic, "
+        "shortcut variants, layer responses",
         description="Studies that show why residual networks work (He et al. 2015): gradient "
         "norms by depth, the degradation problem of plain networks, and the arithmetic of "
         "basic and bottleneck blocks.",
@@ -88,6 +91,7 @@ def register(subparsers) -> None:
     _gradients_parser(studies)
     _degradation_parser(studies)
     _blocks_parser(studies)
+    study_variants.register(studies, _common_flags())
 
 
 def _common_flags() -> dict[str, dict]:
