@@ -48,6 +48,8 @@ PRE_NMS_SHARE = 0.2
 # the share of the steps the warm-up takes, and its most (detectron2's 200 iterations)
 WARMUP_SHARE = 0.05
 WARMUP_MOST = 200
+# the epochs leave room for this many times the steps a timed step says the budget allows
+EPOCH_ROOM = 10
 # the scenes recipe's 6 and 4 of 30 minutes for the warm starts, planned from this budget on
 WARM_START_MINUTES = 20
 PRETRAIN_SHARE, RESCORE_SHARE = 0.2, 0.13
@@ -246,8 +248,10 @@ def fit_schedule(
 ) -> dict:
     """The warm-up and the epochs for the steps that ``minutes`` (less the warm starts')
     allows at ``step_seconds`` a step: the warm-up ``WARMUP_SHARE`` of them (at most
-    ``WARMUP_MOST``), and epochs enough for three times as many steps, so that the budget,
-    not the epochs, ends the run and anneals the rate. Without a budget, 12 epochs."""
+    ``WARMUP_MOST``), and epochs enough for ``EPOCH_ROOM`` times as many steps, so that the
+    budget, not the epochs, ends the run and anneals the rate even when the timed step was
+    slower than the run's (a busy machine, one process timed for several). Without a budget,
+    12 epochs."""
     if minutes <= 0:
         steps = 12 * steps_per_epoch
         return {"epochs": 12, "warmup_iters": min(WARMUP_MOST, round(WARMUP_SHARE * steps))}
@@ -261,7 +265,7 @@ def fit_schedule(
             + ", which leaves no step; give a larger --max-minutes"
         )
     return {
-        "epochs": max(1, math.ceil(3 * steps / steps_per_epoch)),
+        "epochs": max(1, math.ceil(EPOCH_ROOM * steps / steps_per_epoch)),
         "warmup_iters": min(WARMUP_MOST, max(1, round(WARMUP_SHARE * steps))),
         "steps_allowed": steps,
     }
