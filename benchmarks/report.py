@@ -692,6 +692,36 @@ def finetune_speed(files: list[tuple[Path, dict]]) -> list[str]:
     ]
 
 
+def finetune_run(files: list[tuple[Path, dict]]) -> list[str]:
+    headers = ["result file", "photos", "model", "epochs (frozen)", "img/s per epoch"]
+    headers += ["whole command", "load", "machine"]
+    rows = []
+    for path, data in files:
+        config = data.get("config") or {}
+        rates = ", ".join(number(r.get("img_per_s"), 1) for r in data.get("epochs") or [])
+        rows.append(
+            [
+                link(path),
+                compact(data.get("images", DASH)),
+                str(data.get("model", DASH)),
+                f"{compact(config.get('epochs', DASH))} ({compact(config.get('freeze_epochs', DASH))})",
+                rates or DASH,
+                minutes(data.get("seconds")),
+                load_range(data),
+                machine(data.get("machine")),
+            ]
+        )
+    return [
+        "## Fine-tuning: the whole command (`benchmarks/finetune_run.py`)",
+        "",
+        "`reslab train --weights W --preset finetune` on a folder of JPEG photos, timed end to",
+        "end (process start, weights, both phases, every evaluation, the run folder's files).",
+        "",
+        *table(headers, rows),
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("fashion_mnist-*.json", classification),
     ("seed_screen-*.json", seed_screen),
@@ -705,6 +735,7 @@ SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("serve_load-*.json", serve_load),
     ("transfer-*.json", transfer),
     ("finetune_speed-*.json", finetune_speed),
+    ("finetune_run-*.json", finetune_run),
 ]
 
 

@@ -7,7 +7,8 @@ scratch, on a small folder of a different task.
 The source task is five Fashion-MNIST classes (T-shirt/top, Trouser, Pullover, Dress, Coat);
 the target task is the other five (Sandal, Shirt, Sneaker, Bag, Ankle boot), which the
 pretrained network never saw: ``--per-class`` training images each, drawn per seed from the
-training set, scored on every test image of those classes (5,000). Both are image folders of
+training set, scored on every test image of those classes (5,000), or on
+``--test-per-class`` of each, the same for every run. Both are image folders of
 PNGs, written to a temporary folder, so the runs read them as a user's folder would.
 
 1. Pretrain reslab's default network (ResNet-18 at 1/4 width, small stem) on the source.
@@ -91,6 +92,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="target epochs, every recipe")
     parser.add_argument("--freeze-epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--test-per-class",
+        type=int,
+        default=None,
+        help="target test images a class, the same for every run (default: all 1,000)",
+    )
     parser.add_argument("--pretrain-per-class", type=int, default=1200)
     parser.add_argument("--pretrain-epochs", type=int, default=4)
     args = parser.parse_args()
@@ -105,7 +112,12 @@ def main() -> None:
         pretrained = root / "pretrained"
         source_run = run(
             dict(
-                common, data=str(root / "source"), epochs=args.pretrain_epochs, out=str(pretrained)
+                common,
+                data=str(root / "source"),
+                epochs=args.pretrain_epochs,
+                batch_size=64,
+                lr=0.05,  # the default recipe's 0.2 at batch 256, scaled to 64
+                out=str(pretrained),
             )
         )
         source_run["seconds_total"] = time.perf_counter() - started
@@ -113,7 +125,7 @@ def main() -> None:
         for seed in args.seeds:
             target = root / f"target-{seed}"
             write_folder(target / "train", train, TARGET, args.per_class, seed)
-            n_test = write_folder(target / "val", test, TARGET, None, 0)
+            n_test = write_folder(target / "val", test, TARGET, args.test_per_class, 0)
             budget = dict(
                 common, data=str(target), epochs=args.epochs, batch_size=args.batch, seed=seed
             )
