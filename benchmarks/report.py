@@ -722,6 +722,41 @@ def finetune_run(files: list[tuple[Path, dict]]) -> list[str]:
     ]
 
 
+def tensorboard_cost(files: list[tuple[Path, dict]]) -> list[str]:
+    headers = ["result file", "model", "epochs", "steps", "run", "in the hook", "share"]
+    headers += ["per step", "per epoch", "load before / after", "machine"]
+    rows = []
+    for path, data in files:
+        seconds = data.get("seconds_by_method") or {}
+        steps, epochs = data.get("steps") or 0, data.get("epochs") or 0
+        loads = [get(data, key, 0) for key in ("load_average_before", "load_average_after")]
+        rows.append(
+            [
+                link(path),
+                compact(data.get("model", DASH)),
+                compact(epochs),
+                compact(steps),
+                minutes(data.get("run_seconds")),
+                f"{number(data.get('hook_seconds'), 2)} s",
+                percent(data.get("hook_share")),
+                f"{number(1000 * seconds['after_step'] / steps, 2)} ms" if steps else DASH,
+                f"{number(seconds['after_epoch'] / epochs, 2)} s" if epochs else DASH,
+                " / ".join(number(load, 1) if load else DASH for load in loads),
+                machine(data.get("machine")),
+            ]
+        )
+    return [
+        "## Logging: TensorBoard's cost (`benchmarks/tensorboard_cost.py`)",
+        "",
+        "The time a training run spends in its TensorBoard hook (writer, per-step scalars, the",
+        "first batch's images, the per-epoch scalars and confusion figure), as a share of the",
+        "same run's wall time; the load average is the 1-minute one of the shared machine.",
+        "",
+        *table(headers, rows),
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("fashion_mnist-*.json", classification),
     ("seed_screen-*.json", seed_screen),
@@ -736,6 +771,7 @@ SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("transfer-*.json", transfer),
     ("finetune_speed-*.json", finetune_speed),
     ("finetune_run-*.json", finetune_run),
+    ("tensorboard-*.json", tensorboard_cost),
 ]
 
 
