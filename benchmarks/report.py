@@ -551,7 +551,8 @@ def seed_screen(files: list[tuple[Path, dict]]) -> list[str]:
 def serve_load(files: list[tuple[Path, dict]]) -> list[str]:
     headers = ["result file", "fast path", "threads", "clients", "req/s", "p50 ms", "p99 ms"]
     headers += ["failed"]
-    headers += ["mean batch", "decode ms", "model ms", "rest ms", "load avg start, end"]
+    headers += ["mean batch", "upload ms", "decode ms", "model ms", "rest ms"]
+    headers += ["load avg start, end"]
     headers += ["machine"]
     rows = []
     for path, data in files:
@@ -571,6 +572,7 @@ def serve_load(files: list[tuple[Path, dict]]) -> list[str]:
                     number(r.get("p99_ms"), 1),
                     compact(r.get("failed", DASH)),
                     number(r.get("mean_batch"), 1),
+                    number(r.get("upload_ms"), 2),
                     number(r.get("decode_ms"), 2),
                     number(r.get("model_ms"), 2),
                     number(r.get("rest_ms"), 2),
@@ -591,9 +593,10 @@ def serve_load(files: list[tuple[Path, dict]]) -> list[str]:
         "`POST /predict` with one Fashion-MNIST test image over loopback, each client a",
         "keep-alive connection sending its next request when the last is answered; server and",
         "load generator on the same cores, shared with other work (the load average says how",
-        "much). decode, model: the server's milliseconds per request in each stage (a batch's",
-        "model time divided by its size); rest: the cores' time per request (cores / req/s)",
-        "left for HTTP, the form, JSON, the event loop and the load generator.",
+        "much). upload: the server's milliseconds per request reading the body and its",
+        "multipart form; decode, model: those per request of each batch (a batch's time divided",
+        "by its size); rest: the cores' time per request (cores / req/s) left for HTTP, JSON,",
+        "the event loop, the hand-offs to the batch thread and the load generator.",
         "",
         *table(headers, rows),
         "",

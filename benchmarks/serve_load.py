@@ -8,9 +8,10 @@ test image sent as the page sends it (multipart form). Each client is a keep-ali
 connection that sends its next request when the answer to the last one arrives (a closed
 loop), all in one asyncio process, so the load generator costs little beside the server.
 
-Where the time goes: the server reports the seconds it spent decoding and in the model per
-batch (``GET /stats``); the rest of each request's share of the machine is HTTP (parsing,
-the multipart form, JSON, the event loop) and the load generator. ``GET /health`` at the
+Where the time goes: the server reports the seconds it spent reading each upload (the body
+and its multipart form), and decoding and in the model per batch (``GET /stats``); the rest
+of each request's share of the machine is HTTP parsing, JSON, the event loop, the hand-offs
+to the batch thread and the load generator. ``GET /health`` at the
 same concurrency measures bare HTTP. Without --checkpoint, a default model is trained for one
 epoch in a temporary folder first. Writes benchmarks/results/serve_load-<date>.json.
 """
@@ -199,7 +200,7 @@ def default_checkpoint(folder: str) -> str:
 def print_table(rows: list[dict]) -> None:
     print(
         f"\n{'fast':>5} {'thr':>3} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} "
-        f"{'batch':>6} {'decode':>7} {'model':>7} {'rest':>7}  (ms of core time per request)"
+        f"{'batch':>6} {'upload':>7} {'decode':>7} {'model':>7} {'rest':>7}  (ms per request)"
     )
     for r in rows:
         if r.get("route"):
@@ -207,7 +208,7 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{'on' if r['fast'] else 'off':>5} {r['threads'] or 'def':>3} {r['clients']:>7} {r['requests_per_s']:>8} "
             f"{r['p50_ms']:>8} {r['p99_ms']:>8} {r['failed']:>6} {r.get('mean_batch', '-'):>6} "
-            f"{r.get('decode_ms', '-'):>7} {r.get('model_ms', '-'):>7} {r.get('rest_ms', '-'):>7}"
+            f"{r.get('upload_ms', '-'):>7} {r.get('decode_ms', '-'):>7} {r.get('model_ms', '-'):>7} {r.get('rest_ms', '-'):>7}"
         )
 
 

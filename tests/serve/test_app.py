@@ -116,7 +116,7 @@ def test_concurrent_uploads_share_a_batch(client, tiny_run):
     assert all(a.status_code == 200 for a in answers)
     stats = client.get("/stats").json()
     assert stats["requests"] == 8 and stats["largest_batch"] <= 4
-    assert stats["seconds"]["model"] > 0 and stats["seconds"]["decode"] > 0
+    assert min(stats["seconds"][k] for k in ("upload", "decode", "model")) > 0
 
 
 def test_the_wheel_ships_the_page(tmp_path):

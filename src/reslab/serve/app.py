@@ -7,6 +7,7 @@ without a file (400), an unknown route (404), a wrong method (405).
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -113,11 +114,14 @@ async def stats(request: Request):
 async def predict(request: Request, top: int = 5):
     if top < 1:
         raise HTTPException(422, f"top must be >= 1, got {top}")
+    started = time.perf_counter()
     data, name = await read_upload(request)
+    batcher = request.app.state.batcher
+    batcher.stats.spent("upload", time.perf_counter() - started)  # the body and the form
     if not data:
         raise HTTPException(400, "the upload is empty; send an image file")
     try:
-        return await request.app.state.batcher.submit(Upload(data, name, top))
+        return await batcher.submit(Upload(data, name, top))
     except ReslabError as error:
         return _error(415, str(error))
 

@@ -31,7 +31,10 @@ class BatchStats:
         self.batches += 1
         self.largest = max(self.largest, size)
         for name, seconds in stages.items():
-            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+            self.spent(name, seconds)
+
+    def spent(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     def to_dict(self) -> dict:
         return {
