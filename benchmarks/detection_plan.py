@@ -111,10 +111,12 @@ def report(console: Console, result: dict) -> None:
     )
     for column in ("recipe", "steps", "train min", "mAP@.5", "mAP@[.5:.95]", "vs detectron2"):
         table.add_column(column, justify="right")
-    base = result["runs"]["detectron2"]["metrics"]["mAP50"]
+    base = result["runs"].get("detectron2", {}).get("metrics", {}).get("mAP50")
     for name, run in result["runs"].items():
         m = run["metrics"]
-        ratio = f"{m['mAP50'] - base:+.3f}" + (f" ({m['mAP50'] / base:.2f}x)" if base else "")
+        ratio = "-"
+        if base is not None:
+            ratio = f"{m['mAP50'] - base:+.3f}" + (f" ({m['mAP50'] / base:.2f}x)" if base else "")
         table.add_row(
             name, str(run["steps"]), f"{run['train_seconds'] / 60:.1f}",
             f"{m['mAP50']:.3f}", f"{m['mAP']:.3f}", ratio,
@@ -127,6 +129,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="default %(default)s")
     parser.add_argument("--out", default="runs/detplan", help="default %(default)s")
     parser.add_argument("--images", type=int, default=SET.images, help="training images")
+    parser.add_argument(
+        "--recipes",
+        default=",".join(RECIPES),
+        help="which of planned,detectron2 to run, in order (default %(default)s)",
+    )
     parser.add_argument("--note", default="", help="recorded in the result")
     args = parser.parse_args()
     console = Console()
@@ -135,7 +142,10 @@ def main() -> None:
     config = replace(SET, images=args.images)
     root = out / "data"
     sets = make_set(root, config)
-    runs = {name: train_and_score(name, root, sets, args.minutes, out) for name in RECIPES}
+    names = args.recipes.split(",")
+    if not set(names) <= set(RECIPES):
+        parser.error(f"--recipes takes {','.join(RECIPES)}, got {args.recipes}")
+    runs = {name: train_and_score(name, root, sets, args.minutes, out) for name in names}
     result = {
         "kind": "plan",
         "machine": info,
