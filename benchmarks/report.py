@@ -760,6 +760,42 @@ def tensorboard_cost(files: list[tuple[Path, dict]]) -> list[str]:
     ]
 
 
+def study_time(files: list[tuple[Path, dict]]) -> list[str]:
+    headers = ["result file", "degradation", "shortcuts", "responses", "ResNet-56 s/step"]
+    headers += ["channels_last speedup", "load avg start, end", "machine"]
+    rows = []
+    for path, data in files:
+        estimate = data.get("estimated_minutes") or {}
+        step = get(data, "seconds", "resnet56 small", "step")
+        cifar = get(data, "seconds", "resnet56 cifar", "step")
+        # one-minute load averages; the start is the file's own key, taken before any work
+        load = [get(data, "load_average_start", 0), get(data, "machine", "load_average_end", 0)]
+        rows.append(
+            [
+                link(path),
+                *(
+                    f"{number(estimate.get(k), 0)} min"
+                    for k in ("degradation", "shortcuts", "responses")
+                ),
+                f"{number(step, 3)} (small stem), {number(cifar, 3)} (cifar)",
+                f"{number(data.get('channels_last_speedup_resnet20'), 2)}x",
+                ", ".join(number(v, 1) for v in load if v is not None) or DASH,
+                machine(data.get("machine")),
+            ]
+        )
+    return [
+        "## Studies: estimated time of the default budgets (`benchmarks/study_time.py`)",
+        "",
+        "Estimates, not runs: CPU seconds of one thread per training step and per 1,000",
+        "evaluated images, timed on a few steps of each network a default budget trains, times",
+        "the budget's steps; on an idle core, its wall time. The load average says how shared",
+        "the machine was.",
+        "",
+        *table(headers, rows),
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("fashion_mnist-*.json", classification),
     ("seed_screen-*.json", seed_screen),
@@ -775,6 +811,7 @@ SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("finetune_speed-*.json", finetune_speed),
     ("finetune_run-*.json", finetune_run),
     ("tensorboard-*.json", tensorboard_cost),
+    ("study_time-*.json", study_time),
 ]
 
 

@@ -55,6 +55,9 @@ class DegradationConfig:
     # share of the steps at lr / 10 for networks of 110 layers or more: the paper warms
     # ResNet-110 up at 0.01 for about 400 of 64k iterations (section 4.2)
     warmup: float = 0.0
+    # the networks' stem: "cifar", the paper's (stages at 28, 14, 7 px), or "small", a 3x3/2
+    # max pool after it (14, 7, 4 px): the same depth at about 2.5x fewer multiply-adds
+    stem: str = "cifar"
     precision: str = "fp32"  # fp32 or bf16 autocast (reslab.precision)
     channels_last: bool = False  # NHWC tensors in memory
 
@@ -78,16 +81,19 @@ class DegradationConfig:
             raise ReslabError(
                 f"--warmup must be a share of the steps in [0, 0.5), got {self.warmup}"
             )
+        if self.stem not in ("cifar", "small"):
+            raise ReslabError(f"--stem must be cifar or small, got {self.stem!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ReslabError(f"precision must be fp32 or bf16 here, got {self.precision!r}")
 
 
 # The study's budgets: fields of DegradationConfig by name. "default" is the paper's recipe
-# on the full Fashion-MNIST sets, compressed to fit an hour on a small CPU; "paper" is the
-# paper's 64k iterations of 128 images (137 epochs of 469 batches: 64,253 steps).
+# on the full Fashion-MNIST sets, compressed to fit an hour on a 2-core CPU (the "small" stem,
+# 3 epochs; the estimate and its basis: benchmarks/study_time.py); "paper" is the paper's
+# networks and 64k iterations of 128 images (137 epochs of 469 batches: 64,253 steps).
 FULL_SETS = dict(train_size=60_000, test_size=10_000, seeds=2, pad=2, channels_last=True)
 BUDGETS: dict[str, dict] = {
-    "default": dict(FULL_SETS, epochs=3, warmup=0.01),
+    "default": dict(FULL_SETS, epochs=3, warmup=0.01, stem="small"),
     "paper": dict(FULL_SETS, epochs=137, warmup=0.00625, depths=(20, 32, 44, 56, 110)),
     "small": dict(epochs=5, train_size=3000, test_size=1000),  # the former default: minutes
 }
@@ -264,7 +270,7 @@ def train_network(
     """One registered network (``kwargs`` to :func:`create_model`) trained on the config's
     recipe from its seed; the model and its run record."""
     torch.manual_seed(config.seed)
-    model = create_model(name, in_channels=1, num_classes=10, **kwargs)
+    model = create_model(name, in_channels=1, num_classes=10, stem=config.stem, **kwargs)
     label = f"{name} seed {config.seed}" if config.seeds > 1 else name
     history = train_fixed_budget(
         model,
@@ -457,7 +463,7 @@ def time_step(config: DegradationConfig, precision: str, steps: int = 2) -> floa
     """Seconds of one training step (forward, backward) of the deepest ResNet of the config on
     a random batch in ``precision``, after one untimed step: what ``--precision auto`` weighs
     bf16 against fp32 on."""
-    model = create_model(f"resnet{max(config.depths)}", in_channels=1, num_classes=10)
+    model = create_model(f"resnet{max(config.depths)}", in_channels=1, stem=config.stem)
     model.to(memory_format=memory_format(config.channels_last))
     x = torch.randn(config.batch_size, 1, 28, 28).contiguous(
         memory_format=memory_format(config.channels_last)

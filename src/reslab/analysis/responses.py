@@ -20,8 +20,11 @@ from torch import nn
 from reslab.analysis.degradation import DegradationConfig, prepared_sets, train_network
 from reslab.engine.plots import pyplot
 
-# the study's budget: fields of DegradationConfig
-DEFAULT = dict(depths=(20, 56), epochs=3, train_size=10_000, test_size=1000, pad=2)
+# the study's budget: fields of DegradationConfig; the paper's CIFAR stem, so that the
+# layers are the paper's; about 12 minutes of one idle core (benchmarks/study_time.py)
+DEFAULT = dict(
+    depths=(20, 56), epochs=3, train_size=10_000, test_size=1000, pad=2, channels_last=True
+)
 
 
 def response_norms(model: nn.Module) -> list[nn.BatchNorm2d]:

@@ -40,9 +40,16 @@ ORDERINGS: dict[str, tuple[dict, float | None]] = {  # Table 2
 GROUPS = {"shortcuts": SHORTCUTS, "orderings": ORDERINGS}
 # what the paper finds best in each group
 PAPER_BEST = {"shortcuts": "identity", "orderings": "full_preact"}
-# the study's budget: fields of DegradationConfig
+# the study's budget: fields of DegradationConfig; about 40 minutes of one idle core
+# (benchmarks/study_time.py)
 DEFAULT = dict(
-    depths=(20, 32, 56), epochs=4, train_size=10_000, test_size=10_000, pad=2, channels_last=True
+    depths=(20, 32, 56),
+    epochs=3,
+    train_size=10_000,
+    test_size=2000,
+    pad=2,
+    stem="small",
+    channels_last=True,
 )
 
 

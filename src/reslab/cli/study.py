@@ -148,7 +148,7 @@ def _degradation_parser(studies) -> None:
         "--budget",
         default="default",
         choices=sorted(BUDGETS),
-        help="default: full training and test sets, 2 seeds, crop+flip, "
+        help="default: full training and test sets, 2 seeds, crop+flip, small stem, "
         f"{BUDGETS['default']['epochs']} epochs; paper: the paper's 64k steps (137 epochs) "
         "at depths 20,32,44,56,110; small: 3,000 images, 5 epochs, one seed (default: default)",
     )
@@ -185,6 +185,13 @@ def _degradation_parser(studies) -> None:
         choices=PRECISIONS,
         help="auto: bf16 where the CPU computes it natively and a step is timed faster "
         "(reslab.precision's rule), else fp32 (default: auto)",
+    )
+    dg.add_argument(
+        "--stem",
+        default=None,
+        choices=("cifar", "small"),
+        help="cifar: the paper's (stages at 28, 14, 7 px); small: a 3x3/2 max pool after it "
+        "(14, 7, 4 px), about 2.5x cheaper (default: the budget's)",
     )
     dg.add_argument(
         "--channels-last",
@@ -283,6 +290,7 @@ def degradation_config(args):
                 "pad",
                 "lr",
                 "warmup",
+                "stem",
                 "channels_last",
             )
         },
