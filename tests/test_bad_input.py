@@ -20,6 +20,7 @@ from PIL import Image
 from reslab.cli import main
 from reslab.data import fashion_mnist
 from reslab.engine.checkpoint import load_checkpoint, make_payload, save_checkpoint
+from reslab.errors import ReslabError
 from reslab.models import create_model
 
 TINY = [
@@ -260,3 +261,65 @@ def test_16_bit_and_cmyk_images_in_a_folder_are_read_not_skipped(tmp_path, capsy
     assert open_image(deep, 3, 12).unique().tolist() == [round(40000 * 255 / 65535)]
     red = open_image(cmyk, 3, 12)[:, 6, 6].tolist()
     assert red[0] > 200 and max(red[1:]) < 60
+
+
+def bomb_png(path) -> None:
+    """A PNG that declares 60000x60000 pixels in a few bytes: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
+    path.write_bytes(png + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_an_unreadable_file(run, tmp_path, capsys):
+    from reslab.data.folders import scan
+
+    bomb_png(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 1024
+    fails_cleanly(capsys, ["predict", str(run), str(tmp_path / "bomb.png")], "bomb.png")
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        Image.new("RGB", (12, 12)).save(tmp_path / "pets" / name / "0.png")
+    bomb_png(tmp_path / "pets" / "dog" / "bomb.png")
+    skipped = []
+    files, _ = scan(tmp_path / "pets", skipped=skipped)
+    assert len(files) == 2 and [p.name for p in skipped] == ["bomb.png"]
+    with pytest.raises(ReslabError, match="bomb.png"):
+        scan(tmp_path / "pets", strict=True)
+
+
+def test_detect_train_resume_on_a_classification_run_names_the_right_command(
+    tmp_path, write_bars, capsys
+):
+    run = tmp_path / "run"
+    save_checkpoint(run / "last.pt", make_payload(create_model("resnet20", width=0.25)))
+    bars = tmp_path / "bars"
+    bars.mkdir()
+    write_bars(bars, count=4)
+    argv = ["detect", "train", "--resume", f"--out={run}", f"--images={bars}"]
+    argv += [f"--annotations={bars / 'ann.json'}", "--processes=1"]
+    fails_cleanly(capsys, argv, "not a detector", f"reslab train --resume {run}")
+
+
+def test_more_threads_than_cores_are_capped_with_a_note(fake_fmnist, capsys):
+    from rich.console import Console
+
+    from reslab.engine.config import TrainConfig
+    from reslab.engine.distributed import World, cpu_cores
+    from reslab.engine.state import prepare
+
+    config = TrainConfig(data_dir=str(fake_fmnist), verify=False, threads=64)
+    try:
+        prepare(config, World(), Console())
+        assert torch.get_num_threads() == min(64, cpu_cores())
+    finally:
+        torch.set_num_threads(1)
+    assert f"--threads 64 is more than the {cpu_cores()} core(s)" in capsys.readouterr().out

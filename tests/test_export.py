@@ -136,3 +136,25 @@ def test_every_format_carries_classes_input_and_weights_source(model, tmp_path):
             found[fmt] = files
     for fmt, strings in found.items():
         assert {key: json.loads(strings[key]) for key in ABOUT} == about, fmt
+
+
+def test_export_default_input_is_the_size_the_checkpoint_was_trained_at(model, tmp_path):
+    from reslab.data.transforms import InputSpec
+    from reslab.export import default_input_shape
+
+    spec = InputSpec(size=32, source_size=28, channels=1, mean=(0.5,), std=(0.25,), stem="small")
+    save_checkpoint(tmp_path / "last.pt", make_payload(model, input=spec.to_dict()))
+    assert default_input_shape(reslab.load(tmp_path / "last.pt")) == (1, 32, 32)
+    save_checkpoint(tmp_path / "bare.pt", make_payload(model))  # records no input: the default
+    assert default_input_shape(reslab.load(tmp_path / "bare.pt")) == (1, 28, 28)
+
+
+def test_export_to_a_folder_or_an_unwritable_place_is_one_line(model, tmp_path, capsys):
+    from reslab.cli import main
+
+    save_checkpoint(tmp_path / "last.pt", make_payload(model))
+    for out in (tmp_path, "/proc/reslab-export/m.pt"):  # a folder; a read-only file system
+        code = main(["export", str(tmp_path / "last.pt"), "--format=torchscript", f"--out={out}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("reslab: error: ") and "--out" in err, err
+        assert err.count("\n") == 1, err

@@ -13,6 +13,7 @@ TorchScript extra files. :func:`load` puts them on the model as ``model.about``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,13 @@ def export_onnx(
         verbose=False,
     )
     program.model.metadata_props.update(about_strings(model))
-    program.save(str(path))
+    # written beside ``path`` and renamed once whole, as atomic_write does
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        program.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     check = torch.randn(batch + 1, *input_shape)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"images": check.numpy()})

@@ -120,3 +120,37 @@ def test_a_16_bit_png_is_scaled_to_8_bits(tmp_path):
     write_png(levels.to(torch.uint8), str(tmp_path / "flat.png"))
     deep, flat = decode_rgb(tmp_path / "deep.png"), decode_rgb(tmp_path / "flat.png")
     assert deep.dtype == torch.uint8 and torch.equal(deep, flat)
+
+
+def image(iid, name="a.png"):
+    return {"id": iid, "file_name": name, "width": 40, "height": 30}
+
+
+def box(aid, bbox="absent", **extra):
+    ann = {"id": aid, "image_id": 7, "category_id": 9, **extra}
+    return ann if bbox == "absent" else {**ann, "bbox": bbox}
+
+
+@pytest.mark.parametrize(
+    "annotations, images, message",
+    [
+        ([box(1)], None, "annotation 1 (image 7) has no 'bbox'"),
+        ([box(1, ["1", "2", "3", "4"])], None, "is not four finite numbers"),
+        ([box(1, [1, 2, float("nan"), 4])], None, "is not four finite numbers"),
+        ([box(1, [1, 2, 3, 4])], [image(7), image(7, "b.png")], "image id 7 is listed twice"),
+        ([box(1, [1, 2, 3, 4], iscrowd=1)], None, "crowd regions (iscrowd=1)"),
+    ],
+)
+def test_coco_hostile_files_name_the_problem(tmp_path, annotations, images, message):
+    with pytest.raises(ReslabError) as error:
+        CocoDetection(*write_dataset(tmp_path, annotations, images))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_coco_problems_are_all_listed_up_front_a_few_then_a_count(tmp_path):
+    annotations = [box(i, [1, 2, 0, 4]) for i in range(1, 9)]  # eight zero-area boxes
+    with pytest.raises(ReslabError) as error:
+        CocoDetection(*write_dataset(tmp_path, annotations))
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("ann.json has 8 problems:") and lines[-1] == "  and 3 more"
+    assert [line.startswith("  annotation ") for line in lines[1:-1]] == [True] * 5

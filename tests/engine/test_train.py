@@ -365,7 +365,7 @@ def test_auto_precision_keeps_bf16_only_when_timed_clearly_faster(
     config = tiny(fake_fmnist, None, precision="auto")
     source = state_module.open_source(config)
     estimate = plan_module.choose_precision(config, source, plan_module.World(), quiet())
-    assert config.precision == chosen and timed == ["fp32", "bf16"]
+    assert config.precision == chosen and timed == ["fp32", "bf16", "bf16", "fp32", "fp32", "bf16"]
     assert estimate == {"fp32": fp32, "bf16": bf16}[chosen]
 
 
@@ -381,12 +381,12 @@ def test_auto_precision_is_resolved_before_the_run_and_its_timing_plans_the_budg
     fake_fmnist, tmp_path, monkeypatch
 ):
     # bf16 "takes" 10 s an epoch, fp32 20 s, the budget 30 s: bf16, and 97% of 30 s holds 2 of
-    # its epochs, planned from the choice's own timing (no third probe)
+    # its epochs, planned from the choice's own timings (no seventh probe)
     timed = fake_epochs(monkeypatch, 20.0, 10.0)
     clock = StepClock(monkeypatch, 2.0)  # and the epochs take 10 s
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5, precision="auto")
     result = fit(config, console=quiet(), hooks=clock)
-    assert timed == ["fp32", "bf16"] and len(result.history) == 2
+    assert timed == ["fp32", "bf16", "bf16", "fp32", "fp32", "bf16"] and len(result.history) == 2
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["precision"] == "bf16" and saved["epochs"] == 2
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["precision"] == "bf16"

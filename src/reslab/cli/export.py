@@ -60,6 +60,20 @@ def run(args) -> int:
     out = args.out or source.with_suffix(SUFFIXES[args.format])
     if out.resolve() == source.resolve():
         raise ReslabError(f"--out {out} would overwrite the checkpoint; choose another name")
+    if out.is_dir():
+        raise ReslabError(f"--out {out} is a folder; give a file name, such as {out / source.stem}")
+    try:
+        write(args, model, out, shape)
+    except OSError as error:
+        raise ReslabError(
+            f"cannot write --out {out} ({error.strerror or error}); choose a writable place"
+        ) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def write(args, model, out: Path, shape: tuple[int, int, int]) -> None:
+    """Write ``model`` to ``out`` in ``args.format``; ONNX is checked against torch."""
     if args.format == "onnx":
         check = export_onnx(model, out, shape)
         diff, limit = check["max_abs_diff"], ONNX_TOLERANCE * max(1.0, check["max_abs_output"])
@@ -74,5 +88,3 @@ def run(args) -> int:
         save_safetensors(model, out, folded=args.fold_bn)
     else:
         export_torchscript(model, out, shape)
-    print(f"wrote {out}")
-    return 0

@@ -8,6 +8,7 @@ import sys
 from PIL import Image
 
 from reslab.cli.explain import add_explain_flags, print_explained
+from reslab.data.folders import UNREADABLE
 from reslab.engine.checkpoint import load_checkpoint
 from reslab.engine.inference import explain_files, predict_files
 from reslab.errors import ReslabError
@@ -84,7 +85,7 @@ def conversion_notes(paths: list[str], spec: dict) -> list[str]:
         try:
             with Image.open(path) as image:
                 mode, (width, height) = image.mode, image.size
-        except (OSError, SyntaxError, ValueError):
+        except UNREADABLE:
             continue  # unreadable: reading it for real reports the error
         if mode != wanted_mode or not width == height == size:
             differing.append((path, mode, width, height))

@@ -1,8 +1,9 @@
 """COCO-format detection data: any user's dataset, and the Fashion-MNIST scenes.
 
-The annotation file is checked once, when the dataset is opened, and every problem is a one-line
-``ReslabError`` that names the file and the offending image or annotation: a missing image file,
-an unknown category id, a zero-area box, a box outside its image. Boxes travel with their image
+The annotation file is checked whole, when the dataset is opened (:func:`validate`), and every
+problem is a line of one ``ReslabError`` that names the file and the offending image or
+annotation: a malformed entry, a duplicate id, a missing image file, an unknown category id, a
+missing, non-numeric, non-finite, zero-area or outside box, a set of crowd regions only. Boxes travel with their image
 through torchvision transforms v2 as ``tv_tensors.BoundingBoxes``, so flips and resizes keep them
 right. Category ids map to contiguous labels 1..K in id order (0 is the background).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -47,66 +49,143 @@ def _read_json(path: Path) -> dict:
         raise ReslabError(f"annotation file {path} does not exist")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ReslabError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise ReslabError(f"{path} is not COCO format: needs 'images', 'annotations', 'categories'")
     return data
 
 
+# problems listed one a line before the rest are only counted
+LISTED_PROBLEMS = 5
+
+
 def validate(data: dict, images_dir: Path, source: Path) -> None:
-    """Raise a one-line ``ReslabError`` on the first thing wrong with a COCO dataset."""
-    categories = {c["id"] for c in data["categories"]}
-    images = _checked_images(data, images_dir, source)
-    if data["images"] and not data["annotations"]:
-        raise ReslabError(
-            f"{source} has {len(data['images'])} images and no annotations at all: a detector "
-            "learns from boxes; give the file with its 'annotations'"
+    """Check a whole COCO dataset up front; every problem found is a line of one
+    ``ReslabError`` (the first ``LISTED_PROBLEMS``, then how many more)."""
+    problems: list[str] = []
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list) or not all(isinstance(x, dict) for x in data[key]):
+            problems.append(f"'{key}' must be a list of objects")
+    if not problems:
+        categories = _checked_categories(data["categories"], problems)
+        images = _checked_images(data["images"], images_dir, problems)
+        for ann in data["annotations"]:
+            _check_annotation(ann, images, categories, problems)
+        problems += _nothing_to_learn(data)
+    if len(problems) == 1:
+        raise ReslabError(f"{source}: {problems[0]}")
+    if problems:
+        more = len(problems) - LISTED_PROBLEMS
+        lines = problems[:LISTED_PROBLEMS] + ([f"and {more} more"] if more > 0 else [])
+        raise ReslabError(f"{source} has {len(problems)} problems:\n  " + "\n  ".join(lines))
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked_categories(categories: list[dict], problems: list[str]) -> set[int]:
+    """The category ids, each a whole number listed once with a name."""
+    ids: set[int] = set()
+    for category in categories:
+        cid = category.get("id")
+        if not _whole(cid) or not isinstance(category.get("name"), str):
+            problems.append(f"category {category!r:.60} needs a whole-number 'id' and a 'name'")
+        elif cid in ids:
+            problems.append(f"category id {cid} is listed twice")
+        else:
+            ids.add(cid)
+    return ids
+
+
+def _checked_images(images: list[dict], images_dir: Path, problems: list[str]) -> dict:
+    """``{id: image}`` of the file's well-formed images, each id and file listed once and
+    the file there."""
+    found, files = {}, {}
+    for image in images:
+        iid, name = image.get("id"), image.get("file_name")
+        if not _whole(iid) or not isinstance(name, str):
+            problems.append(f"image {image!r:.60} needs a whole-number 'id' and a 'file_name'")
+            continue
+        if not all(_number(image.get(side)) and image[side] > 0 for side in ("width", "height")):
+            problems.append(f"image {iid} needs a positive 'width' and 'height'")
+        elif iid in found:
+            problems.append(f"image id {iid} is listed twice ({found[iid]['file_name']}, {name})")
+        elif name in files:
+            problems.append(
+                f"image {iid} lists {name} again (image {files[name]} has it); list each once"
+            )
+        elif not _is_file(images_dir / name):
+            problems.append(f"image {iid} file {images_dir / name} does not exist")
+        else:
+            found[iid], files[name] = image, iid
+    return found
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, or with a NUL byte
+        return False
+
+
+def _check_annotation(ann: dict, images: dict, categories: set, problems: list[str]) -> None:
+    where = f"annotation {ann.get('id')!r:.20} (image {ann.get('image_id')!r:.20})"
+    image_id, category = ann.get("image_id"), ann.get("category_id")
+    box = ann.get("bbox")
+    if not _whole(image_id) or image_id not in images:
+        problems.append(f"{where} refers to an image id not in 'images'")
+    elif not _whole(category) or category not in categories:
+        problems.append(
+            f"{where} has unknown category id {category!r:.20}; known: {sorted(categories)}"
         )
-    for ann in data["annotations"]:
-        where = f"{source}: annotation {ann.get('id')} (image {ann.get('image_id')})"
-        if ann.get("image_id") not in images:
-            raise ReslabError(f"{where} refers to an image id not in 'images'")
-        if ann.get("category_id") not in categories:
-            raise ReslabError(
-                f"{where} has unknown category id {ann.get('category_id')}; "
-                f"known: {sorted(categories)}"
-            )
-        _check_box(ann, images[ann["image_id"]], where)
+    elif ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), float):
+        problems.append(f"{where} has iscrowd {ann['iscrowd']!r:.20}; COCO's is 0 or 1")
+    elif box is None:
+        problems.append(f"{where} has no 'bbox'")
+    elif not isinstance(box, list) or len(box) != 4 or not all(_number(v) for v in box):
+        problems.append(f"{where} bbox {box!r:.60} is not four finite numbers (x, y, w, h)")
+    else:
+        problem = _box_problem(box, images[image_id])
+        if problem:
+            problems.append(f"{where} {problem}")
 
 
-def _checked_images(data: dict, images_dir: Path, source: Path) -> dict:
-    """``{id: image}`` of the file's images, each file there and listed once."""
-    images, files = {}, {}
-    for image in data["images"]:
-        path = images_dir / image["file_name"]
-        if image["file_name"] in files:
-            raise ReslabError(
-                f"{source}: image {image['id']} lists {image['file_name']} again (image "
-                f"{files[image['file_name']]} has it); list each image once"
-            )
-        if not path.is_file():
-            raise ReslabError(f"{source}: image {image['id']} file {path} does not exist")
-        images[image["id"]] = image
-        files[image["file_name"]] = image["id"]
-    return images
-
-
-def _check_box(ann: dict, image: dict, where: str) -> None:
-    x, y, w, h = ann["bbox"]
+def _box_problem(box: list, image: dict) -> str | None:
+    x, y, w, h = box
+    width, height, t = image["width"], image["height"], BORDER_TOLERANCE
     if w <= 0 or h <= 0:
-        raise ReslabError(f"{where} has a zero-area box {ann['bbox']} (x, y, w, h)")
-    t = BORDER_TOLERANCE
-    if w > image["width"] + t or h > image["height"] + t:
-        raise ReslabError(
-            f"{where} box {ann['bbox']} (x, y, w, h) is larger than its "
-            f"{image['width']}x{image['height']} image; are its sides swapped or in another scale?"
+        return f"has a zero-area box {box} (x, y, w, h)"
+    if w > width + t or h > height + t:
+        return (
+            f"box {box} (x, y, w, h) is larger than its {width}x{height} image; are its sides "
+            "swapped or in another scale?"
         )
-    if x < -t or y < -t or x + w > image["width"] + t or y + h > image["height"] + t:
-        raise ReslabError(
-            f"{where} box {ann['bbox']} (x, y, w, h) lies outside its "
-            f"{image['width']}x{image['height']} image"
-        )
+    if x < -t or y < -t or x + w > width + t or y + h > height + t:
+        return f"box {box} (x, y, w, h) lies outside its {width}x{height} image"
+    return None
+
+
+def _nothing_to_learn(data: dict) -> list[str]:
+    """A set with images but no boxes to learn from: none at all, or crowd regions only."""
+    if not data["images"]:
+        return []
+    if not data["annotations"]:
+        return [
+            f"{len(data['images'])} images and no annotations at all: a detector learns from "
+            "boxes; give the file with its 'annotations'"
+        ]
+    if all(ann.get("iscrowd", 0) == 1 for ann in data["annotations"]):
+        return [
+            f"all {len(data['annotations'])} annotations are crowd regions (iscrowd=1), which "
+            "training and COCO evaluation both ignore: no object to learn from"
+        ]
+    return []
 
 
 def unused_categories(data: dict) -> list[dict]:

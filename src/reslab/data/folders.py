@@ -23,6 +23,11 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from reslab.data.sources import Batch, train_order
 from reslab.errors import ReslabError
 
+# what PIL raises for a file it cannot read: corrupt, truncated or not an image, or one that
+# declares more pixels than PIL's MAX_IMAGE_PIXELS (a decompression bomb: a few bytes on disk,
+# gigabytes once decoded)
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, DecompressionBombError)
+
 # ImageNet statistics: the usual choice for photographs, and what pretrained weights expect
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,7 +103,7 @@ def open_image(
             else:
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, DecompressionBombError) as e:
+    except UNREADABLE as e:
         raise ReslabError(f"{name}: not a readable image ({type(e).__name__})") from None
     return data.view(size, size, channels).permute(2, 0, 1).contiguous()
 
@@ -108,7 +113,7 @@ def readable(path: Path) -> bool:
     try:
         with Image.open(path) as image:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except UNREADABLE:
         return False
     return True
 

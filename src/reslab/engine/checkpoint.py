@@ -9,8 +9,11 @@ that would need arbitrary code to load is refused rather than executed.
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -41,10 +44,16 @@ def make_payload(model: nn.Module, task: str = "classification", **extra) -> dic
     }
 
 
-def atomic_write(path: str | Path, write) -> Path:
+# atomic_write's temporary files: ``.<name>.<random>.tmp`` beside the file they replace
+TEMPORARY_GLOB = ".*.tmp"
+
+
+def atomic_write(path: str | Path, write, size: int | None = None) -> Path:
     """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename.
 
-    A crash at any instant leaves either the old file or the new one, never half of one.
+    A crash at any instant leaves either the old file or the new one, never half of one; a
+    write that fails leaves the old file and removes the temporary one. A full disk is a
+    ``ReslabError`` naming the folder, the space free and ``size``, the bytes needed, if known.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +64,10 @@ def atomic_write(path: str | Path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise ReslabError(disk_full(path, size)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -66,8 +77,51 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
+def disk_full(path: Path, size: int | None) -> str:
+    """The one line for a write that ran out of space: the folder, what is free, what was
+    needed (``size`` bytes, when known) and that the previous file is whole."""
+    free = shutil.disk_usage(path.parent).free
+    needed = f"{size / 1e6:.1f} MB needed, " if size is not None else ""
+    kept = f"the previous {path.name} is kept whole" if path.exists() else "nothing was written"
+    return (
+        f"no space left on the device of {path.parent} writing {path.name} ({needed}"
+        f"{free / 1e6:.1f} MB free); {kept}. Free some space and run again"
+    )
+
+
+def non_finite_tensors(state_dict: dict) -> list[str]:
+    """The names of the floating-point tensors of ``state_dict`` that hold inf or nan."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all()
+    ]
+
+
+def check_finite(payload: dict, what: str) -> None:
+    """Refuse a payload whose weights or batch-norm statistics (``state_dict``, and the raw
+    ``train_state_dict`` an averaged run also keeps) hold inf or nan: ``what`` says what was
+    being done with it."""
+    bad = non_finite_tensors(payload.get("state_dict", {}))
+    bad += non_finite_tensors(payload.get("train_state_dict", {}))
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ReslabError(
+            f"{what}: {len(bad)} of the model's tensors hold inf or nan ({names}); the weights "
+            "diverged (likely a learning rate too high: try a lower --lr, or --precision fp32)"
+        )
+
+
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    """Write ``payload`` atomically if every parameter and buffer is finite; otherwise raise
+    a ``ReslabError`` and leave the previous file as it was."""
+    path = Path(path)
+    kept = "the previous one stays" if path.exists() else "none written yet"
+    check_finite(payload, f"not saving {path} ({kept})")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    return atomic_write(path, lambda f: f.write(data), len(data))
 
 
 # the first byte of every pickle since protocol 2: torch.save's legacy, pre-zip format
@@ -153,6 +207,7 @@ def require_classifier(
 def model_from_checkpoint(payload: dict) -> nn.Module:
     """Rebuild the model from a checkpoint's spec and load its weights strictly."""
     require_classifier(payload)
+    check_finite(payload, "this checkpoint cannot give meaningful outputs")
     spec = payload["model"]
     model = create_model(spec["name"], **spec["kwargs"])
     try:

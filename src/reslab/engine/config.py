@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -274,10 +276,58 @@ def check_device(device: str) -> None:
 
 def validate(config: TrainConfig) -> None:
     """One-line errors for values that cannot work, before any data is read."""
+    _check_types(config)
     _check_names_and_counts(config)
     _check_model(config)
     _check_rates(config)
     _check_run(config)
+
+
+# the model's constructor arguments a config may hold (MODEL_KEYS), by type
+MODEL_KEY_TYPES = {
+    "stem": str,
+    "width": float,
+    "widths": list[int],
+    "shortcut": str,
+    "se": int,
+    "zero_init_residual": bool,
+}
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` (read from JSON or flags) is of the type ``hint`` of a config field:
+    a bool is no number, an int is a float, a list's items are checked."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if hint in (bool, type(None)):
+        return type(value) is hint
+    if hint in (int, float):
+        number = int if hint is int else int | float
+        return isinstance(value, number) and not isinstance(value, bool)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    return isinstance(value, hint)
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each value of the type its field (or model argument) declares, before any rule reads
+    it: a config file or a checkpoint's config can hold anything JSON can."""
+    hints = typing.get_type_hints(TrainConfig)
+    wrong = [
+        (f"--{f.name.replace('_', '-')}", hints[f.name], getattr(config, f.name))
+        for f in fields(TrainConfig)
+        if not _fits(getattr(config, f.name), hints[f.name])
+    ]
+    if isinstance(config.model_kwargs, dict):
+        for key, value in config.model_kwargs.items():
+            hint = MODEL_KEY_TYPES.get(key)
+            if hint is not None and not _fits(value, hint):
+                wrong.append((f"--{key.replace('_', '-')}", hint, value))
+    if wrong:
+        flag, hint, value = wrong[0]
+        kind = getattr(hint, "__name__", None) or str(hint).replace("NoneType", "None")
+        raise ReslabError(f"{flag} must be {kind}, got {value!r:.60}")
 
 
 def _check_names_and_counts(config: TrainConfig) -> None:

@@ -41,6 +41,7 @@ from reslab.engine.distributed import (
     in_launched_world,
     init_world,
     relaunch,
+    set_threads,
     sum_over_ranks,
 )
 from reslab.engine.rescore import (
@@ -49,6 +50,7 @@ from reslab.engine.rescore import (
     save_rescorer,
     train_rescorer,
 )
+from reslab.engine.runfolder import held_run
 from reslab.errors import ReslabError
 from reslab.models.detection import DetectorConfig, build_detector, load_backbone_weights
 from reslab.precision import resolve_precision
@@ -58,7 +60,14 @@ from reslab.weights import FIRST_CONV, WeightsInfo, adapt_first_conv, read_weigh
 def detector_config(config: DetectConfig, dataset: CocoDetection) -> DetectorConfig:
     """The detector a run trains: its checkpoint's when resuming, else built for the data."""
     if config.resume:
-        payload = load_checkpoint(Path(config.out) / "last.pt")
+        path = Path(config.out) / "last.pt"
+        payload = load_checkpoint(path)
+        if payload.get("task") != "detection":
+            raise ReslabError(
+                f"{path} holds a {payload.get('task', 'classification')} model "
+                f"({payload['model']['name']}), not a detector; continue it with "
+                f"`reslab train --resume {config.out}`, or give detect train another --out"
+            )
         return DetectorConfig.from_dict(payload["model"]["kwargs"])
     return config.model.detector(dataset)
 
@@ -262,8 +271,7 @@ def run_training(config: DetectConfig, argv: list[str] | None = None) -> int:
     """`reslab detect train`: ``argv`` is the command line the ranks repeat (None: this
     process's)."""
     validate(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads, Console().print)
     precision, plan = config.precision, None
     if not in_launched_world():
         config, precision, plan = planned(config, Console())
@@ -279,6 +287,12 @@ def run_training(config: DetectConfig, argv: list[str] | None = None) -> int:
     console = Console() if world.is_main else Console(quiet=True)
     if precision == "auto":  # ranks that torchrun started time it together
         precision = resolve_train_precision(config, console, world)
+    with held_run(Path(config.out) if world.is_main else None, console.print):
+        return train_held(config, precision, plan, world, console)
+
+
+def train_held(config: DetectConfig, precision: str, plan, world, console: Console) -> int:
+    """:func:`run_training` in its held run folder: prepare, train, evaluate."""
     prepared = prepare(config, precision, console)
     report_start(prepared, world, console)
     losses = train_detector(

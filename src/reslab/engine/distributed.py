@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +180,21 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def set_threads(threads: int, say: Callable[[str], None]) -> None:
+    """``--threads N`` (0: torch's default): threads beyond this process's cores wait on each
+    other and a step runs many times slower, so N is capped at the cores, with a note."""
+    if not threads:
+        return
+    cores = cpu_cores()
+    if threads > cores:
+        say(
+            f"note: --threads {threads} is more than the {cores} core(s) this process may run "
+            f"on; using {cores} (threads beyond the cores only wait on each other)"
+        )
+        threads = cores
+    torch.set_num_threads(threads)
 
 
 def in_launched_world() -> bool:

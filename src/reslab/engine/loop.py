@@ -164,32 +164,50 @@ class StopOnSignals(Hook):
     """
 
     def __init__(self):
-        self.received = 0
+        self.caught = [0]
         self.pending = False
 
     @contextmanager
     def active(self, loop: Loop):
-        if threading.current_thread() is not threading.main_thread():
+        with caught_signals() as self.caught:
             yield
-            return
-
-        def handler(signum, frame):
-            self.received = signum
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     def after_forward(self, loop: Loop, losses: dict[str, torch.Tensor]) -> None:
-        (self.pending,) = any_rank(loop.world, bool(self.received))
+        (self.pending,) = any_rank(loop.world, bool(self.caught[0]))
 
     def after_step(self, loop: Loop) -> None:
         if self.pending:
-            loop.extra["signal"] = self.received or loop.extra.get("signal", 0)
+            loop.extra["signal"] = self.caught[0] or loop.extra.get("signal", 0)
             loop.stop = True
+
+
+@contextmanager
+def caught_signals():
+    """SIGINT and SIGTERM recorded, not acted on, while the block runs (in the main thread,
+    where Python delivers signals): yields a one-item list that holds the latest signal's
+    number, 0 while none came. The previous handlers come back after the block."""
+    if _CAUGHT:  # within an outer block: one record, so a signal before the loop counts
+        yield _CAUGHT[-1]
+        return
+    caught = [0]
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        caught[0] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _CAUGHT.append(caught)
+    try:
+        yield caught
+    finally:
+        _CAUGHT.pop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+_CAUGHT: list[list[int]] = []  # the record of the outermost caught_signals block
 
 
 class Every(Hook):

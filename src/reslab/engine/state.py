@@ -17,16 +17,18 @@ from reslab.data.folders import DEFAULT_SIZE, FolderSource
 from reslab.data.sources import Source, fashion_mnist_source
 from reslab.data.transforms import InputSpec
 from reslab.engine.checkpoint import (
+    atomic_write,
     load_checkpoint,
     make_payload,
     require_classifier,
     save_checkpoint,
 )
 from reslab.engine.config import TrainConfig, validate
-from reslab.engine.distributed import World, check_batch
+from reslab.engine.distributed import World, check_batch, set_threads
 from reslab.engine.ema import make_ema, restore_ema
 from reslab.engine.evaluate import Evaluation
 from reslab.engine.loop import Hook, Loop
+from reslab.engine.runfolder import is_bookkeeping
 from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.precision import bf16_supported
@@ -56,8 +58,7 @@ def prepare(config: TrainConfig, world, console: Console) -> Source:
     """Check the config, set up the device and threads, seed, and open the data."""
     validate(config)
     check_batch(world, config.batch_size)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads, lambda text: say(console, text))
     if config.device != "cpu":
         # fp32 on a GPU as on the CPU: no TF32 rounding of convolution and matmul inputs
         torch.backends.cudnn.allow_tf32 = False
@@ -307,7 +308,10 @@ def checkpoint_payload(state: TrainState, evaluation: Evaluation | None) -> dict
     return make_payload(state.eval_model, "classification", **extra)
 
 
-def restore(state: TrainState, payload: dict) -> None:
+def restore(state: TrainState, payload: dict) -> list[int]:
+    """Put ``payload``'s training state into ``state``; returns the epochs whose records
+    ``metrics.jsonl`` held beyond the checkpoint's, which rank 0 drops from the file, since
+    the run trains them again (a history never holds an epoch twice)."""
     state.model.load_state_dict(payload.get("train_state_dict", payload["state_dict"]))
     if state.ema is not None:
         restore_ema(state.ema, payload["state_dict"], payload["step"])
@@ -320,9 +324,15 @@ def restore(state: TrainState, payload: dict) -> None:
     if state.resume_progress is not None:
         state.loop.batch_in_epoch = state.resume_progress["batches"]
     metrics = state.run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-        state.history = [r for r in records if r["epoch"] <= state.epoch]
+    if not metrics.is_file():
+        return []
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    state.history = [r for r in records if r["epoch"] <= state.epoch]
+    dropped = [r["epoch"] for r in records if r["epoch"] > state.epoch]
+    if dropped and state.world.is_main:
+        text = "".join(json.dumps(r) + "\n" for r in state.history)
+        atomic_write(metrics, lambda f: f.write(text.encode()))
+    return dropped
 
 
 def resume_config(
@@ -330,8 +340,10 @@ def resume_config(
 ) -> tuple[TrainConfig, dict, Path]:
     """The saved config of a run (``epochs`` may be raised, ``device`` changed), its
     checkpoint and its folder."""
-    payload = load_checkpoint(path)
     run_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+    if Path(path).is_dir() and not (run_dir / "last.pt").is_file():
+        raise ReslabError(missing_last(run_dir))
+    payload = load_checkpoint(path)
     require_classifier(
         payload,
         f"continue it with `reslab detect train --resume --out {run_dir}` and its data flags",
@@ -353,8 +365,21 @@ def resume_config(
     return config, payload, run_dir
 
 
+def missing_last(run_dir: Path) -> str:
+    """Why a folder without last.pt does not resume by itself: its best.pt (if any) is an
+    older state, from which going on would train later epochs again."""
+    best = run_dir / "best.pt"
+    if not best.is_file():
+        return f"{run_dir} has no last.pt to resume from (nor a best.pt)"
+    epoch = load_checkpoint(best).get("epoch", "?")
+    return (
+        f"{run_dir} has no last.pt, the run's latest state; best.pt is from epoch {epoch}. To "
+        f"go back to it and train the later epochs again, pass --resume {best}"
+    )
+
+
 def _fresh_folder(path: Path, force: bool) -> Path:
-    if path.is_dir() and any(path.iterdir()) and not force:
+    if path.is_dir() and not force and any(not is_bookkeeping(p) for p in path.iterdir()):
         raise ReslabError(f"run folder {path} exists and is not empty; pass --force to reuse it")
     try:
         path.mkdir(parents=True, exist_ok=True)

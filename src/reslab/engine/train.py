@@ -41,6 +41,7 @@ from reslab.engine.plan import (
     say,
 )
 from reslab.engine.plots import plot_confusion, plot_curves
+from reslab.engine.runfolder import held_run
 from reslab.engine.schedules import Schedule, lr_factor
 from reslab.engine.state import (
     SaveEvery,
@@ -375,17 +376,30 @@ def fit(
     run_dir = (run_dir or new_run_dir(config)) if world.is_main else run_dir
     state.run_dir = run_dir or Path(".")
     state.world = world
+    with held_run(run_dir if world.is_main else None, lambda text: say(console, text)):
+        return fit_held(state, source, budget, replan, console, hooks or Hooks(), payload)
+
+
+def fit_held(state: TrainState, source, budget, replan, console, hooks, payload) -> RunResult:
+    """:func:`fit` once the run folder is held: restore, train, finish."""
+    config, world, run_dir = state.config, state.world, state.run_dir
     if payload is not None:
-        restore(state, payload)
+        dropped = restore(state, payload)
         where = f"step {state.step}" if state.resume_progress else f"epoch {state.epoch}"
         say(console, f"resumed from {config.resume} after {where}")
+        if dropped:
+            say(
+                console,
+                f"dropped the records of epochs {dropped[0]}-{dropped[-1]} from metrics.jsonl: "
+                "this run trains them again",
+            )
     state.train_model = wrap(state.model, world, config.sync_bn)
     if world.is_main:
         say(console, f"config ({run_dir / 'config.json'}):\n{describe(config)}")
         write_config(config, run_dir)
     if replan is not None:
         replan.changed = lambda loop: world.is_main and write_config(config, run_dir)
-    evaluation = train_epochs(state, source, budget, replan, console, hooks or Hooks())
+    evaluation = train_epochs(state, source, budget, replan, console, hooks)
     return finish(state, evaluation, budget, source, console)
 
 
