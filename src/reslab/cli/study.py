@@ -339,8 +339,9 @@ def run_degradation(args) -> int:
         console.print(
             f"  {claim['text']}: {verdict} ({claim['deep']:.2%} against {claim['shallow']:.2%})",
             highlight=False,
+            soft_wrap=True,  # one line per claim, whatever the terminal's width, so logs grep
         )
-    console.print(claims_title(result["claims"]), highlight=False)
+    console.print(claims_title(result["claims"]), highlight=False, soft_wrap=True)
     console.print(f"wrote {', '.join(map(str, paths))} and {out / 'degradation.png'}")
     return 0
 

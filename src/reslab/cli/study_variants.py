@@ -149,6 +149,7 @@ def run_shortcuts(args) -> int:
             f"{' < '.join(found['measured'])}; paper {' < '.join(found['paper'])}; "
             f"paper's best ({found['paper_best']}) best here: {verdict}",
             highlight=False,
+            soft_wrap=True,  # one line per claim, whatever the terminal's width, so logs grep
         )
     console.print(f"wrote {', '.join(map(str, paths))}")
     return 0
@@ -172,6 +173,8 @@ def run_responses(args) -> int:
     for found in result["reading"]:
         numbers = ", ".join(f"{k} {v:.3f}" for k, v in found.items() if isinstance(v, float))
         verdict = "holds" if found["holds"] else "does not hold"
-        console.print(f"  {found['finding']}: {verdict} ({numbers})", highlight=False)
+        console.print(
+            f"  {found['finding']}: {verdict} ({numbers})", highlight=False, soft_wrap=True
+        )
     console.print(f"wrote {', '.join(map(str, paths))}")
     return 0
