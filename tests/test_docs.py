@@ -91,3 +91,38 @@ def test_link_check_finds_a_broken_link(tmp_path):
         "[broken](missing.md) ![image](missing.png)\n"
     )
     assert broken_links(page) == ["missing.md", "missing.png"]
+
+
+RELIABILITY = ROOT / "docs" / "reliability.md"
+TEST_REF = re.compile(r"`(tests/[\w/]+\.py)::(\w+)`")
+# every test in these files is a hostile case and has its row in the reliability page
+HOSTILE_FILES = ("tests/test_bad_input.py", "tests/engine/test_run_folder.py")
+
+
+def hostile_rows(text: str) -> list[tuple[str, str]]:
+    section = text.split("## Hostile cases", 1)[1].split("\n## ", 1)[0]
+    return TEST_REF.findall(section)
+
+
+def missing_tests(rows: list[tuple[str, str]]) -> list[str]:
+    return [
+        f"{path}::{name}"
+        for path, name in rows
+        if not (ROOT / path).is_file() or f"def {name}(" not in (ROOT / path).read_text()
+    ]
+
+
+def test_reliability_table_names_tests_that_exist_and_covers_the_hostile_files():
+    rows = hostile_rows(RELIABILITY.read_text())
+    assert len(rows) >= 30 and not missing_tests(rows)
+    named = {name for _, name in rows}
+    for path in HOSTILE_FILES:
+        tests = re.findall(r"^def (test_\w+)\(", (ROOT / path).read_text(), re.M)
+        assert tests and not set(tests) - named, f"{path}: {set(tests) - named} have no row"
+
+
+def test_reliability_check_finds_a_renamed_test():
+    rows = hostile_rows(RELIABILITY.read_text())
+    assert missing_tests([(rows[0][0], rows[0][1] + "_renamed")]) == [
+        f"{rows[0][0]}::{rows[0][1]}_renamed"
+    ]
