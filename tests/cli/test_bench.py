@@ -17,6 +17,8 @@ def test_bench_writes_json(tmp_path, capsys, monkeypatch, native_bf16):
     # with native bf16 also gets a bf16 fast-path row
     monkeypatch.setattr("reslab.precision.bf16_supported", lambda: native_bf16)
     monkeypatch.setattr("reslab.bench.bf16_supported", lambda: native_bf16)
+    # no AMX, whatever this CPU has: AMX-BF16 takes bf16 on equal timings
+    monkeypatch.setattr("reslab.precision.cpu_flags", lambda: frozenset())
     monkeypatch.setattr("reslab.bench.time_forward", lambda call, example, runs=3: 1.0)
     out = tmp_path / "bench.json"
     argv = ["bench", "--input", "1,8,8", "--batch-size", "2", "--rounds", "1", "--warmup", "0"]
