@@ -3,6 +3,8 @@ scratch, on a small folder of a different task.
 
     .venv/bin/python benchmarks/transfer.py                       # 3 seeds, 20 images a class
     .venv/bin/python benchmarks/transfer.py --seeds 0 1 2 3 4 --per-class 10
+    .venv/bin/python benchmarks/transfer.py --set-finetune lr=0.003 freeze_lr=0.006 \
+        --set-scratch optimizer=adamw lr=0.003 weight_decay=0.01     # other rates for each
 
 The source task is five Fashion-MNIST classes (T-shirt/top, Trouser, Pullover, Dress, Coat);
 the target task is the other five (Sandal, Shirt, Sneaker, Bag, Ankle boot), which the
@@ -39,7 +41,7 @@ from torchvision.io import write_png
 
 from reslab.bench import machine_info
 from reslab.data import fashion_mnist
-from reslab.engine.config import PRESETS, build_config
+from reslab.engine.config import PRESETS, build_config, parse_overrides
 from reslab.engine.train import fit
 
 RESULTS = Path(__file__).parent / "results"
@@ -100,7 +102,19 @@ def main() -> None:
     )
     parser.add_argument("--pretrain-per-class", type=int, default=1200)
     parser.add_argument("--pretrain-epochs", type=int, default=4)
+    for recipe in ("scratch", "finetune"):
+        parser.add_argument(
+            f"--set-{recipe}",
+            nargs="*",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"config values for the {recipe} runs over the recipe's own (JSON, else strings)",
+        )
     args = parser.parse_args()
+    scratch_set, finetune_set = (
+        parse_overrides(args.set_scratch),
+        parse_overrides(args.set_finetune),
+    )
     machine = machine_info()
     train, test = fashion_mnist.load("train"), fashion_mnist.load("test")
     common = dict(MODEL, image_size=28, precision="fp32", max_minutes=0.0, tta=False)
@@ -132,8 +146,9 @@ def main() -> None:
             scratch_lr = PRESETS["default"]["lr"] * args.batch / PRESETS["default"]["batch_size"]
             tuned = dict(budget, **FINETUNE, weights=str(pretrained))
             tuned["freeze_epochs"] = args.freeze_epochs
+            tuned.update(finetune_set)
             for name, values in (
-                ("scratch", dict(budget, lr=scratch_lr)),
+                ("scratch", {**budget, "lr": scratch_lr, **scratch_set}),
                 ("finetune", tuned),
                 ("finetune_train_bn", dict(tuned, train_bn=True)),
             ):
@@ -150,7 +165,8 @@ def main() -> None:
         "freeze_epochs": args.freeze_epochs,
         "batch_size": args.batch,
         "model": MODEL,
-        "finetune_rates": FINETUNE,
+        "finetune_rates": {**FINETUNE, **finetune_set},
+        "scratch_set": scratch_set,
         "pretrain": {
             "per_class": args.pretrain_per_class,
             "epochs": args.pretrain_epochs,
