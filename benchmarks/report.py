@@ -796,6 +796,68 @@ def study_time(files: list[tuple[Path, dict]]) -> list[str]:
     ]
 
 
+def study_outcome(data: dict) -> str:
+    """What a study run found, claim by claim: the paper's claims for degradation, the
+    readings for responses, whether the paper's best variant was best for shortcuts."""
+    lines = []
+    for claim in data.get("claims") or []:
+        verdict = "holds" if claim.get("held") else "does NOT hold"
+        deep, shallow = (claim.get(k) for k in ("deep", "shallow"))
+        numbers = " vs ".join(
+            f"{number(100 * v, 2)}%" if isinstance(v, int | float) else DASH
+            for v in (deep, shallow)
+        )
+        lines.append(f"{claim.get('text', '?')}: {verdict} ({numbers})")
+    for found in data.get("reading") or []:
+        verdict = "holds" if found.get("holds") else "does NOT hold"
+        numbers = f"{number(found.get('residual'), 3)} vs {number(found.get('plain'), 3)}"
+        lines.append(f"{found.get('finding', '?')}: {verdict} ({numbers})")
+    for found in data.get("orderings_found") or []:
+        measured = found.get("measured") or ["?"]
+        verdict = (
+            "best here" if found.get("paper_best_holds") else f"not best (best: {measured[0]})"
+        )
+        lines.append(
+            f"{found.get('group')}, ResNet-{found.get('depth')}: paper's best "
+            f"{found.get('paper_best')} {verdict}; measured {' < '.join(measured)}"
+        )
+    return "<br>".join(lines) or DASH
+
+
+def studies(files: list[tuple[Path, dict]]) -> list[str]:
+    headers = ["result file", "study", "depths", "epochs", "training images", "seeds"]
+    headers += ["wall time", "what it found", "load avg start, end", "machine"]
+    rows = []
+    for path, data in files:
+        config = data.get("config") or {}
+        load = [get(data, "machine", "load_average_start", 0)]
+        load.append(get(data, "machine", "load_average_end", 0))
+        rows.append(
+            [
+                link(path),
+                path.stem.split("-")[1],
+                compact(config.get("depths", DASH)),
+                compact(config.get("epochs", DASH)),
+                number(data.get("train_size"), 0),
+                compact(config.get("seeds", DASH)),
+                f"{number(data.get('minutes'), 1)} min",
+                study_outcome(data),
+                ", ".join(number(v, 1) for v in load if v is not None) or DASH,
+                machine(data.get("machine")),
+            ]
+        )
+    return [
+        "## Studies: runs (`reslab study ... --out benchmarks/results/study-NAME-TIME.json`)",
+        "",
+        "Each row is one run of a training study at the budget shown; what it found is on the",
+        "mean over its seeds ([Studies](studies.md) says how each is measured). The wall time",
+        "is the whole command's on the machine named, whose load average says how shared it was.",
+        "",
+        *table(headers, rows),
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("fashion_mnist-*.json", classification),
     ("seed_screen-*.json", seed_screen),
@@ -812,6 +874,7 @@ SECTIONS: list[tuple[str, Callable[[list[tuple[Path, dict]]], list[str]]]] = [
     ("finetune_run-*.json", finetune_run),
     ("tensorboard-*.json", tensorboard_cost),
     ("study_time-*.json", study_time),
+    ("study-*.json", studies),
 ]
 
 
