@@ -8,6 +8,7 @@ from reslab.analysis.degradation import (
     budget_config,
     check_claims,
     claims_title,
+    figure_title,
     degradation_study,
     final_rows,
     network_rows,
@@ -144,6 +145,13 @@ def test_each_claim_fails_alone_and_the_title_says_so(key, change, index, tmp_pa
     assert rows["plain_resnet20"]["test_range"] == [0.12, 0.14]
     plot_degradation(result, tmp_path / "f.png")  # the title is drawn from the claims
     assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_the_figure_title_holds_every_failed_claim_in_lines_that_fit():
+    result = made_up({**PAPER, (True, 56): [(0.12, 0.20), (0.14, 0.20)]})  # both ResNet claims
+    lines = figure_title(result).splitlines()
+    assert len(lines) >= 3 and max(map(len, lines)) <= 100
+    assert " ".join(lines[1:]) == claims_title(check_claims(result))
 
 
 def test_budgets_are_configs_and_flags_override_them():

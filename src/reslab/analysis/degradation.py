@@ -11,6 +11,7 @@ their networks with it as well.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -396,6 +397,9 @@ def check_claims(result: dict) -> list[dict]:
     return claims
 
 
+TITLE_WIDTH = 100  # characters in one line of the figure's title at its size
+
+
 def claims_title(claims: list[dict]) -> str:
     """The figure's verdict line: every claim held, or which did not."""
     failed = [c["text"] for c in claims if not c["held"]]
@@ -414,6 +418,17 @@ def mean_curves(runs: list[dict], key: str) -> tuple[list[int], list[float], lis
         list(map(min, columns)),
         list(map(max, columns)),
     )
+
+
+def figure_title(result: dict) -> str:
+    """The recipe, then the verdict of :func:`claims_title`, in lines that fit the figure."""
+    c = result["config"]
+    verdict = claims_title(result.get("claims") or check_claims(result))
+    recipe = (
+        f"Fashion-MNIST, {result['train_size']:,} training images, {c['epochs']} epochs, "
+        f"batch {c['batch_size']}, lr {c['lr']}, mean of {c.get('seeds', 1)} seed(s)"
+    )
+    return recipe + "\n" + textwrap.fill(verdict, TITLE_WIDTH)
 
 
 def plot_degradation(result: dict, path: str | Path) -> Path:
@@ -444,14 +459,8 @@ def plot_degradation(result: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(title="bold: test, dashed: train")
     axes[0].set_ylabel("error (%)")
-    c = result["config"]
-    seeds = c.get("seeds", 1)
-    verdict = claims_title(result.get("claims") or check_claims(result))
-    fig.suptitle(
-        f"Fashion-MNIST, {result['train_size']:,} training images, {c['epochs']} epochs, "
-        f"batch {c['batch_size']}, lr {c['lr']}, mean of {seeds} seed(s)\n{verdict}",
-        color="black" if verdict.startswith("both") else "firebrick",
-    )
+    title = figure_title(result)
+    fig.suptitle(title, color="firebrick" if "NOT shown" in title else "black")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
