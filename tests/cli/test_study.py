@@ -80,6 +80,22 @@ def test_run_folders_are_never_overwritten(tmp_path):
     assert (first / "gradients.json").read_text() == "{}"
 
 
+def test_a_time_budget_plans_the_epochs_and_says_so(fake_fmnist, tmp_path, capsys, monkeypatch):
+    # one second a step: an epoch of 4 networks x 2 seeds x (2 steps + a third of 1 test
+    # batch) is 1.3 * 18.7 = 24.3 s with the margin, so a minute holds 2 epochs
+    monkeypatch.setattr("reslab.analysis.degradation.time_step", lambda *a, **k: 1.0)
+    args = ["--depths", "20,32", "--minutes", "1", "--train-size", "40", "--test-size", "20"]
+    args += ["--batch-size", "20", "--precision", "fp32"]
+    args += ["--data-dir", str(fake_fmnist), "--no-verify", "--runs", str(tmp_path / "runs")]
+    assert main(["study", "degradation", *args]) == 0
+    out = capsys.readouterr().out
+    assert "time budget 1 min: an epoch of the 4 networks and 2 seed(s) takes about 24.3s" in out
+    assert "so 2 epochs" in out
+    result = json.loads((only_folder(tmp_path / "runs") / "degradation.json").read_text())
+    assert (result["config"]["epochs"], result["config"]["minutes"]) == (2, 1.0)
+    assert [len(r["history"]) for r in result["runs"]] == [2] * 8
+
+
 def test_bad_depths_are_one_line_errors(tmp_path, capsys):
     args = ["study", "degradation", "--depths", "20", "--runs", str(tmp_path)]
     assert main(args) == 2

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reslab.data.transforms import augment
-from reslab.engine.budget import now
+from reslab.engine.budget import epochs_within, now
 from reslab.engine.loop import Hook, Loop, StopOnNonFinite
 from reslab.engine.loop import run as run_loop
 from reslab.engine.plots import pyplot
@@ -61,6 +61,9 @@ class DegradationConfig:
     stem: str = "cifar"
     precision: str = "fp32"  # fp32 or bf16 autocast (reslab.precision)
     channels_last: bool = False  # NHWC tensors in memory
+    # a wall-clock budget for the whole study: with it, the epochs are the most that fit
+    # (plan_epochs, from a timed step of each network); 0: the epochs as given
+    minutes: float = 0.0
 
     def check(self, min_depths: int = 2) -> None:
         """Raise ReslabError on a bad value; ``min_depths`` depths at least (the degradation
@@ -86,15 +89,18 @@ class DegradationConfig:
             raise ReslabError(f"--stem must be cifar or small, got {self.stem!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ReslabError(f"precision must be fp32 or bf16 here, got {self.precision!r}")
+        if not 0 <= self.minutes < float("inf"):
+            raise ReslabError(f"--minutes must be 0 (no budget) or more, got {self.minutes}")
 
 
 # The study's budgets: fields of DegradationConfig by name. "default" is the paper's recipe
-# on the full Fashion-MNIST sets, compressed to fit an hour on a 2-core CPU (the "small" stem,
-# 3 epochs; the estimate and its basis: benchmarks/study_time.py); "paper" is the paper's
-# networks and 64k iterations of 128 images (137 epochs of 469 batches: 64,253 steps).
+# on the full Fashion-MNIST sets, compressed to the hour of a 2-core CPU: the "small" stem and
+# as many epochs as 55 minutes allow on the machine at hand (with --minutes 0, the 3 epochs
+# benchmarks/study_time.py estimates); "paper" is the paper's networks and 64k iterations of
+# 128 images (137 epochs of 469 batches: 64,253 steps).
 FULL_SETS = dict(train_size=60_000, test_size=10_000, seeds=2, pad=2, channels_last=True)
 BUDGETS: dict[str, dict] = {
-    "default": dict(FULL_SETS, epochs=3, warmup=0.01, stem="small"),
+    "default": dict(FULL_SETS, epochs=3, minutes=55.0, warmup=0.01, stem="small"),
     "paper": dict(FULL_SETS, epochs=137, warmup=0.00625, depths=(20, 32, 44, 56, 110)),
     "small": dict(epochs=5, train_size=3000, test_size=1000),  # the former default: minutes
 }
@@ -105,6 +111,10 @@ def budget_config(name: str, **overrides) -> DegradationConfig:
     if name not in BUDGETS:
         raise ReslabError(f"--budget must be one of {sorted(BUDGETS)}, got {name!r}")
     given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and given.get("minutes"):
+        raise ReslabError("--epochs and --minutes both set the epochs; give one of them")
+    if "epochs" in given:
+        given["minutes"] = 0.0  # epochs given are kept, not planned
     return DegradationConfig(**{**BUDGETS[name], **given})
 
 
@@ -468,11 +478,14 @@ def plot_degradation(result: dict, path: str | Path) -> Path:
     return path
 
 
-def time_step(config: DegradationConfig, precision: str, steps: int = 2) -> float:
-    """Seconds of one training step (forward, backward) of the deepest ResNet of the config on
-    a random batch in ``precision``, after one untimed step: what ``--precision auto`` weighs
-    bf16 against fp32 on."""
-    model = create_model(f"resnet{max(config.depths)}", in_channels=1, stem=config.stem)
+def time_step(
+    config: DegradationConfig, precision: str, steps: int = 2, name: str | None = None
+) -> float:
+    """Seconds of one training step (forward, backward) of network ``name`` (default: the
+    deepest ResNet of the config) on a random batch in ``precision``, after one untimed step:
+    what ``--precision auto`` weighs bf16 against fp32 on, and what plans the epochs."""
+    name = name or f"resnet{max(config.depths)}"
+    model = create_model(name, in_channels=1, stem=config.stem)
     model.to(memory_format=memory_format(config.channels_last))
     x = torch.randn(config.batch_size, 1, 28, 28).contiguous(
         memory_format=memory_format(config.channels_last)
@@ -486,3 +499,28 @@ def time_step(config: DegradationConfig, precision: str, steps: int = 2) -> floa
         loss.backward()
         times.append(now() - started)
     return min(times[1:])
+
+
+# A study step runs slower than the bare timed step (augmentation, the optimizer, batch-norm
+# updates, the per-epoch test pass): this margin on the timed steps keeps the planned epochs
+# inside the budget, and the test pass counts a forward pass as a third of a step.
+PLAN_MARGIN = 1.3
+MOST_PLANNED_EPOCHS = 137  # the paper budget's: more than its 64k steps is never planned
+
+
+def seconds_per_epoch(
+    config: DegradationConfig, timed: Callable[[str], float] | None = None
+) -> float:
+    """Estimated wall seconds of one epoch of every network the study trains (each depth,
+    plain and residual, each seed), from ``timed(name)``, one step's seconds (default:
+    :func:`time_step` in the config's precision)."""
+    timed = timed or (lambda name: time_step(config, config.precision, name=name))
+    steps = -(-config.train_size // config.batch_size)
+    steps += -(-config.test_size // config.batch_size) / 3
+    names = [f"{kind}resnet{d}" for d in config.depths for kind in ("plain_", "")]
+    return PLAN_MARGIN * config.seeds * steps * sum(timed(name) for name in names)
+
+
+def plan_epochs(config: DegradationConfig, epoch_seconds: float) -> int:
+    """The most epochs of ``epoch_seconds`` that fit the config's minutes, at least one."""
+    return max(1, epochs_within(60 * config.minutes, epoch_seconds, MOST_PLANNED_EPOCHS))

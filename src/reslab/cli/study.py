@@ -24,7 +24,9 @@ from reslab.analysis.degradation import (
     claims_title,
     degradation_study,
     network_rows,
+    plan_epochs,
     plot_degradation,
+    seconds_per_epoch,
     time_step,
 )
 from reslab.analysis.gradients import (
@@ -41,7 +43,7 @@ from reslab.data import fashion_mnist
 from reslab.engine.checkpoint import atomic_write
 from reslab.errors import ReslabError
 from reslab.models.resnet import IMAGENET_DEPTHS
-from reslab.precision import PRECISIONS, resolve_precision
+from reslab.precision import PRECISIONS, format_seconds, resolve_precision
 
 
 def new_run_dir(root: str | Path, study: str) -> Path:
@@ -148,13 +150,22 @@ def _degradation_parser(studies) -> None:
         "--budget",
         default="default",
         choices=sorted(BUDGETS),
-        help="default: full training and test sets, 2 seeds, crop+flip, small stem, "
-        f"{BUDGETS['default']['epochs']} epochs; paper: the paper's 64k steps (137 epochs) "
-        "at depths 20,32,44,56,110; small: 3,000 images, 5 epochs, one seed (default: default)",
+        help="default: full training and test sets, 2 seeds, crop+flip, small stem, as many "
+        f"epochs as {BUDGETS['default']['minutes']:g} minutes allow here (planned from a timed "
+        "step of each network); paper: the paper's 64k steps (137 epochs) at depths "
+        "20,32,44,56,110; small: 3,000 images, 5 epochs, one seed (default: default)",
+    )
+    dg.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="plan the epochs to fit this many minutes, timed on this machine; 0: the "
+        "budget's epochs (default: the budget's)",
     )
     helps = {
         "depths": "CIFAR depths 6n+2, comma-separated (default: 20,56)",
-        "epochs": "epochs (default: the budget's)",
+        "epochs": "epochs (default: the budget's; given, they replace the default budget's "
+        "time plan)",
         "train_size": "random subset of the 60,000 training images (default: the budget's)",
         "test_size": "random subset of the 10,000 test images (default: the budget's)",
         "batch_size": "(default: 128, as in the paper)",
@@ -292,6 +303,7 @@ def degradation_config(args):
                 "warmup",
                 "stem",
                 "channels_last",
+                "minutes",
             )
         },
         seed=args.seed,
@@ -301,6 +313,15 @@ def degradation_config(args):
     config.precision, _ = resolve_precision(
         args.precision, measure=lambda p: time_step(config, p), what="a training step"
     )
+    if config.minutes:
+        epoch = seconds_per_epoch(config)
+        config.epochs = plan_epochs(config, epoch)
+        print(
+            f"time budget {config.minutes:g} min: an epoch of the {2 * len(config.depths)} "
+            f"networks and {config.seeds} seed(s) takes about {format_seconds(epoch)} here "
+            f"(timed steps), so {config.epochs} epochs; --epochs sets them instead",
+            flush=True,
+        )
     return config
 
 
