@@ -1,13 +1,18 @@
-"""The planned detection recipe against detectron2's defaults on a COCO set unlike the scenes.
+"""The planned detection recipe against detectron2's defaults on a COCO set unlike the scenes,
+and against the scenes' own hand-made recipe on the scenes.
 
     .venv/bin/python benchmarks/detection_plan.py [--minutes 10] [--out runs/detplan]
+    .venv/bin/python benchmarks/detection_plan.py --set scenes --minutes 30 \
+        --recipes planned,scenes_flags --out runs/detplan-scenes
 
 Makes a COCO-format set here that differs from the Fashion-MNIST scenes in every way the
 planner reads (other image size, smaller objects, few images, category ids that are not 1..K,
 empty images, files in subfolders), then trains on it twice with `python -m reslab detect
 train --images --annotations --max-minutes M` and nothing else: once with the planned recipe,
 once with `--recipe detectron2`, one after the other, and scores each on the set's val split
-with `python -m reslab detect eval`. Writes ``benchmarks/results/detection-plan-<time>.json``
+with `python -m reslab detect eval`. ``--set scenes`` trains on the Fashion-MNIST scenes
+instead (8,000 at 128 px, as `benchmarks/detection.py train` makes them), where
+``scenes_flags`` is the fifteen-flag recipe that benchmark spells out. Writes ``benchmarks/results/detection-plan-<time>.json``
 with the machine, the load average at the start and the end, each run's plan, steps, wall
 time and COCO metrics, and prints a table.
 """
@@ -35,7 +40,21 @@ RESULTS = Path(__file__).parent / "results"
 # smaller objects on larger canvases than the scenes' (0.2-0.45 of 128 px), at most 4 each
 SET = SceneConfig(images=240, size=192, max_items=4, min_scale=0.1, max_scale=0.25, seed=5)
 EMPTY = 0.1  # this share of empty images added to each split
-RECIPES = {"planned": [], "detectron2": ["--recipe", "detectron2"]}
+SCENES = SceneConfig(images=8000, size=128, seed=0)  # benchmarks/detection.py's scenes
+# the scenes recipe of benchmarks/detection.py train, as `reslab detect train` flags
+SCENES_FLAGS = [
+    "--backbone", "resnet18", "--width", "0.25", "--batch-size", "8", "--min-size", "256",
+    "--max-size", "256", "--anchor-sizes", "32,64,128,256", "--lr", "0.16",
+    "--rois-per-image", "8", "--roi-positive-fraction", "0.75", "--train-pre-nms", "600",
+    "--train-proposals", "300", "--test-proposals", "100", "--warmup-iters", "100",
+    "--epochs", "40", "--processes", "0", "--rescore-minutes", "4", "--pretrain-minutes", "6",
+    "--pretrain-jitter", "0.1",
+]  # fmt: skip
+RECIPES = {
+    "planned": [],
+    "detectron2": ["--recipe", "detectron2"],
+    "scenes_flags": SCENES_FLAGS,
+}
 
 
 def category_id(label: int) -> int:
@@ -66,6 +85,19 @@ def make_set(root: Path, config: SceneConfig) -> dict:
         paths[split] = root / f"{split}.json"
         paths[split].write_text(json.dumps(data))
     return {split: str(path) for split, path in paths.items()}
+
+
+def scene_set(root: Path, config: SceneConfig) -> dict:
+    """The scenes as made, their file names made relative to ``root`` (the image folder of
+    both splits). Returns {split: json path}."""
+    paths = {}
+    for split, path in make_scenes(root, config).items():
+        data = json.loads(Path(path).read_text())
+        for image in data["images"]:
+            image["file_name"] = f"{split}/{image['file_name']}"
+        Path(path).write_text(json.dumps(data))
+        paths[split] = str(path)
+    return paths
 
 
 def reslab(*argv: str, log: Path) -> float:
@@ -106,12 +138,15 @@ def train_and_score(name: str, root: Path, sets: dict, minutes: float, out: Path
 
 
 def report(console: Console, result: dict) -> None:
-    table = Table(
-        title=f"detect train --max-minutes {result['minutes']:g} on a COCO set unlike the scenes"
+    where = (
+        "the scenes" if result["set"].get("name") == "scenes" else "a COCO set unlike the scenes"
     )
-    for column in ("recipe", "steps", "train min", "mAP@.5", "mAP@[.5:.95]", "vs detectron2"):
+    table = Table(title=f"detect train --max-minutes {result['minutes']:g} on {where}")
+    # the planned recipe is compared with the first other recipe of the run
+    other = next((name for name in result["runs"] if name != "planned"), "detectron2")
+    for column in ("recipe", "steps", "train min", "mAP@.5", "mAP@[.5:.95]", f"vs {other}"):
         table.add_column(column, justify="right")
-    base = result["runs"].get("detectron2", {}).get("metrics", {}).get("mAP50")
+    base = result["runs"].get(other, {}).get("metrics", {}).get("mAP50")
     for name, run in result["runs"].items():
         m = run["metrics"]
         ratio = "-"
@@ -128,20 +163,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="default %(default)s")
     parser.add_argument("--out", default="runs/detplan", help="default %(default)s")
-    parser.add_argument("--images", type=int, default=SET.images, help="training images")
+    parser.add_argument(
+        "--set",
+        choices=("unlike", "scenes"),
+        default="unlike",
+        help="unlike: a COCO set unlike the scenes; scenes: the Fashion-MNIST scenes "
+        "(default %(default)s)",
+    )
+    parser.add_argument("--images", type=int, default=None, help="training images")
     parser.add_argument(
         "--recipes",
-        default=",".join(RECIPES),
-        help="which of planned,detectron2 to run, in order (default %(default)s)",
+        default="planned,detectron2",
+        help=f"which of {','.join(RECIPES)} to run, in order (default %(default)s)",
     )
     parser.add_argument("--note", default="", help="recorded in the result")
     args = parser.parse_args()
     console = Console()
     info = machine_info()
     out = Path(args.out)
-    config = replace(SET, images=args.images)
+    base = SCENES if args.set == "scenes" else SET
+    config = replace(base, images=args.images or base.images)
     root = out / "data"
-    sets = make_set(root, config)
+    sets = scene_set(root, config) if args.set == "scenes" else make_set(root, config)
     names = args.recipes.split(",")
     if not set(names) <= set(RECIPES):
         parser.error(f"--recipes takes {','.join(RECIPES)}, got {args.recipes}")
@@ -152,7 +195,12 @@ def main() -> None:
         "load_average_end": os.getloadavg(),
         "note": args.note or "2 cores shared with other work; see the load averages",
         "minutes": args.minutes,
-        "set": {**asdict(config), "empty_share": EMPTY, "category_ids": "3 + 7 * (k - 1)"},
+        "set": {**asdict(config), "name": args.set}
+        | (
+            {"empty_share": EMPTY, "category_ids": "3 + 7 * (k - 1)"}
+            if args.set == "unlike"
+            else {}
+        ),
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
