@@ -89,6 +89,11 @@ def compact(value: object) -> str:
     return str(value)
 
 
+def load_averages(values: list) -> str:
+    """One-minute load averages (start, end), those recorded."""
+    return ", ".join(number(v, 1) for v in values if v is not None) or DASH
+
+
 def link(path: Path) -> str:
     return f"[`{path.stem}`]({LINK_PREFIX}{path.name})"
 
@@ -784,7 +789,7 @@ def study_time(files: list[tuple[Path, dict]]) -> list[str]:
                 ),
                 f"{number(step, 3)} (small stem), {number(cifar, 3)} (cifar)",
                 f"{number(data.get('channels_last_speedup_resnet20'), 2)}x",
-                ", ".join(number(v, 1) for v in load if v is not None) or DASH,
+                load_averages(load),
                 machine(data.get("machine")),
             ]
         )
@@ -847,7 +852,7 @@ def studies(files: list[tuple[Path, dict]]) -> list[str]:
                 compact(config.get("seeds", DASH)),
                 f"{number(data.get('minutes'), 1)} min",
                 study_outcome(data),
-                ", ".join(number(v, 1) for v in load if v is not None) or DASH,
+                load_averages(load),
                 machine(data.get("machine")),
             ]
         )
