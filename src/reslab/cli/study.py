@@ -150,22 +150,20 @@ def _degradation_parser(studies) -> None:
         "--budget",
         default="default",
         choices=sorted(BUDGETS),
-        help="default: full training and test sets, 2 seeds, crop+flip, small stem, as many "
-        f"epochs as {BUDGETS['default']['minutes']:g} minutes allow here (planned from a timed "
-        "step of each network); paper: the paper's 64k steps (137 epochs) at depths "
-        "20,32,44,56,110; small: 3,000 images, 5 epochs, one seed (default: default)",
+        help="default: full training and test sets, 2 seeds, crop+flip, small stem, "
+        f"{BUDGETS['default']['epochs']} epochs; paper: the paper's 64k steps (137 epochs) "
+        "at depths 20,32,44,56,110; small: 3,000 images, 5 epochs, one seed (default: default)",
     )
     dg.add_argument(
         "--minutes",
         type=float,
         default=None,
-        help="plan the epochs to fit this many minutes, timed on this machine; 0: the "
-        "budget's epochs (default: the budget's)",
+        help="plan the epochs to fit this many minutes of the whole study, from a timed step "
+        "of each network on this machine (default: the budget's epochs)",
     )
     helps = {
         "depths": "CIFAR depths 6n+2, comma-separated (default: 20,56)",
-        "epochs": "epochs (default: the budget's; given, they replace the default budget's "
-        "time plan)",
+        "epochs": "epochs (default: the budget's)",
         "train_size": "random subset of the 60,000 training images (default: the budget's)",
         "test_size": "random subset of the 10,000 test images (default: the budget's)",
         "batch_size": "(default: 128, as in the paper)",
