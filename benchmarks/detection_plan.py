@@ -12,8 +12,8 @@ train --images --annotations --max-minutes M` and nothing else: once with the pl
 once with `--recipe detectron2`, one after the other, and scores each on the set's val split
 with `python -m reslab detect eval`. ``--set scenes`` trains on the Fashion-MNIST scenes
 instead (8,000 at 128 px, as `benchmarks/detection.py train` makes them), where
-``scenes_flags`` is the fifteen-flag recipe that benchmark spells out. Writes ``benchmarks/results/detection-plan-<time>.json``
-with the machine, the load average at the start and the end, each run's plan, steps, wall
+``scenes_flags`` is the fifteen-flag recipe that benchmark spells out. Writes
+``benchmarks/results/detection-plan-<time>.json`` with the machine, the load average at the start and the end, each run's plan, steps, wall
 time and COCO metrics, and prints a table.
 """
 
@@ -62,19 +62,40 @@ def category_id(label: int) -> int:
     return 3 + 7 * (label - 1)
 
 
+def scenes_as_coco(root: Path, config: SceneConfig) -> dict[str, dict]:
+    """The scenes made under ``root``, as {split: COCO document} with file names relative to
+    ``root`` (the image folder of both splits)."""
+    documents = {}
+    for split, path in make_scenes(root, config).items():
+        data = json.loads(Path(path).read_text())
+        for image in data["images"]:
+            image["file_name"] = f"{split}/{image['file_name']}"
+        documents[split] = data
+    return documents
+
+
+def write_sets(root: Path, documents: dict[str, dict]) -> dict:
+    """Each split's document as ``root/<split>.json``; returns {split: json path}."""
+    paths = {split: root / f"{split}.json" for split in documents}
+    for split, data in documents.items():
+        paths[split].write_text(json.dumps(data))
+    return {split: str(path) for split, path in paths.items()}
+
+
+def scene_set(root: Path, config: SceneConfig) -> dict:
+    """The scenes as made; returns {split: json path}."""
+    return write_sets(root, scenes_as_coco(root, config))
+
+
 def make_set(root: Path, config: SceneConfig) -> dict:
     """The scenes written as a user's COCO set: ids remapped, file names under their split's
     folder (the image folder is ``root``), empty canvases added. Returns {split: json path}."""
-    made = make_scenes(root, config)
-    paths = {}
-    for split, path in made.items():
-        data = json.loads(Path(path).read_text())
+    documents = scenes_as_coco(root, config)
+    for split, data in documents.items():
         for category in data["categories"]:
             category["id"] = category_id(category["id"])
         for ann in data["annotations"]:
             ann["category_id"] = category_id(ann["category_id"])
-        for image in data["images"]:
-            image["file_name"] = f"{split}/{image['file_name']}"
         first = max(image["id"] for image in data["images"]) + 1
         for k in range(max(1, round(EMPTY * len(data["images"])))):
             name = f"{split}/empty{k:03d}.png"
@@ -82,22 +103,7 @@ def make_set(root: Path, config: SceneConfig) -> dict:
             data["images"].append(
                 {"id": first + k, "file_name": name, "width": config.size, "height": config.size}
             )
-        paths[split] = root / f"{split}.json"
-        paths[split].write_text(json.dumps(data))
-    return {split: str(path) for split, path in paths.items()}
-
-
-def scene_set(root: Path, config: SceneConfig) -> dict:
-    """The scenes as made, their file names made relative to ``root`` (the image folder of
-    both splits). Returns {split: json path}."""
-    paths = {}
-    for split, path in make_scenes(root, config).items():
-        data = json.loads(Path(path).read_text())
-        for image in data["images"]:
-            image["file_name"] = f"{split}/{image['file_name']}"
-        Path(path).write_text(json.dumps(data))
-        paths[split] = str(path)
-    return paths
+    return write_sets(root, documents)
 
 
 def reslab(*argv: str, log: Path) -> float:
@@ -150,7 +156,7 @@ def report(console: Console, result: dict) -> None:
     for name, run in result["runs"].items():
         m = run["metrics"]
         ratio = "-"
-        if base is not None:
+        if name == "planned" and base is not None:
             ratio = f"{m['mAP50'] - base:+.3f}" + (f" ({m['mAP50'] / base:.2f}x)" if base else "")
         table.add_row(
             name, str(run["steps"]), f"{run['train_seconds'] / 60:.1f}",

@@ -113,8 +113,6 @@ def budget_config(name: str, **overrides) -> DegradationConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
     if "epochs" in given and given.get("minutes"):
         raise ReslabError("--epochs and --minutes both set the epochs; give one of them")
-    if "epochs" in given:
-        given["minutes"] = 0.0  # epochs given are kept, not planned
     return DegradationConfig(**{**BUDGETS[name], **given})
 
 
