@@ -18,14 +18,17 @@ def planned(argv: list[str], train_size: int):
 
 def test_a_small_folder_gets_a_smaller_batch_a_scaled_rate_and_more_epochs():
     config, said = planned(["--data", "photos"], 3000)
-    assert (config.batch_size, config.epochs) == (64, 22)  # 46 steps an epoch, 1,012 steps
+    assert (config.batch_size, config.epochs) == (64, 40)  # 46 steps an epoch
     assert config.lr == pytest.approx(0.2 * 64 / 256)
-    assert "3,000 training images: batch 64, lr 0.05, 22 epochs of 46 steps" in said
+    assert "3,000 training images: batch 64, lr 0.05, 40 epochs of 46 steps" in said
+    config, said = planned(["--data", "photos"], 300)
+    assert (config.batch_size, config.epochs) == (16, 56)  # 18 steps an epoch, 1,008 steps
+    assert "300 training images: batch 16, lr 0.0125, 56 epochs of 18 steps" in said
 
 
 def test_a_folder_the_size_of_fashion_mnist_keeps_the_recipe():
     config, _ = planned(["--data", "photos"], 60_000)
-    assert (config.batch_size, config.lr, config.epochs) == (256, 0.2, 20)
+    assert (config.batch_size, config.lr, config.epochs) == (256, 0.2, 40)
 
 
 def test_values_given_are_kept_and_the_rest_planned():
@@ -40,4 +43,4 @@ def test_values_given_are_kept_and_the_rest_planned():
 def test_a_named_preset_or_fashion_mnist_plans_nothing(argv):
     config, said = planned(argv, 300)
     assert config.plan_data == [] and said == ""
-    assert (config.batch_size, config.epochs) == (256, 20)
+    assert (config.batch_size, config.epochs) == (256, 40)

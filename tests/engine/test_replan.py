@@ -1,4 +1,5 @@
-"""The time budget plans the epochs again after each of the first three epochs, and only then."""
+"""The time budget plans the epochs again after each of the first three epochs, and only then,
+from the median of the probe's estimate and the epochs measured so far."""
 
 from __future__ import annotations
 
@@ -11,28 +12,48 @@ from reslab.engine import plan as plan_module
 from reslab.engine.train import fit, lr_factor
 
 
-def test_the_third_epochs_time_changes_the_plan_and_the_fourths_does_not(
-    fake_fmnist, tmp_path, monkeypatch
-):
-    # The probe says 10 s an epoch: 2 of 8 fit in 97% of 30 s (29.1 s). The clock moves only
-    # with the optimizer's steps (5 an epoch): epoch 1 takes 8 s (21.1 s left: 3 of 8),
-    # epoch 2 4 s (17.1 s left: 6 of 8), epoch 3 2 s (15.1 s left: all 8). Epoch 4 takes 6 s,
-    # which would cut the plan to 5 were it made again; planned after two epochs only, 6.
-    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *args: 10.0)
+def train_with_epoch_times(fake_fmnist, tmp_path, monkeypatch, probe, per_step, epochs):
+    """A budgeted run of ``epochs`` requested in 30 s (29.1 s to plan for) whose probe says
+    ``probe`` seconds an epoch and whose clock moves only with the optimizer's steps, by
+    ``per_step[e]`` seconds a step in epoch e + 1 (the last value for the later epochs)."""
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *args: probe)
     seconds = [0.0]
     monkeypatch.setattr(budget_module, "now", lambda: seconds[0])
-    per_step = (1.6, 0.8, 0.4, 1.2)  # epochs 1, 2, 3, then 4 and later
 
     def tick(optimizer):
         epoch = (recorder.steps - 1) // traces.STEPS_PER_EPOCH
         seconds[0] += per_step[min(epoch, len(per_step) - 1)]
 
-    config = traces.classifier_config(fake_fmnist, tmp_path / "run", epochs=8, max_minutes=0.5)
+    config = traces.classifier_config(
+        fake_fmnist, tmp_path / "run", epochs=epochs, max_minutes=0.5
+    )
     with traces.StepRecorder(after_step=(tick,)) as recorder:
         result = fit(config, console=traces.quiet())
-    assert [r["epoch"] for r in result.history] == list(range(1, 9))
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 8
-    total = 8 * traces.STEPS_PER_EPOCH
+    return config, result, recorder
+
+
+def test_one_slow_epoch_does_not_cut_the_plan(fake_fmnist, tmp_path, monkeypatch):
+    # 2 s epochs, the third 6 s. Planned from that epoch alone, 19.1 s left would hold 3 more
+    # (6 in all); the median of the probe and the three epochs is 2 s, so all 12 stay.
+    config, result, recorder = train_with_epoch_times(
+        fake_fmnist, tmp_path, monkeypatch, 2.0, (0.4, 0.4, 1.2, 0.4), epochs=12
+    )
+    assert [r["epoch"] for r in result.history] == list(range(1, 13))
+    assert recorder.steps == 12 * traces.STEPS_PER_EPOCH
+
+
+def test_a_lasting_slowdown_cuts_the_plan_and_the_fourth_epoch_is_not_planned_again(
+    fake_fmnist, tmp_path, monkeypatch
+):
+    # The probe says 2 s: all 12 fit. Epochs 1-3 take 5 s: after epoch 2 the median is 5 s and
+    # 19.1 s hold 3 more (5 in all), after epoch 3 still 5. Epoch 4 takes 1 s; planned again
+    # after it (median 5 s, 13.1 s left) the run would take 6 epochs: planned thrice only, 5.
+    config, result, recorder = train_with_epoch_times(
+        fake_fmnist, tmp_path, monkeypatch, 2.0, (1.0, 1.0, 1.0, 0.2), epochs=12
+    )
+    assert [r["epoch"] for r in result.history] == list(range(1, 6))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 5
+    total = 5 * traces.STEPS_PER_EPOCH
     assert recorder.steps == total
     # the one-cycle schedule ends on the final plan's last step
     assert recorder.lr[-1][0] == config.lr * lr_factor("onecycle", total - 1, total, config.warmup)

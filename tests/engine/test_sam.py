@@ -108,8 +108,8 @@ def test_sam_starts_after_its_share_of_the_steps(fake_fmnist, tmp_path, monkeypa
 
 def test_max_minutes_plans_for_sams_second_passes(fake_fmnist, tmp_path, monkeypatch):
     # SAM on every step: the probe's 10 s epoch counts twice, so 1 of 5 epochs fits in 29.1 s.
-    # Epoch 1 takes 10 s on the run's clock, with SAM in all of it: 5 s without, so 10 s for
-    # each epoch after, and the 19.1 s left hold one more
+    # Epoch 1 takes 10 s on the run's clock, with SAM in all of it: 5 s without, the median
+    # with the probe's 7.5 s, so 15 s for each epoch after, and the 19.1 s left hold one more
     monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 10.0)
     clock = StepClock(monkeypatch, 2.0)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5, sam=0.05, sam_start=0)
@@ -119,7 +119,7 @@ def test_max_minutes_plans_for_sams_second_passes(fake_fmnist, tmp_path, monkeyp
     assert lines == [
         "time budget 0.5 min: one epoch takes about 10.0s here (measured), so 1 of 5 epochs, "
         "1.0 more for SAM's second passes",
-        "time budget 0.5 min: epoch 1 took 10.0s (measured), so 2 of 5 epochs instead of the 1 "
-        "planned",
+        "time budget 0.5 min: epoch 1 took 10.0s (measured; median so far 7.5s), so 2 of 5 "
+        "epochs instead of the 1 planned",
     ]
     assert len(result.history) == 2

@@ -290,15 +290,20 @@ def test_max_minutes_plans_the_epochs_that_fit(fake_fmnist, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize(
-    ("estimate", "per_step", "planned", "epochs"),
+    ("estimate", "per_step", "planned", "after_first", "epochs"),
     [
-        (10.0, 0.8, 2, 5),  # the probe said 10 s, epoch 1 took 4 s: all 5 fit in 29.1 s
-        (10.0, 1.2, 2, 4),  # epoch 1 took 6 s: the 23.1 s left hold 3 more
-        (5.0, 2.4, 5, 2),  # the probe said 5 s, epoch 1 took 12 s: 17.1 s left hold 1 more
+        # the probe said 10 s, epoch 1 took 4 s: the median 7 s leaves room for 4 in 29.1 s,
+        # and after epoch 2 (median 4 s) for all 5
+        (10.0, 0.8, 2, 4, 5),
+        # epoch 1 took 6 s: the median 8 s, 3 epochs; after epoch 2 (median 6 s) 4
+        (10.0, 1.2, 2, 3, 4),
+        # the probe said 5 s, epoch 1 took 12 s: the median 8.5 s, 3 epochs; after epoch 2
+        # (median 12 s) the 5.1 s left hold no more
+        (5.0, 2.4, 5, 3, 2),
     ],
 )
 def test_max_minutes_plans_again_from_the_first_epochs_time(
-    fake_fmnist, tmp_path, monkeypatch, estimate, per_step, planned, epochs
+    fake_fmnist, tmp_path, monkeypatch, estimate, per_step, planned, after_first, epochs
 ):
     monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: estimate)
     clock = StepClock(monkeypatch, per_step)
@@ -307,8 +312,11 @@ def test_max_minutes_plans_again_from_the_first_epochs_time(
     result = fit(config, console=console, hooks=clock)
     text = console.export_text()
     assert f"so {planned} of 5 epochs" in text
-    assert f"epoch 1 took {5 * per_step:.1f}s (measured), so {epochs} of 5 epochs" in text
-    assert f"instead of the {planned} planned" in text
+    median = (estimate + 5 * per_step) / 2
+    assert (
+        f"epoch 1 took {5 * per_step:.1f}s (measured; median so far {median:.1f}s), "
+        f"so {after_first} of 5 epochs instead of the {planned} planned"
+    ) in text
     assert [r["epoch"] for r in result.history] == list(range(1, epochs + 1))
     # the schedule follows the new plan: the one-cycle rate ends at zero on the last step
     assert result.history[-1]["lr"] == pytest.approx(0.0)
@@ -321,9 +329,9 @@ def test_max_minutes_plans_again_from_the_first_epochs_time(
 def test_max_minutes_plans_again_after_each_of_the_first_epochs_only(
     fake_fmnist, tmp_path, monkeypatch
 ):
-    # the probe says 10 s an epoch: 2 of 8 in 29.1 s. Epoch 1 takes 8 s: 3 of 8. Epochs 2
-    # and 3 take 4 s: 6 of 8 (12 s gone, 17.1 s left; then 16 s gone, 13.1 s left, the same
-    # plan). Epochs 4-6 take 1 s, but the plan is not made again after the third epoch.
+    # the probe says 10 s an epoch: 2 of 8 in 29.1 s. Epoch 1 takes 8 s (median 9 s): 3 of 8.
+    # Epochs 2 and 3 take 4 s: the medians 8 s and 6 s, 17.1 s and 13.1 s left, 4 then 5 of 8.
+    # Epochs 4-5 take 1 s, but the plan is not made again after the third epoch (it would be 7).
     monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 10.0)
     assert plan_module.REPLAN_EPOCHS == 3
     clock = StepClock(monkeypatch, 1.6, 0.8, 0.8, 0.2)
@@ -333,13 +341,15 @@ def test_max_minutes_plans_again_after_each_of_the_first_epochs_only(
     lines = [line for line in console.export_text().splitlines() if "time budget" in line]
     assert lines == [
         "time budget 0.5 min: one epoch takes about 10.0s here (measured), so 2 of 8 epochs",
-        "time budget 0.5 min: epoch 1 took 8.0s (measured), so 3 of 8 epochs instead of the 2 "
-        "planned",
-        "time budget 0.5 min: epoch 2 took 4.0s (measured), so 6 of 8 epochs instead of the 3 "
-        "planned",
+        "time budget 0.5 min: epoch 1 took 8.0s (measured; median so far 9.0s), so 3 of 8 "
+        "epochs instead of the 2 planned",
+        "time budget 0.5 min: epoch 2 took 4.0s (measured; median so far 8.0s), so 4 of 8 "
+        "epochs instead of the 3 planned",
+        "time budget 0.5 min: epoch 3 took 4.0s (measured; median so far 6.0s), so 5 of 8 "
+        "epochs instead of the 4 planned",
     ]
-    assert len(result.history) == 6 and result.history[-1]["lr"] == pytest.approx(0.0)
-    assert clock.seconds == pytest.approx(8 + 4 + 4 + 3 * 1)
+    assert len(result.history) == 5 and result.history[-1]["lr"] == pytest.approx(0.0)
+    assert clock.seconds == pytest.approx(8 + 4 + 4 + 2 * 1)
 
 
 def fake_epochs(monkeypatch, fp32: float, bf16: float, native: bool = True) -> list[str]:

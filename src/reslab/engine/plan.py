@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -32,9 +33,11 @@ from reslab.precision import format_seconds, resolve_precision
 TIMED_STEPS = 12
 WARMUP_STEPS = 6
 BUDGET_SHARE = 0.97
-# The plan is made again after each of the first REPLAN_EPOCHS epochs, from the latest one's
-# time, since a process's first epochs can run slower than the rest. A change this early only
-# bends the rise of a one-cycle schedule; later it would jump the rate in its decay.
+# The plan is made again after each of the first REPLAN_EPOCHS epochs, since a process's first
+# epochs can run slower than the probe says. A change this early only bends the rise of a
+# one-cycle schedule; later it would jump the rate in its decay. Each plan takes the median of
+# the probe's estimate and the epochs measured so far, so that one epoch slowed by other work on
+# the machine does not cut the epochs (an AMX Xeon run lost 5 of 20 that way).
 REPLAN_EPOCHS = 3
 # A folder run without a preset sizes the values not given to the folder (config.plan_data):
 # the batch halves from the preset's, down to SMALLEST_BATCH, until an epoch has at least
@@ -169,9 +172,10 @@ def fit_to_budget(
     console: Console,
     estimate: float | None = None,
     reserve: float = 0.0,
-) -> None:
+) -> float:
     """Lower ``config.epochs`` to what fits in ``budget``, less ``reserve`` seconds;
-    ``estimate``: an epoch's seconds if already measured (:func:`shared_epoch_estimate`)."""
+    ``estimate``: an epoch's seconds if already measured (:func:`shared_epoch_estimate`).
+    Returns the estimate the plan used."""
     if estimate is None:
         estimate = shared_epoch_estimate(config, source, world)
     n_steps = steps_per_epoch(config, source)
@@ -192,12 +196,14 @@ def fit_to_budget(
         f"here (measured), so {epochs} of {config.epochs} epochs{sam}",
     )
     config.epochs = epochs
+    return estimate
 
 
 class Replan(Hook):
-    """After each of the first ``REPLAN_EPOCHS`` epochs, plan ``config.epochs`` again from that
-    epoch's measured seconds (training and evaluation) and the time left: at most
-    ``requested``, at least the epochs done. The schedule follows, since it reads
+    """After each of the first ``REPLAN_EPOCHS`` epochs, plan ``config.epochs`` again from the
+    time left and the median of ``estimate`` (the probe's seconds an epoch) and the epochs'
+    measured seconds so far (training and evaluation): at most ``requested``, at least the
+    epochs done. The schedule follows, since it reads
     ``config.epochs`` at every step; SAM's second passes count as steps of ``n_steps`` an
     epoch (:func:`planned_epochs`). ``changed(loop)`` runs when the plan moves.
 
@@ -205,10 +211,11 @@ class Replan(Hook):
     config.json carry the new plan.
     """
 
-    def __init__(self, config, budget, requested, n_steps, console, reserve, changed):
+    def __init__(self, config, budget, requested, n_steps, console, reserve, changed, estimate):
         self.config, self.budget, self.requested = config, budget, requested
         self.n_steps, self.console, self.reserve = n_steps, console, reserve
         self.changed = changed
+        self.epoch_seconds = [estimate]  # the probe's, then each epoch's without SAM
         self.epoch_started = 0.0
 
     def before_epoch(self, loop: Loop) -> None:
@@ -230,15 +237,16 @@ class Replan(Hook):
         left = self.budget.left(self.reserve, elapsed)
         # an epoch without SAM: this one's time less its own SAM passes' share
         own = sam_steps(config, n_steps, (epoch - 1) * n_steps, epoch * n_steps) / n_steps
-        plain = max(epoch_seconds / (1 + own), 1e-9)
-        epochs = planned_epochs(config, n_steps, left, plain, epoch, self.requested)
+        self.epoch_seconds.append(epoch_seconds / (1 + own))
+        typical = max(statistics.median(self.epoch_seconds), 1e-9)
+        epochs = planned_epochs(config, n_steps, left, typical, epoch, self.requested)
         if epochs == config.epochs:
             return False
         say(
             self.console,
             f"time budget {config.max_minutes:g} min: epoch {epoch} took "
-            f"{format_seconds(epoch_seconds)} (measured), so {epochs} of {self.requested} epochs "
-            f"instead of the {config.epochs} planned",
+            f"{format_seconds(epoch_seconds)} (measured; median so far {format_seconds(typical)}), "
+            f"so {epochs} of {self.requested} epochs instead of the {config.epochs} planned",
         )
         config.epochs = loop.epochs = epochs
         return True

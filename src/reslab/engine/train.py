@@ -346,9 +346,9 @@ def plan_budget(config, source, world, budget, console, resumed: bool) -> Replan
         return None
     requested = config.epochs
     reserve = last_evaluation_extra(config, source, world)
-    fit_to_budget(config, source, world, budget, console, estimate, reserve)
+    estimate = fit_to_budget(config, source, world, budget, console, estimate, reserve)
     return Replan(
-        config, budget, requested, steps_per_epoch(config, source), console, reserve, None
+        config, budget, requested, steps_per_epoch(config, source), console, reserve, None, estimate
     )
 
 
