@@ -173,7 +173,7 @@ PRESETS: dict[str, dict] = {
     # For a small CPU: ResNet-18 at 1/4 width, "small" stem (stage 1 at 14x14), one-cycle
     # Nesterov SGD, label smoothing, crop and flip, mirror test-time augmentation; as many of 40
     # epochs as fit in 9.5 minutes, so that `reslab train` keeps to 10 minutes anywhere and
-    # uses them: 20 epochs left 22% of them unused on the AVX-512 EPYC.
+    # uses them: 20 epochs left a fifth of them unused on a fast machine.
     # 93.75% in 7.4 min (benchmarks/results/fashion_mnist-20261128-045334-12041.json).
     "default": dict(
         model="resnet18",

@@ -37,7 +37,7 @@ BUDGET_SHARE = 0.97
 # epochs can run slower than the probe says. A change this early only bends the rise of a
 # one-cycle schedule; later it would jump the rate in its decay. Each plan takes the median of
 # the probe's estimate and the epochs measured so far, so that one epoch slowed by other work on
-# the machine does not cut the epochs (an AMX Xeon run lost 5 of 20 that way).
+# the machine does not cut the epochs.
 REPLAN_EPOCHS = 3
 # A folder run without a preset sizes the values not given to the folder (config.plan_data):
 # the batch halves from the preset's, down to SMALLEST_BATCH, until an epoch has at least
