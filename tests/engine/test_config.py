@@ -48,6 +48,8 @@ def test_presets_build_and_round_trip():
     # the wall-time limits, with room for the process start and the final plots
     assert 0 < build_config("default").max_minutes < 10
     assert 0 < build_config("best").max_minutes < 60
+    speedrun = build_config("speedrun")
+    assert 0 < speedrun.max_minutes < 5 and speedrun.target == 94.0 and speedrun.tta_shift == 1
     assert seed.max_minutes == 0  # the reference recipe runs all its epochs
     # the tuned presets time bf16 against fp32 where bf16 is native; the reference stays fp32
     assert seed.precision == "fp32"
@@ -94,3 +96,17 @@ def test_config_from_flags_applies_the_rules():
 def test_resume_may_change_only_epochs_and_device():
     with pytest.raises(ReslabError, match=r"only --epochs and --device may change \(got --lr\)"):
         config_from_flags("default", {"resume": "run", "epochs": 3, "lr": 1.0})
+
+
+def test_the_speedrun_preset_builds_the_network_it_names():
+    from torch import nn
+
+    from reslab.models import create_model
+
+    config = build_config("speedrun")
+    model = create_model(config.model, in_channels=1, num_classes=10, **config.model_kwargs)
+    # the quarter-width ResNet-18 with the small stem: 16 channels at 14x14 after the pool
+    assert model.conv1.out_channels == 16 and isinstance(model.maxpool, nn.MaxPool2d)
+    assert [stage[0].conv1.out_channels for stage in model.stages] == [16, 32, 64, 128]
+    assert sum(p.numel() for p in model.parameters()) == 701_178
+    assert (config.batch_size, config.lr) == (128, 0.1)
