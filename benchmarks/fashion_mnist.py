@@ -1,6 +1,7 @@
 """Fashion-MNIST accuracy and time of the training presets, through the `reslab train` command.
 
     .venv/bin/python benchmarks/fashion_mnist.py --presets default seed best
+    .venv/bin/python benchmarks/fashion_mnist.py --presets speedrun --seeds 5
 
 Each preset runs as `python -m reslab train --preset P --out runs/bench-P-...` (so with its own
 process count, as a user gets it), timed from start to exit, and is scored on the full
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -65,6 +67,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override every preset's epochs")
     parser.add_argument("--model", help="override every preset's model")
     parser.add_argument("--threads", type=int, help="CPU threads per process")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run each preset with seeds 0..N-1 and record the mean and spread (default 1)",
+    )
     add_set_argument(parser, "erasing=0 width=0.5 stem=cifar")
     parser.add_argument("--note", default="", help="free text saved with the results")
     args = parser.parse_args()
@@ -82,12 +90,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     console = Console()
     rows = []
-    for preset in args.presets:
+    if args.seeds < 1:
+        parser.error(f"--seeds must be 1 or more, got {args.seeds}")
+    if args.seeds > 1 and "seed" in overrides:
+        parser.error("--seeds runs seeds 0..N-1; give it or --set seed=N, not both")
+    runs = [(preset, seed) for preset in args.presets for seed in range(args.seeds)]
+    for preset, seed in runs:
         # the process id keeps two runs started in the same second apart
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         out = Path(f"runs/bench-{preset}-{stamp}")
         load_before = os.getloadavg()
-        code, seconds, data = run_preset(preset, overrides, out)
+        given = overrides if args.seeds == 1 else {**overrides, "seed": seed}
+        code, seconds, data = run_preset(preset, given, out)
         row = result_row(preset, out, code, seconds, data, load_before)
         rows.append(row)
         if "stopped" in row:
@@ -95,6 +109,30 @@ def main() -> None:
             break
 
     write_results(console, rows, args.note)
+
+
+def seed_summary(rows: list[dict]) -> dict:
+    """Per preset with more than one finished run: the runs' mean test accuracy, its sample
+    standard deviation and range, how many reached 94% and their mean seconds to it."""
+    summary = {}
+    for preset in dict.fromkeys(row["preset"] for row in rows):
+        done = [r for r in rows if r["preset"] == preset and "stopped" not in r]
+        if len(done) < 2:
+            continue
+        accuracy = [r["test_accuracy"] for r in done]
+        reached = [r["seconds_to_94"] for r in done if r["seconds_to_94"] is not None]
+        summary[preset] = {
+            "seeds": [r["config"].get("seed") for r in done],
+            "mean_accuracy": statistics.mean(accuracy),
+            "std_accuracy": statistics.stdev(accuracy),
+            "min_accuracy": min(accuracy),
+            "max_accuracy": max(accuracy),
+            "mean_seconds": statistics.mean(r["seconds"] for r in done),
+            "max_seconds": max(r["seconds"] for r in done),
+            "reached_94": len(reached),
+            "mean_seconds_to_94": statistics.mean(reached) if reached else None,
+        }
+    return summary
 
 
 def result_row(preset: str, out: Path, code: int, seconds: float, data: str, load_before) -> dict:
@@ -154,10 +192,20 @@ def write_results(console: Console, rows: list[dict], note: str) -> None:
             f"{row['load_average_before'][0]:.1f}->{row['load_average_after'][0]:.1f}",
         )
     console.print(table)
+    summary = seed_summary(rows)
+    for preset, seeds in summary.items():
+        console.print(
+            f"{preset}: {100 * seeds['mean_accuracy']:.2f}% mean over {len(seeds['seeds'])} seeds "
+            f"(std {100 * seeds['std_accuracy']:.2f}, {100 * seeds['min_accuracy']:.2f}-"
+            f"{100 * seeds['max_accuracy']:.2f}), at most {seeds['max_seconds'] / 60:.1f} min, "
+            f"{seeds['reached_94']} reached 94%"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     # the process id keeps results of runs that end in the same second apart
     path = RESULTS / f"fashion_mnist-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-    path.write_text(json.dumps({"machine": info, "note": note, "runs": rows}, indent=1) + "\n")
+    path.write_text(
+        json.dumps({"machine": info, "note": note, "runs": rows, "seeds": summary}, indent=1) + "\n"
+    )
     console.print(f"wrote {path}")
 
 

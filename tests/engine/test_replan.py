@@ -24,9 +24,7 @@ def train_with_epoch_times(fake_fmnist, tmp_path, monkeypatch, probe, per_step, 
         epoch = (recorder.steps - 1) // traces.STEPS_PER_EPOCH
         seconds[0] += per_step[min(epoch, len(per_step) - 1)]
 
-    config = traces.classifier_config(
-        fake_fmnist, tmp_path / "run", epochs=epochs, max_minutes=0.5
-    )
+    config = traces.classifier_config(fake_fmnist, tmp_path / "run", epochs=epochs, max_minutes=0.5)
     with traces.StepRecorder(after_step=(tick,)) as recorder:
         result = fit(config, console=traces.quiet())
     return config, result, recorder
