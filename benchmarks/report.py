@@ -196,6 +196,27 @@ def classification_rows(files: list[tuple[Path, dict]], folders: bool) -> list[l
     return rows
 
 
+def seed_rows(files: list[tuple[Path, dict]]) -> list[list[str]]:
+    rows = []
+    for path, data in files:
+        for preset, seeds in (data.get("seeds") or {}).items():
+            rows.append(
+                [
+                    link(path),
+                    f"`{preset}`",
+                    compact(seeds.get("seeds", DASH)),
+                    percent(seeds.get("mean_accuracy")),
+                    number(100 * seeds["std_accuracy"], 2) if "std_accuracy" in seeds else DASH,
+                    f"{percent(seeds.get('min_accuracy'))}-{percent(seeds.get('max_accuracy'))}",
+                    minutes(seeds.get("max_seconds")),
+                    str(seeds.get("reached_94", DASH)),
+                    minutes(seeds.get("mean_seconds_to_94")),
+                    machine(data.get("machine")),
+                ]
+            )
+    return rows
+
+
 def classification(files: list[tuple[Path, dict]]) -> list[str]:
     headers = [
         "result file",
@@ -219,10 +240,21 @@ def classification(files: list[tuple[Path, dict]]) -> list[str]:
         "smoothing 0.1, crop (padding 2) and flip, mirror test-time augmentation, seed 0.",
         "",
     ]
-    for preset in ("seed", "default", "best"):
+    for preset in ("seed", "default", "speedrun", "best"):
         rows = [r for r in classification_rows(files, folders=False) if r[1] == f"`{preset}`"]
         if rows:
             out += [f"### Preset `{preset}`", "", *table(headers, rows), ""]
+    rows = seed_rows(files)
+    if rows:
+        out += ["### Means over seeds", ""]
+        out += [
+            "`benchmarks/fashion_mnist.py --seeds N`: each preset's runs with seeds 0..N-1 in one",
+            "result file; *spread* is the sample standard deviation in points.",
+            "",
+        ]
+        seed_headers = ["result file", "preset", "seeds", "mean accuracy", "spread", "range"]
+        seed_headers += ["longest run", "reached 94%", "mean time to 94%", "machine"]
+        out += [*table(seed_headers, rows), ""]
     out += ["## Classification: image folders", ""]
     rows = classification_rows(files, folders=True)
     out += table(headers, rows) if rows else ["No result file records an image-folder run."]
