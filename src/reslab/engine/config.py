@@ -174,7 +174,7 @@ PRESETS: dict[str, dict] = {
     # Nesterov SGD, label smoothing, crop and flip, mirror test-time augmentation; as many of 40
     # epochs as fit in 9.5 minutes, so that `reslab train` keeps to 10 minutes anywhere and
     # uses them: 20 epochs left a fifth of them unused on a fast machine.
-    # 93.75% in 7.4 min (benchmarks/results/fashion_mnist-20261128-045334-12041.json).
+    # 93.77% in 8.4 min (benchmarks/results/fashion_mnist-20261206-023257-6564.json).
     "default": dict(
         model="resnet18",
         model_kwargs={"stem": "small", "width": 0.25},
@@ -183,22 +183,6 @@ PRESETS: dict[str, dict] = {
         batch_size=256,
         lr=0.2,
         erasing=0.0,
-        precision="auto",
-    ),
-    # Time to 94% within 5 minutes: the default's network at batch 128, which runs an epoch
-    # faster on a small CPU than batch 256 and takes twice the steps, as many of 16 epochs as
-    # fit in 4.6 minutes (the process start and the last evaluation take the rest), the last
-    # evaluation over 10 views, and the time at which 94% is first reached recorded.
-    "speedrun": dict(
-        model="resnet18",
-        model_kwargs={"stem": "small", "width": 0.25},
-        epochs=16,
-        max_minutes=4.6,
-        batch_size=128,
-        lr=0.1,
-        erasing=0.0,
-        tta_shift=1,
-        target=94.0,
         precision="auto",
     ),
     # The highest accuracy within an hour on a small CPU: ResNet-18 at 1/4 width with the
@@ -235,6 +219,16 @@ PRESETS: dict[str, dict] = {
         erasing=0.0,
         precision="auto",
     ),
+}
+
+# Time to 94% within 5 minutes: the default's recipe at batch 128, which runs an epoch faster
+# on a small CPU than batch 256 and takes twice the steps, as many of 16 epochs as fit in 4.6
+# minutes (the process start and the last evaluation take the rest), the last evaluation over
+# 10 views, and the time at which 94% is first reached recorded. Short of it: 92.86% over two
+# seeds (benchmarks/results/fashion_mnist-20261206-024242-6758.json).
+PRESETS["speedrun"] = {
+    **PRESETS["default"],
+    **dict(epochs=16, max_minutes=4.6, batch_size=128, lr=0.1, tta_shift=1, target=94.0),
 }
 
 PLANNED = ("batch_size", "lr", "epochs")  # what plan_data may name
