@@ -13,8 +13,8 @@ once with `--recipe detectron2`, one after the other, and scores each on the set
 with `python -m reslab detect eval`. ``--set scenes`` trains on the Fashion-MNIST scenes
 instead (8,000 at 128 px, as `benchmarks/detection.py train` makes them), where
 ``scenes_flags`` is the fifteen-flag recipe that benchmark spells out. Writes
-``benchmarks/results/detection-plan-<time>.json`` with the machine, the load average at the start and the end, each run's plan, steps, wall
-time and COCO metrics, and prints a table.
+``benchmarks/results/detection-plan-<time>.json`` with the machine, the load average at the
+start and the end, each run's plan, steps, wall time and COCO metrics, and prints a table.
 """
 
 from __future__ import annotations

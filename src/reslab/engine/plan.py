@@ -203,9 +203,9 @@ class Replan(Hook):
     """After each of the first ``REPLAN_EPOCHS`` epochs, plan ``config.epochs`` again from the
     time left and the median of ``estimate`` (the probe's seconds an epoch) and the epochs'
     measured seconds so far (training and evaluation): at most ``requested``, at least the
-    epochs done. The schedule follows, since it reads
-    ``config.epochs`` at every step; SAM's second passes count as steps of ``n_steps`` an
-    epoch (:func:`planned_epochs`). ``changed(loop)`` runs when the plan moves.
+    epochs done. The schedule follows, since it reads ``config.epochs`` at every step; SAM's
+    second passes count as steps of ``n_steps`` an epoch (:func:`planned_epochs`).
+    ``changed(loop)`` runs when the plan moves.
 
     Placed after the epoch's evaluation and before its checkpoint, so that the checkpoint and
     config.json carry the new plan.
