@@ -320,11 +320,13 @@ def test_rescorer_rides_in_the_checkpoint_and_rescores_eval_and_predict(
     assert "rescored by the checkpoint's classifier" in capsys.readouterr().out
     monkeypatch.undo()
 
-    # predict: each score is the detector's times the classifier's probability of its label
+    # predict: each score is the detector's times the classifier's probability of its label;
+    # fp32 in both, since auto precision times each run and may pick bf16 in one of them
     image = scenes / "val" / "000000.png"
     found = {}
     for name, flags in (("rescored", []), ("own", ["--no-rescore"])):
         predict = ["detect", "predict", str(out), str(image), "--score-thresh", "0", *flags]
+        predict += ["--precision", "fp32"]
         assert main([*predict, "--out", str(tmp_path / name)]) == 0
         [record] = json.loads((tmp_path / name / "predictions.json").read_text())
         found[name] = record["detections"]
