@@ -23,6 +23,9 @@ from reslab.errors import ReslabError
         ({"sam_start": math.nan}, "--sam-start must be a share"),
         ({"device": "gpu"}, "--device must be cpu, cuda or cuda:N, got 'gpu'"),
         ({"device": "cuda:x"}, "--device must be cpu, cuda or cuda:N"),
+        ({"schedule_anchor": [10, 1.5]}, r"schedule_anchor is \[\] or \[step, share"),
+        ({"schedule_anchor": [10]}, r"schedule_anchor is \[\] or"),
+        ({"schedule_anchor": [10, "x"]}, "--schedule-anchor must be list"),
     ],
 )
 def test_bad_values_are_one_line_errors(override, message):

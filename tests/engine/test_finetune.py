@@ -5,7 +5,7 @@ from test_train import quiet, tiny
 from reslab.cli import build_parser
 from reslab.cli.train import config_from_args
 from reslab.engine.config import build_config
-from reslab.engine.schedules import lr_factor, phased
+from reslab.engine.schedules import lr_factor, phased, share_done, step_at
 from reslab.engine.state import model_parts, part_rates
 from reslab.engine.train import Hooks, fit
 from reslab.errors import ReslabError
@@ -96,6 +96,18 @@ def test_phased_restarts_its_cycle_and_without_a_first_phase_is_lr_factor():
         assert phased("onecycle", step, 0, 100, 0.2) == lr_factor("onecycle", step, 100, 0.2)
     assert phased("onecycle", 30, 30, 100, 0.2) == lr_factor("onecycle", 0, 70, 0.2)
     assert phased("onecycle", 29, 30, 100, 0.2) == lr_factor("onecycle", 29, 30, 0.2)
+
+
+def test_an_anchor_spreads_the_rest_of_the_cycle_over_the_steps_left():
+    # re-planned at step 40 of 100 to 160: the 60% left spread over 120 steps
+    assert share_done(40, 160, (40, 0.4)) == pytest.approx(0.4)
+    assert share_done(100, 160, (40, 0.4)) == pytest.approx(0.7)
+    assert share_done(160, 160, (40, 0.4)) == 1.0 and share_done(40, 40, (40, 0.4)) == 1.0
+    assert step_at(0.7, 160, (40, 0.4)) == 100 and step_at(0.3, 160, (40, 0.4)) == 40
+    # the rate at the anchor is the old plan's, and the second cycle reads the anchor in its steps
+    before = lr_factor("onecycle", 40, 100, 0.2)
+    assert lr_factor("onecycle", 40, 160, 0.2, (40, 0.4)) == pytest.approx(before)
+    assert phased("onecycle", 70, 30, 190, 0.2, (70, 0.4)) == pytest.approx(before)
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
-"""The time budget plans the epochs again after each of the first three epochs, and only then,
-from the median of the probe's estimate and the epochs measured so far."""
+"""The time budget plans the epochs again after each epoch, from the median of the latest three
+epoch times (the probe's estimate standing in at first), and the rate follows without a jump."""
 
 from __future__ import annotations
 
 import json
 
 import loop_traces as traces
+import pytest
 
 from reslab.engine import budget as budget_module
 from reslab.engine import plan as plan_module
@@ -40,18 +41,25 @@ def test_one_slow_epoch_does_not_cut_the_plan(fake_fmnist, tmp_path, monkeypatch
     assert recorder.steps == 12 * traces.STEPS_PER_EPOCH
 
 
-def test_a_lasting_slowdown_cuts_the_plan_and_the_fourth_epoch_is_not_planned_again(
+def test_a_lasting_slowdown_cuts_the_plan_and_a_lasting_speedup_grows_it_with_no_jump(
     fake_fmnist, tmp_path, monkeypatch
 ):
-    # The probe says 2 s: all 12 fit. Epochs 1-3 take 5 s: after epoch 2 the median is 5 s and
-    # 19.1 s hold 3 more (5 in all), after epoch 3 still 5. Epoch 4 takes 1 s; planned again
-    # after it (median 5 s, 13.1 s left) the run would take 6 epochs: planned thrice only, 5.
+    # The probe says 2 s: all 12 fit. Epochs 1-3 take 5 s: after epoch 1 (median 3.5 s) 7,
+    # re-indexed within the rise; after epoch 2 (median 5 s) 5, anchored. Epoch 4 takes 1 s:
+    # (median 5 s) 6; after epoch 5 (median 1 s, 12.1 s left) all 12 again.
     config, result, recorder = train_with_epoch_times(
         fake_fmnist, tmp_path, monkeypatch, 2.0, (1.0, 1.0, 1.0, 0.2), epochs=12
     )
-    assert [r["epoch"] for r in result.history] == list(range(1, 6))
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 5
-    total = 5 * traces.STEPS_PER_EPOCH
+    assert [r["epoch"] for r in result.history] == list(range(1, 13))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["epochs"] == 12 and saved["schedule_anchor"][0] == 5 * traces.STEPS_PER_EPOCH
+    total = 12 * traces.STEPS_PER_EPOCH
     assert recorder.steps == total
-    # the one-cycle schedule ends on the final plan's last step
-    assert recorder.lr[-1][0] == config.lr * lr_factor("onecycle", total - 1, total, config.warmup)
+    # the rate rises to its peak and from there never rises again, though the plan grew twice
+    # in the decay, and ends on the final plan's last step
+    rates = [lr[0] for lr in recorder.lr]
+    peak = rates.index(max(rates))
+    falls = zip(rates[peak:-1], rates[peak + 1 :], strict=True)
+    assert all(later <= earlier + 1e-12 for earlier, later in falls)
+    last = lr_factor("onecycle", total - 1, total, config.warmup, saved["schedule_anchor"])
+    assert rates[-1] == pytest.approx(config.lr * last) and rates[-1] < 0.01 * config.lr

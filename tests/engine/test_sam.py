@@ -3,6 +3,7 @@
 import copy
 import json
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,6 +71,13 @@ def test_sam_steps_count_the_last_share_of_the_run():
     assert sam_steps(config, 10, 0, 30) == 0
     assert sam_steps(config, 10, 25, 35) == 5
     assert sam_steps(build_config("default", epochs=4), 10, 0, 40) == 0
+    # after a re-plan anchored at step 10 with half the schedule done, the last quarter of the
+    # schedule is the second half of the 30 steps left; a start already passed is the anchor's
+    config.schedule_anchor = [10, 0.5]
+    assert batches_module.sam_begins(config, 10) == 25
+    assert batches_module.sam_begins(replace(config, sam_start=0.4), 10) == 10
+    # with two frozen epochs first, the share is of the cycle after them
+    assert batches_module.sam_begins(replace(config, schedule_anchor=[], freeze_epochs=2), 10) == 35
 
 
 @pytest.mark.parametrize(
@@ -107,19 +115,22 @@ def test_sam_starts_after_its_share_of_the_steps(fake_fmnist, tmp_path, monkeypa
 
 
 def test_max_minutes_plans_for_sams_second_passes(fake_fmnist, tmp_path, monkeypatch):
-    # SAM on every step: the probe's 10 s epoch counts twice, so 1 of 5 epochs fits in 29.1 s.
-    # Epoch 1 takes 10 s on the run's clock, with SAM in all of it: 5 s without, the median
-    # with the probe's 7.5 s, so 15 s for each epoch after, and the 19.1 s left hold one more
-    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 10.0)
-    clock = StepClock(monkeypatch, 2.0)
+    # SAM on every step: the probe's 5 s epoch counts twice, so 2 of 5 epochs fit in 29.1 s.
+    # Epoch 1 takes 6 s on the run's clock, with SAM in all of it: 3 s without, and 4 s the
+    # median with the probe's 5 s, so 8 s for each epoch after; the 23.1 s left hold two more.
+    # After epoch 2 (median 3 s, 6 s with SAM) the 17.1 s left hold two more again: 4.
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 5.0)
+    clock = StepClock(monkeypatch, 1.2)
     config = tiny(fake_fmnist, tmp_path / "run", epochs=5, max_minutes=0.5, sam=0.05, sam_start=0)
     console = recording()
     result = fit(config, console=console, hooks=clock)
     lines = [line for line in console.export_text().splitlines() if "time budget" in line]
     assert lines == [
-        "time budget 0.5 min: one epoch takes about 10.0s here (measured), so 1 of 5 epochs, "
-        "1.0 more for SAM's second passes",
-        "time budget 0.5 min: epoch 1 took 10.0s (measured; median so far 7.5s), so 2 of 5 "
-        "epochs instead of the 1 planned",
+        "time budget 0.5 min: one epoch takes about 5.0s here (measured), so 2 of 5 epochs, "
+        "2.0 more for SAM's second passes",
+        "time budget 0.5 min: epoch 1 took 6.0s (measured; median 4.0s with the probe's "
+        "estimate), so 3 of 5 epochs instead of the 2 planned",
+        "time budget 0.5 min: epoch 2 took 6.0s (measured; median 3.0s with the probe's "
+        "estimate), so 4 of 5 epochs instead of the 3 planned",
     ]
-    assert len(result.history) == 2
+    assert len(result.history) == 4

@@ -314,8 +314,8 @@ def test_max_minutes_plans_again_from_the_first_epochs_time(
     assert f"so {planned} of 5 epochs" in text
     median = (estimate + 5 * per_step) / 2
     assert (
-        f"epoch 1 took {5 * per_step:.1f}s (measured; median so far {median:.1f}s), "
-        f"so {after_first} of 5 epochs instead of the {planned} planned"
+        f"epoch 1 took {5 * per_step:.1f}s (measured; median {median:.1f}s with the probe's "
+        f"estimate), so {after_first} of 5 epochs instead of the {planned} planned"
     ) in text
     assert [r["epoch"] for r in result.history] == list(range(1, epochs + 1))
     # the schedule follows the new plan: the one-cycle rate ends at zero on the last step
@@ -326,30 +326,32 @@ def test_max_minutes_plans_again_from_the_first_epochs_time(
     assert load_checkpoint(run / "last.pt")["config"]["epochs"] == epochs
 
 
-def test_max_minutes_plans_again_after_each_of_the_first_epochs_only(
+def test_max_minutes_plans_again_after_every_epoch_from_the_latest_three(
     fake_fmnist, tmp_path, monkeypatch
 ):
-    # the probe says 10 s an epoch: 2 of 8 in 29.1 s. Epoch 1 takes 8 s (median 9 s): 3 of 8.
-    # Epochs 2 and 3 take 4 s: the medians 8 s and 6 s, 17.1 s and 13.1 s left, 4 then 5 of 8.
-    # Epochs 4-5 take 1 s, but the plan is not made again after the third epoch (it would be 7).
-    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 10.0)
-    assert plan_module.REPLAN_EPOCHS == 3
-    clock = StepClock(monkeypatch, 1.6, 0.8, 0.8, 0.2)
-    config = tiny(fake_fmnist, tmp_path / "run", epochs=8, max_minutes=0.5)
+    # the probe says 4 s an epoch: 7 of 12 in 29.1 s. Epoch 1 takes 4.8 s (median 4.4 s with
+    # the probe's, 24.3 s left): 6, a re-index, step 5 being within the rise of 30 steps.
+    # Epochs 2-4 leave it at 6. Epoch 5 takes 2 s, the second such (median 2 s, 10.7 s left):
+    # 10, anchored at step 25 where 25 of the 30 planned steps were done.
+    monkeypatch.setattr(plan_module, "seconds_per_epoch", lambda *a: 4.0)
+    assert plan_module.RECENT_EPOCHS == 3
+    clock = StepClock(monkeypatch, 0.96, 0.96, 0.96, 0.4)
+    config = tiny(fake_fmnist, tmp_path / "run", epochs=12, max_minutes=0.5)
     console = recording()
     result = fit(config, console=console, hooks=clock)
     lines = [line for line in console.export_text().splitlines() if "time budget" in line]
     assert lines == [
-        "time budget 0.5 min: one epoch takes about 10.0s here (measured), so 2 of 8 epochs",
-        "time budget 0.5 min: epoch 1 took 8.0s (measured; median so far 9.0s), so 3 of 8 "
-        "epochs instead of the 2 planned",
-        "time budget 0.5 min: epoch 2 took 4.0s (measured; median so far 8.0s), so 4 of 8 "
-        "epochs instead of the 3 planned",
-        "time budget 0.5 min: epoch 3 took 4.0s (measured; median so far 6.0s), so 5 of 8 "
-        "epochs instead of the 4 planned",
+        "time budget 0.5 min: one epoch takes about 4.0s here (measured), so 7 of 12 epochs",
+        "time budget 0.5 min: epoch 1 took 4.8s (measured; median 4.4s with the probe's "
+        "estimate), so 6 of 12 epochs instead of the 7 planned",
+        "time budget 0.5 min: epoch 5 took 2.0s (measured; median 2.0s of the latest 3 "
+        "epochs), so 10 of 12 epochs instead of the 6 planned",
     ]
-    assert len(result.history) == 5 and result.history[-1]["lr"] == pytest.approx(0.0)
-    assert clock.seconds == pytest.approx(8 + 4 + 4 + 2 * 1)
+    assert len(result.history) == 10 and result.history[-1]["lr"] == pytest.approx(0.0)
+    assert clock.seconds == pytest.approx(3 * 4.8 + 7 * 2)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["schedule_anchor"] == [25, pytest.approx(25 / 30)]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["schedule_anchor"][0] == 25
 
 
 def fake_epochs(monkeypatch, fp32: float, bf16: float, native: bool = True) -> list[str]:

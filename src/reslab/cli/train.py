@@ -175,8 +175,9 @@ def _schedule_flags(parser) -> None:
         metavar="M",
         help="fit the run to M minutes of wall time: a few steps are timed first and "
         "min(--epochs, what fits) epochs are planned, the schedule made for that many, then "
-        "planned again after each of the first 3 epochs, from that epoch's own time "
-        "(0 = no limit; presets: default 9.5, best 57, seed none)",
+        "planned again after each epoch from the median of the latest 3 epochs' times, the "
+        "schedule stretched or shrunk from there without a jump in the rate "
+        "(0 = no limit; presets: default 9.5, speedrun 4.6, best 57, seed none)",
     )
     add(
         "--target",
@@ -297,8 +298,9 @@ def _augment_flags(parser) -> None:
         "--sam-start",
         type=float,
         metavar="F",
-        help="SAM only on the steps after this share of the run (default 0.75: the last "
-        "quarter, where Zhou et al. 2024 found most of its gain; 0 = every step)",
+        help="SAM only on the steps after this share of the schedule (of its second cycle "
+        "with --freeze-epochs; default 0.75: the last quarter, where Zhou et al. 2024 found "
+        "most of its gain; 0 = every step)",
     )
     _bool(parser, "--tta", "average predictions over each test image and its mirror image")
     add(

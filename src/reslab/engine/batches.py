@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from reslab.data.transforms import augment, cutmix, random_flip, random_resized_crop, to_input
 from reslab.engine.config import TrainConfig
+from reslab.engine.schedules import last_cycle, step_at
 from reslab.engine.state import TrainState
 from reslab.fast import autocast
 
@@ -78,10 +78,14 @@ def batch_loss(
 
 
 def sam_begins(config: TrainConfig, n_steps: int) -> int | None:
-    """The first optimizer step (counted from 0) that takes SAM's second pass; None when off."""
+    """The first optimizer step (counted from 0) that takes SAM's second pass, once
+    ``sam_start`` of the schedule's last cycle is done (the only cycle without
+    ``freeze_epochs``); None when off."""
     if not config.sam:
         return None
-    return math.ceil(config.sam_start * config.epochs * n_steps)
+    first, total = config.freeze_epochs * n_steps, config.epochs * n_steps
+    anchor = last_cycle(config.schedule_anchor, first)
+    return first + step_at(config.sam_start, total - first, anchor)
 
 
 def sam_steps(config: TrainConfig, n_steps: int, first: int, end: int) -> int:

@@ -1,8 +1,8 @@
 """The one wall-clock budget of a run, ``--max-minutes``, and its two policies.
 
 - **Plan** (classification): probe an epoch's time before training, fit the number of epochs
-  to the budget, and plan again after each of the first epochs
-  (:mod:`reslab.engine.plan`); the schedule then spans exactly the planned steps.
+  to the budget, and plan again after each epoch (:mod:`reslab.engine.plan`); the schedule
+  then spans exactly the planned steps.
 - **Deadline** (the detector, box pretraining, the rescorer): train until the budget is spent,
   the schedule annealing over the larger of the steps done and the time used
   (:class:`StopAtDeadline` and :meth:`Budget.used`).

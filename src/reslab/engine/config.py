@@ -64,6 +64,10 @@ class TrainConfig:
     # batch are timed and the run trains min(epochs, what fits) epochs, its schedule made for
     # that many, so a recipe keeps to its time on a slower or faster machine
     max_minutes: float = 0.0
+    # where the budget last planned the epochs again (reslab.engine.plan.Replan): the step and
+    # the share of the schedule's last cycle done then; the schedule spreads the rest of the
+    # cycle over the steps left from there. Empty until a re-plan.
+    schedule_anchor: list[float] = field(default_factory=list)
     # a test accuracy in percent (0 = none): the first epoch at or above it is marked in
     # metrics.jsonl ("target_reached") and its epoch, step and wall time are printed
     target: float = 0.0
@@ -106,8 +110,8 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     # sharpness-aware minimisation (Foret et al. 2021): each step takes its gradient at the
     # weights moved sam (the radius rho) along the batch's normalised gradient, a second
-    # forward and backward pass; on only after sam_start of the run's steps (Zhou et al. 2024
-    # found SAM late in training finds most of its flatter minima); 0 = off
+    # forward and backward pass; on only after sam_start of the schedule's last cycle (Zhou
+    # et al. 2024 found SAM late in training finds most of its flatter minima); 0 = off
     sam: float = 0.0
     sam_start: float = 0.75
     tta: bool = True  # average the logits of each test image and its mirror image
@@ -427,6 +431,11 @@ def _check_fine_tuning(config: TrainConfig) -> None:
     unknown = set(config.plan_data) - set(PLANNED)
     if unknown:
         raise ReslabError(f"plan_data may name {PLANNED}, got {sorted(unknown)}")
+    anchor = config.schedule_anchor
+    if anchor and not (len(anchor) == 2 and anchor[0] >= 0 and 0 <= anchor[1] <= 1):
+        raise ReslabError(
+            f"schedule_anchor is [] or [step, share of the schedule done, 0 to 1]; got {anchor}"
+        )
 
 
 def _check_run(config: TrainConfig) -> None:

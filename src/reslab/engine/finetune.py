@@ -50,11 +50,14 @@ def set_frozen(model: nn.Module, frozen: bool, train_bn: bool) -> None:
 def rate_factor(config, n_steps: int):
     """The schedule's factor at the loop's step: one cycle over the run, or with
     ``freeze_epochs`` one over the frozen epochs and one over the rest. It reads
-    ``config.epochs`` at every step: the time budget may plan again after the first epochs."""
+    ``config.epochs`` and ``config.schedule_anchor`` at every step: the time budget plans again
+    after each epoch."""
 
     def factor(loop: Loop) -> float:
         first, total = config.freeze_epochs * n_steps, config.epochs * n_steps
-        return phased(config.schedule, loop.step, first, total, config.warmup)
+        return phased(
+            config.schedule, loop.step, first, total, config.warmup, config.schedule_anchor
+        )
 
     return factor
 

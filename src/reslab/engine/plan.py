@@ -1,6 +1,6 @@
 """Classification's budget policy, probe and plan: time an epoch before the run, fit
 ``config.epochs`` to ``--max-minutes`` (:class:`reslab.engine.budget.Budget`), plan again after
-each of the first epochs, and resolve ``--precision auto`` from the same timings."""
+each epoch, and resolve ``--precision auto`` from the same timings."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from reslab.engine.config import PRESETS, TrainConfig
 from reslab.engine.distributed import World, sum_over_ranks, wrap
 from reslab.engine.evaluate import logits
 from reslab.engine.loop import Hook, Loop
+from reslab.engine.schedules import last_cycle, share_done
 from reslab.engine.state import TrainState, build_state, epoch_generator, say, steps_per_epoch
 from reslab.errors import ReslabError
 from reslab.precision import format_seconds, resolve_precision
@@ -33,12 +34,14 @@ from reslab.precision import format_seconds, resolve_precision
 TIMED_STEPS = 12
 WARMUP_STEPS = 6
 BUDGET_SHARE = 0.97
-# The plan is made again after each of the first REPLAN_EPOCHS epochs, since a process's first
-# epochs can run slower than the probe says. A change this early only bends the rise of a
-# one-cycle schedule; later it would jump the rate in its decay. Each plan takes the median of
-# the probe's estimate and the epochs measured so far, so that one epoch slowed by other work on
-# the machine does not cut the epochs.
-REPLAN_EPOCHS = 3
+# The plan is made again after each epoch but the last, from the median of the latest
+# RECENT_EPOCHS epoch times (the probe's estimate standing in for epochs not yet run): a median,
+# so that one epoch slowed by other work on the machine does not cut the plan; the latest, so
+# that the plan follows a machine that runs lastingly faster or slower. Within the one-cycle
+# rise a re-plan re-indexes the schedule to the new length; after it, the schedule spreads its
+# remaining course over the new plan from the step of the change (config.schedule_anchor), so
+# that no re-plan jumps the rate in its decay.
+RECENT_EPOCHS = 3
 # A folder run without a preset sizes the values not given to the folder (config.plan_data):
 # the batch halves from the preset's, down to SMALLEST_BATCH, until an epoch has at least
 # MIN_EPOCH_STEPS steps; the rate follows the batch (the linear scaling rule, Goyal et al.
@@ -200,11 +203,12 @@ def fit_to_budget(
 
 
 class Replan(Hook):
-    """After each of the first ``REPLAN_EPOCHS`` epochs, plan ``config.epochs`` again from the
-    time left and the median of ``estimate`` (the probe's seconds an epoch) and the epochs'
-    measured seconds so far (training and evaluation): at most ``requested``, at least the
-    epochs done. The schedule follows, since it reads ``config.epochs`` at every step; SAM's
-    second passes count as steps of ``n_steps`` an epoch (:func:`planned_epochs`).
+    """After each epoch but the last, plan ``config.epochs`` again from the time left and the
+    median of the latest ``RECENT_EPOCHS`` of ``estimate`` (the probe's seconds an epoch) and
+    the epochs' measured seconds (training and evaluation): at most ``requested``, at least the
+    epochs done. A change anchors the schedule at the step
+    (``config.schedule_anchor``: the schedule reads it and ``config.epochs`` at every step);
+    SAM's second passes count as steps of ``n_steps`` an epoch (:func:`planned_epochs`).
     ``changed(loop)`` runs when the plan moves.
 
     Placed after the epoch's evaluation and before its checkpoint, so that the checkpoint and
@@ -222,7 +226,7 @@ class Replan(Hook):
         self.epoch_started = self.budget.elapsed()
 
     def after_epoch(self, loop: Loop) -> None:
-        if loop.epoch <= REPLAN_EPOCHS and self.replan(loop):
+        if loop.epoch < self.config.epochs and self.replan(loop):
             self.changed(loop)
 
     def replan(self, loop: Loop) -> bool:
@@ -238,18 +242,41 @@ class Replan(Hook):
         # an epoch without SAM: this one's time less its own SAM passes' share
         own = sam_steps(config, n_steps, (epoch - 1) * n_steps, epoch * n_steps) / n_steps
         self.epoch_seconds.append(epoch_seconds / (1 + own))
-        typical = max(statistics.median(self.epoch_seconds), 1e-9)
+        typical = max(statistics.median(self.epoch_seconds[-RECENT_EPOCHS:]), 1e-9)
         epochs = planned_epochs(config, n_steps, left, typical, epoch, self.requested)
         if epochs == config.epochs:
             return False
+        over = (
+            "with the probe's estimate"
+            if len(self.epoch_seconds) <= RECENT_EPOCHS
+            else f"of the latest {RECENT_EPOCHS} epochs"
+        )
         say(
             self.console,
             f"time budget {config.max_minutes:g} min: epoch {epoch} took "
-            f"{format_seconds(epoch_seconds)} (measured; median so far {format_seconds(typical)}), "
-            f"so {epochs} of {self.requested} epochs instead of the {config.epochs} planned",
+            f"{format_seconds(epoch_seconds)} (measured; median {format_seconds(typical)} "
+            f"{over}), so {epochs} of {self.requested} epochs instead of the {config.epochs} "
+            "planned",
         )
+        config.schedule_anchor = schedule_anchor(config, n_steps, loop.step, epochs)
         config.epochs = loop.epochs = epochs
         return True
+
+
+def schedule_anchor(config: TrainConfig, n_steps: int, step: int, epochs: int) -> list[float]:
+    """The anchor of a re-plan at ``step`` to ``epochs``: none while ``step`` is still within
+    the new plan's first ``warmup`` share and no anchor was set (the plan re-indexes the
+    schedule, which bends only the one-cycle rise); else the step and the share of the
+    schedule's last cycle done there under the current plan. A ``freeze_epochs`` run keeps its
+    anchor while its first cycle, whose length does not move, is still running."""
+    first = config.freeze_epochs * n_steps
+    if step < first:
+        return config.schedule_anchor
+    planned = epochs * n_steps - first
+    if not config.schedule_anchor and step - first <= config.warmup * planned:
+        return []
+    anchor = last_cycle(config.schedule_anchor, first)
+    return [step, share_done(step - first, config.epochs * n_steps - first, anchor)]
 
 
 def plan_for_data(config: TrainConfig, source: Source, console: Console) -> None:

@@ -29,10 +29,35 @@ def step_decay(t: float) -> float:
     return 0.1 ** ((t >= 0.5) + (t >= 0.75))
 
 
-def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
-    """The classifier's schedules by name, at optimizer step ``step`` of ``total``:
-    ``onecycle``, ``cosine``, ``step`` or ``constant``."""
-    t = min(step / max(total, 1), 1.0)
+def share_done(step: int, total: int, anchor: Sequence[float] = ()) -> float:
+    """The share of a schedule over ``total`` steps done at ``step``: ``step / total``, or, once
+    a re-plan has moved ``total`` at step s0 where the share done was t0 (``anchor`` (s0, t0)),
+    t0 plus the rest spread evenly over the steps from s0, so that the rate does not jump."""
+    if not anchor:
+        return min(step / max(total, 1), 1.0)
+    s0, t0 = anchor
+    if total <= s0:  # the plan ends at the anchor: the schedule is done
+        return 1.0
+    return min(t0 + (1 - t0) * max(step - s0, 0) / (total - s0), 1.0)
+
+
+def step_at(share: float, total: int, anchor: Sequence[float] = ()) -> int:
+    """The first step at which :func:`share_done` reaches ``share``; with an ``anchor`` whose
+    share is already past it, the anchor's step (the share was reached before it)."""
+    if not anchor:
+        return math.ceil(share * total)
+    s0, t0 = anchor
+    if share <= t0:
+        return int(s0)
+    return int(s0) + math.ceil((share - t0) / (1 - t0) * (total - s0))
+
+
+def lr_factor(
+    schedule: str, step: int, total: int, warmup: float, anchor: Sequence[float] = ()
+) -> float:
+    """The classifier's schedules by name, at optimizer step ``step`` of ``total`` (re-planned
+    at ``anchor``, :func:`share_done`): ``onecycle``, ``cosine``, ``step`` or ``constant``."""
+    t = share_done(step, total, anchor)
     if schedule == "onecycle":
         return onecycle(t, warmup)
     if schedule == "cosine":
@@ -42,13 +67,22 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
     return 1.0
 
 
-def phased(schedule: str, step: int, first: int, total: int, warmup: float) -> float:
+def phased(
+    schedule: str, step: int, first: int, total: int, warmup: float, anchor: Sequence[float] = ()
+) -> float:
     """:func:`lr_factor` over the first ``first`` of ``total`` steps, then afresh over the rest:
     each phase of a fine-tuning run on a cycle of its own, as fastai's ``fine_tune`` calls
-    ``fit_one_cycle`` once frozen and once unfrozen. ``first`` 0 is :func:`lr_factor`."""
+    ``fit_one_cycle`` once frozen and once unfrozen. ``first`` 0 is :func:`lr_factor`. The
+    ``anchor`` (a global step, the share of the second cycle done then) bends the second."""
     if step < first:
         return lr_factor(schedule, step, first, warmup)
-    return lr_factor(schedule, step - first, total - first, warmup)
+    return lr_factor(schedule, step - first, total - first, warmup, last_cycle(anchor, first))
+
+
+def last_cycle(anchor: Sequence[float], first: int) -> tuple[float, ...]:
+    """``anchor`` (a global step and a share) in the steps of the cycle that begins at
+    ``first``."""
+    return (anchor[0] - first, anchor[1]) if anchor else ()
 
 
 def range_test(step: int, steps: int, start: float, end: float) -> float:

@@ -338,7 +338,7 @@ def train_epochs(
 
 def plan_budget(config, source, world, budget, console, resumed: bool) -> Replan | None:
     """Resolve --precision auto, fit the epochs to --max-minutes, and the hook that plans
-    again after the first epochs (None without a budget, or on resume)."""
+    again after each epoch (None without a budget, or on resume)."""
     estimate = None
     if config.precision == "auto":
         estimate = choose_precision(config, source, world, console)
