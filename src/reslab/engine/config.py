@@ -178,7 +178,7 @@ PRESETS: dict[str, dict] = {
     # Nesterov SGD, label smoothing, crop and flip, mirror test-time augmentation; as many of 40
     # epochs as fit in 9.5 minutes, so that `reslab train` keeps to 10 minutes anywhere and
     # uses them (20 epochs took 7.4 min: fashion_mnist-20261128-045334-12041.json).
-    # 93.77% in 8.4 min (benchmarks/results/fashion_mnist-20261206-023257-6564.json).
+    # 93.90% in 9.0 min (benchmarks/results/fashion_mnist-20261206-035456-16705.json).
     "default": dict(
         model="resnet18",
         model_kwargs={"stem": "small", "width": 0.25},

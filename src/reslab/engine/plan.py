@@ -206,9 +206,9 @@ class Replan(Hook):
     """After each epoch but the last, plan ``config.epochs`` again from the time left and the
     median of the latest ``RECENT_EPOCHS`` of ``estimate`` (the probe's seconds an epoch) and
     the epochs' measured seconds (training and evaluation): at most ``requested``, at least the
-    epochs done. A change anchors the schedule at the step
-    (``config.schedule_anchor``: the schedule reads it and ``config.epochs`` at every step);
-    SAM's second passes count as steps of ``n_steps`` an epoch (:func:`planned_epochs`).
+    epochs done. The schedule reads ``config.epochs`` and ``config.schedule_anchor`` at every
+    step, and a change sets the anchor (:func:`schedule_anchor`); SAM's second passes count as
+    steps of ``n_steps`` an epoch (:func:`planned_epochs`).
     ``changed(loop)`` runs when the plan moves.
 
     Placed after the epoch's evaluation and before its checkpoint, so that the checkpoint and
