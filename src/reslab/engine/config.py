@@ -228,8 +228,8 @@ PRESETS: dict[str, dict] = {
 # Time to 94% within 5 minutes: the default's recipe at batch 128, for twice the steps an
 # epoch, as many of 16 epochs as fit in 4.6 minutes (the process start and the last evaluation
 # take the rest), the last evaluation over 10 views, and the time at which 94% is first reached
-# recorded. Short of it: 92.86% over two seeds
-# (benchmarks/results/fashion_mnist-20261206-024242-6758.json).
+# recorded. Short of it: 92.90% over five seeds
+# (benchmarks/results/fashion_mnist-20261206-042939-17559.json).
 PRESETS["speedrun"] = dict(
     PRESETS["default"], epochs=16, max_minutes=4.6, batch_size=128, lr=0.1, tta_shift=1, target=94.0
 )
