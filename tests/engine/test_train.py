@@ -196,6 +196,21 @@ def test_epochs_within_counts_whole_epochs_up_to_the_cap():
     assert plan_module.epochs_within(-5.0, 30.0, 5) == 0
 
 
+@pytest.mark.parametrize(("per_step", "taken"), [(0.1, 12), (3.0, 2), (1.0, 5)])
+def test_the_probe_ends_early_once_its_steps_have_taken_a_few_seconds(monkeypatch, per_step, taken):
+    # 12 steps of 0.1 s take 1.2 s; steps of 3 s stop at the least 2; steps of 1 s at 5 s
+    clock = [0.0]
+    monkeypatch.setattr(plan_module.time, "perf_counter", lambda: clock[0])
+
+    def step():
+        clock[0] += per_step
+
+    assert plan_module.steps(step, 12, plan_module.World()) == (
+        taken,
+        pytest.approx(taken * per_step),
+    )
+
+
 def test_epoch_estimate_is_positive_and_leaves_the_random_state(fake_fmnist, tmp_path):
     config = tiny(fake_fmnist, None, ema=0.9)
     source = state_module.open_source(config)

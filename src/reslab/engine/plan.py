@@ -20,7 +20,7 @@ from reslab.data.sources import Source
 from reslab.engine.batches import batch_loss, sam_steps
 from reslab.engine.budget import Budget, epochs_within
 from reslab.engine.config import PRESETS, TrainConfig
-from reslab.engine.distributed import World, sum_over_ranks, wrap
+from reslab.engine.distributed import World, any_rank, sum_over_ranks, wrap
 from reslab.engine.evaluate import logits
 from reslab.engine.loop import Hook, Loop
 from reslab.engine.schedules import last_cycle, share_done
@@ -31,8 +31,13 @@ from reslab.precision import format_seconds, resolve_precision
 # Steps timed (after WARMUP_STEPS untimed ones, which pay for oneDNN's kernel setup and the
 # allocator's growth) to estimate an epoch, and the share of the budget that the planned
 # epochs may fill: the rest absorbs the estimate's error, the final plots and the process start.
+# The warm-up and the timing each end early, after at least MIN_PROBE_STEPS steps, once they
+# have taken PROBE_SECONDS: a ResNet-50 step at 224 px takes seconds on a small CPU, and
+# --precision auto probes six times.
 TIMED_STEPS = 12
 WARMUP_STEPS = 6
+MIN_PROBE_STEPS = 2
+PROBE_SECONDS = 5.0
 BUDGET_SHARE = 0.97
 # The plan is made again after each epoch but the last, from the median of the latest
 # RECENT_EPOCHS epoch times (the probe's estimate standing in for epochs not yet run): a median,
@@ -74,10 +79,9 @@ def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> floa
             source.train_batches(config.batch_size, epoch_generator(config.seed, e, 0))
             for e in itertools.count()
         )
-        timed = itertools.islice(batches, TIMED_STEPS + WARMUP_STEPS)
-        for index, (images, labels) in enumerate(timed):
-            if index == WARMUP_STEPS:
-                started = time.perf_counter()
+
+        def step() -> None:
+            images, labels = next(batches)
             _, _, loss = batch_loss(probe, model, images, labels)
             probe.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -85,8 +89,24 @@ def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> floa
             if probe.ema is not None:
                 probe.ema.update_parameters(probe.model)
             loss.item()  # waits for a GPU to finish the step
-        train = (time.perf_counter() - started) / TIMED_STEPS * steps_per_epoch(config, source)
+
+        steps(step, WARMUP_STEPS, world)
+        taken, seconds = steps(step, TIMED_STEPS, world)
+        train = seconds / taken * steps_per_epoch(config, source)
         return train + evaluation_seconds(probe, source)
+
+
+def steps(step, most: int, world: World) -> tuple[int, float]:
+    """Call ``step`` up to ``most`` times, ending early once at least ``MIN_PROBE_STEPS`` calls
+    have taken ``PROBE_SECONDS`` on any process (so that all take the same steps); the calls
+    made and their seconds."""
+    started = time.perf_counter()
+    for taken in range(1, most + 1):
+        step()
+        seconds = time.perf_counter() - started
+        if any_rank(world, taken >= MIN_PROBE_STEPS and seconds >= PROBE_SECONDS)[0]:
+            break
+    return taken, seconds
 
 
 def evaluation_seconds(state: TrainState, source: Source, shift: int = 0) -> float:
