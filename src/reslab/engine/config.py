@@ -402,6 +402,11 @@ def _check_rates(config: TrainConfig) -> None:
         )
     if config.cutmix != 0 and not 0 < config.cutmix <= 1:
         raise ReslabError(f"--cutmix must be between 0 and 1, got {config.cutmix}")
+    anchor = config.schedule_anchor
+    if anchor and not (len(anchor) == 2 and anchor[0] >= 0 and 0 <= anchor[1] <= 1):
+        raise ReslabError(
+            f"schedule_anchor is [] or [step, share of the schedule done, 0 to 1]; got {anchor}"
+        )
     _check_fine_tuning(config)
 
 
@@ -431,11 +436,6 @@ def _check_fine_tuning(config: TrainConfig) -> None:
     unknown = set(config.plan_data) - set(PLANNED)
     if unknown:
         raise ReslabError(f"plan_data may name {PLANNED}, got {sorted(unknown)}")
-    anchor = config.schedule_anchor
-    if anchor and not (len(anchor) == 2 and anchor[0] >= 0 and 0 <= anchor[1] <= 1):
-        raise ReslabError(
-            f"schedule_anchor is [] or [step, share of the schedule done, 0 to 1]; got {anchor}"
-        )
 
 
 def _check_run(config: TrainConfig) -> None:
