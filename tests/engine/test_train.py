@@ -205,7 +205,7 @@ def test_the_probe_ends_early_once_its_steps_have_taken_a_few_seconds(monkeypatc
     def step():
         clock[0] += per_step
 
-    assert plan_module.steps(step, 12, plan_module.World()) == (
+    assert plan_module.probe_steps(step, 12, plan_module.World()) == (
         taken,
         pytest.approx(taken * per_step),
     )

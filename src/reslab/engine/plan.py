@@ -90,13 +90,13 @@ def seconds_per_epoch(config: TrainConfig, source: Source, world: World) -> floa
                 probe.ema.update_parameters(probe.model)
             loss.item()  # waits for a GPU to finish the step
 
-        steps(step, WARMUP_STEPS, world)
-        taken, seconds = steps(step, TIMED_STEPS, world)
+        probe_steps(step, WARMUP_STEPS, world)
+        taken, seconds = probe_steps(step, TIMED_STEPS, world)
         train = seconds / taken * steps_per_epoch(config, source)
         return train + evaluation_seconds(probe, source)
 
 
-def steps(step, most: int, world: World) -> tuple[int, float]:
+def probe_steps(step, most: int, world: World) -> tuple[int, float]:
     """Call ``step`` up to ``most`` times, ending early once at least ``MIN_PROBE_STEPS`` calls
     have taken ``PROBE_SECONDS`` on any process (so that all take the same steps); the calls
     made and their seconds."""
