@@ -11,7 +11,7 @@ from torch import nn
 
 from reslab.data.transforms import augment, cutmix, random_flip, random_resized_crop, to_input
 from reslab.engine.config import TrainConfig
-from reslab.engine.schedules import last_cycle, step_at
+from reslab.engine.schedules import last_cycle_steps, step_at
 from reslab.engine.state import TrainState
 from reslab.fast import autocast
 
@@ -83,9 +83,8 @@ def sam_begins(config: TrainConfig, n_steps: int) -> int | None:
     ``freeze_epochs``); None when off."""
     if not config.sam:
         return None
-    first, total = config.freeze_epochs * n_steps, config.epochs * n_steps
-    anchor = last_cycle(config.schedule_anchor, first)
-    return first + step_at(config.sam_start, total - first, anchor)
+    first, steps, anchor = last_cycle_steps(config, n_steps)
+    return first + step_at(config.sam_start, steps, anchor)
 
 
 def sam_steps(config: TrainConfig, n_steps: int, first: int, end: int) -> int:

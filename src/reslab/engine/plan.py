@@ -23,7 +23,7 @@ from reslab.engine.config import PRESETS, TrainConfig
 from reslab.engine.distributed import World, any_rank, sum_over_ranks, wrap
 from reslab.engine.evaluate import logits
 from reslab.engine.loop import Hook, Loop
-from reslab.engine.schedules import last_cycle, share_done
+from reslab.engine.schedules import last_cycle_steps, share_done
 from reslab.engine.state import TrainState, build_state, epoch_generator, say, steps_per_epoch
 from reslab.errors import ReslabError
 from reslab.precision import format_seconds, resolve_precision
@@ -289,14 +289,12 @@ def schedule_anchor(config: TrainConfig, n_steps: int, step: int, epochs: int) -
     schedule, which bends only the one-cycle rise); else the step and the share of the
     schedule's last cycle done there under the current plan. A ``freeze_epochs`` run keeps its
     anchor while its first cycle, whose length does not move, is still running."""
-    first = config.freeze_epochs * n_steps
+    first, steps, anchor = last_cycle_steps(config, n_steps)
     if step < first:
         return config.schedule_anchor
-    planned = epochs * n_steps - first
-    if not config.schedule_anchor and step - first <= config.warmup * planned:
+    if not anchor and step - first <= config.warmup * (epochs * n_steps - first):
         return []
-    anchor = last_cycle(config.schedule_anchor, first)
-    return [step, share_done(step - first, config.epochs * n_steps - first, anchor)]
+    return [step, share_done(step - first, steps, anchor)]
 
 
 def plan_for_data(config: TrainConfig, source: Source, console: Console) -> None:

@@ -85,6 +85,13 @@ def last_cycle(anchor: Sequence[float], first: int) -> tuple[float, ...]:
     return (anchor[0] - first, anchor[1]) if anchor else ()
 
 
+def last_cycle_steps(config, n_steps: int) -> tuple[int, int, tuple[float, ...]]:
+    """A training config's last cycle (after its ``freeze_epochs``) at ``n_steps`` an epoch:
+    the step it begins at, its planned steps and ``config.schedule_anchor`` in its steps."""
+    first = config.freeze_epochs * n_steps
+    return first, config.epochs * n_steps - first, last_cycle(config.schedule_anchor, first)
+
+
 def range_test(step: int, steps: int, start: float, end: float) -> float:
     """The learning-rate range test's rate at ``step`` of ``steps``: from ``start`` to ``end``
     evenly on a log scale (Smith 2017, "Cyclical Learning Rates", section 3.3; fastai's
